@@ -1,0 +1,56 @@
+//! Device selection: CPU everywhere, CUDA when the crate is built with the `cuda` feature.
+
+use candle_core::{DType, Device};
+
+use crate::Result;
+
+/// Which device to compute on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// CUDA if compiled in and available, otherwise CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// The CUDA device with this ordinal.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}` (auto, cpu, cuda, cuda:N)")),
+        }
+    }
+}
+
+/// Opens the chosen device.
+pub fn open(choice: DeviceChoice) -> Result<Device> {
+    Ok(match choice {
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda(n) => Device::new_cuda(n)?,
+        DeviceChoice::Auto => {
+            if candle_core::utils::cuda_is_available() {
+                Device::new_cuda(0)?
+            } else {
+                Device::Cpu
+            }
+        }
+    })
+}
+
+/// The dtype models compute in on a device: f32 on CPU (f16 weights are widened at load), f16 on CUDA.
+pub fn compute_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::F16
+    } else {
+        DType::F32
+    }
+}

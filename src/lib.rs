@@ -1,0 +1,19 @@
+//! # ip2p — InstructPix2Pix in Rust
+//!
+//! Edit an image from a written instruction with exactly the math of the reference
+//! (diffusers' `StableDiffusionInstructPix2PixPipeline`), on candle.
+//!
+//! * [`models`]: CLIP text encoder, VAE, UNet2DConditionModel, CLIP tokenizer.
+//! * [`schedulers`]: Euler ancestral, Euler, DDIM, DPM++ 2M, and the [`schedulers::NoiseSource`]
+//!   every random draw goes through.
+//! * [`loader`]: diffusers folders, safetensors (fp16 variants), legacy key names, the hub cache.
+//! * [`pipeline`]: the edit pipeline with dual classifier-free guidance, text-to-image, image I/O.
+
+pub mod device;
+pub mod error;
+pub mod loader;
+pub mod models;
+pub mod pipeline;
+pub mod schedulers;
+
+pub use error::{Error, Result};

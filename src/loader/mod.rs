@@ -1,0 +1,252 @@
+//! Loading real checkpoints: diffusers folders, memory-mapped safetensors (fp16 variants widened
+//! to the compute dtype), legacy key names (handled by the models), and hub ids through the
+//! Hugging Face cache.
+
+mod hub;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+
+pub use self::hub::{resolve_hub, HubOptions};
+use crate::models::{
+    AutoencoderKL, ClipTextConfig, ClipTextModel, ClipTokenizer, UNet2DConditionModel, UNetConfig,
+    VaeConfig,
+};
+use crate::schedulers::SchedulerConfig;
+use crate::{Error, Result};
+
+/// Which weight files to prefer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Variant {
+    /// The full-precision file if present, otherwise the `fp16` variant.
+    #[default]
+    Auto,
+    /// Only `*.safetensors`.
+    Full,
+    /// Only `*.fp16.safetensors`.
+    Fp16,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Variant::Auto),
+            "fp32" | "full" => Ok(Variant::Full),
+            "fp16" => Ok(Variant::Fp16),
+            o => Err(format!("unknown variant `{o}` (auto, fp32, fp16)")),
+        }
+    }
+}
+
+/// A diffusers pipeline folder on disk.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    root: PathBuf,
+}
+
+impl ModelDir {
+    /// A local folder, or a hub id (`owner/name`) resolved through the Hugging Face cache.
+    pub fn open(spec: &str, hub: &HubOptions) -> Result<Self> {
+        let p = Path::new(spec);
+        if p.is_dir() {
+            return Self::from_dir(p);
+        }
+        if p.exists() {
+            return Err(Error::ModelNotFound(format!(
+                "{spec} is a file; a diffusers model folder or a hub id is expected"
+            )));
+        }
+        if hub::looks_like_hub_id(spec) {
+            let root = resolve_hub(spec, hub)?;
+            return Self::from_dir(&root);
+        }
+        Err(Error::ModelNotFound(format!(
+            "{spec}: no such folder, and not a hub id of the form owner/name"
+        )))
+    }
+
+    /// A local diffusers folder (must hold `model_index.json`).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        if !dir.join("model_index.json").is_file() {
+            return Err(Error::MissingFile {
+                dir: dir.to_path_buf(),
+                file: "model_index.json".into(),
+            });
+        }
+        Ok(Self {
+            root: dir.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `model_index.json`'s `_class_name`.
+    pub fn pipeline_class(&self) -> Result<String> {
+        let v: serde_json::Value = read_json(&self.root.join("model_index.json"))?;
+        Ok(v.get("_class_name")
+            .and_then(|c| c.as_str())
+            .unwrap_or("")
+            .to_owned())
+    }
+
+    fn file(&self, component: &str, name: &str) -> Result<PathBuf> {
+        let p = self.root.join(component).join(name);
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Error::MissingFile {
+                dir: self.root.clone(),
+                file: format!("{component}/{name}"),
+            })
+        }
+    }
+
+    /// Parses `<component>/<name>`.
+    pub fn config<T: DeserializeOwned>(&self, component: &str, name: &str) -> Result<T> {
+        read_json(&self.file(component, name)?)
+    }
+
+    /// The weight files of a component (`stem` is `diffusion_pytorch_model` or `model`), honouring
+    /// the variant and sharded checkpoints (`*.safetensors.index.json`).
+    pub fn weights(&self, component: &str, stem: &str, variant: Variant) -> Result<Vec<PathBuf>> {
+        let dir = self.root.join(component);
+        let full = format!("{stem}.safetensors");
+        let half = format!("{stem}.fp16.safetensors");
+        let order: &[&str] = match variant {
+            Variant::Auto => &[&full, &half],
+            Variant::Full => &[&full],
+            Variant::Fp16 => &[&half],
+        };
+        for name in order {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Ok(vec![p]);
+            }
+            let index = dir.join(format!("{name}.index.json"));
+            if index.is_file() {
+                return shards(&index);
+            }
+        }
+        let hint = if dir.join(format!("{stem}.bin")).is_file() {
+            " (only a PyTorch .bin file is present; convert it to safetensors)"
+        } else {
+            ""
+        };
+        Err(Error::MissingFile {
+            dir: self.root.clone(),
+            file: format!("{component}/{}{hint}", order.join(" or ")),
+        })
+    }
+}
+
+fn shards(index: &Path) -> Result<Vec<PathBuf>> {
+    let v: serde_json::Value = read_json(index)?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Config {
+            path: index.to_path_buf(),
+            message: "no weight_map".into(),
+        })?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Reads and parses a JSON file with errors that name it.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let s = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&s).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Memory-maps safetensors files into a `VarBuilder` producing `dtype` tensors on `device`.
+pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    for f in files {
+        if !f.is_file() {
+            return Err(Error::ModelNotFound(format!("{} does not exist", f.display())));
+        }
+    }
+    // SAFETY: the files are mapped read-only. Modifying or truncating them while the model is
+    // loaded is undefined behaviour, as for every memory-mapped checkpoint; we never write to them.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }?;
+    Ok(vb)
+}
+
+/// Everything needed to run Stable Diffusion or InstructPix2Pix.
+#[derive(Debug, Clone)]
+pub struct Components {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub vae: AutoencoderKL,
+    pub unet: UNet2DConditionModel,
+    pub scheduler: SchedulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Options for [`load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub variant: Variant,
+    /// The UNet's weights variant, if it should differ from `variant`.
+    pub unet_variant: Option<Variant>,
+    /// Defaults to the device's compute dtype.
+    pub dtype: Option<DType>,
+}
+
+fn with_context<T>(r: candle_core::Result<T>, what: &str, dir: &Path) -> Result<T> {
+    r.map_err(|e| Error::IncompatibleModel(format!("{what} in {}: {e}", dir.display())))
+}
+
+/// Loads a tokenizer, text encoder, VAE, UNet and scheduler config from a diffusers folder.
+pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Components> {
+    let dtype = opts.dtype.unwrap_or_else(|| crate::device::compute_dtype(device));
+    let root = dir.root();
+    let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+
+    let te_cfg: ClipTextConfig = dir.config("text_encoder", "config.json")?;
+    let te_vb = var_builder(&dir.weights("text_encoder", "model", opts.variant)?, dtype, device)?;
+    let text_encoder = with_context(ClipTextModel::new(te_vb, &te_cfg), "text_encoder", root)?;
+
+    let vae_cfg: VaeConfig = dir.config("vae", "config.json")?;
+    let vae_vb = var_builder(&dir.weights("vae", "diffusion_pytorch_model", opts.variant)?, dtype, device)?;
+    let vae = with_context(AutoencoderKL::new(vae_vb, &vae_cfg), "vae", root)?;
+
+    let unet_cfg: UNetConfig = dir.config("unet", "config.json")?;
+    unet_cfg.validate().map_err(|m| Error::Config {
+        path: root.join("unet/config.json"),
+        message: m,
+    })?;
+    let unet_vb = var_builder(
+        &dir.weights("unet", "diffusion_pytorch_model", opts.unet_variant.unwrap_or(opts.variant))?,
+        dtype,
+        device,
+    )?;
+    let unet = with_context(UNet2DConditionModel::new(unet_vb, &unet_cfg), "unet", root)?;
+
+    let scheduler: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
+    Ok(Components {
+        tokenizer,
+        text_encoder,
+        vae,
+        unet,
+        scheduler,
+        device: device.clone(),
+        dtype,
+    })
+}

@@ -1,0 +1,204 @@
+//! `Transformer2DModel` and its `BasicTransformerBlock`: self-attention, cross-attention to the
+//! text, and a GEGLU feed-forward.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::models::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear};
+
+/// diffusers' `Attention` (no biases on q/k/v, bias on the output projection).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: Linear::new(vb.pp("to_q"), query_dim, inner, false)?,
+            to_k: Linear::new(vb.pp("to_k"), context_dim, inner, false)?,
+            to_v: Linear::new(vb.pp("to_v"), context_dim, inner, false)?,
+            to_out: Linear::new(vb.pp("to_out.0"), inner, query_dim, true)?,
+            heads,
+        })
+    }
+
+    /// `x: [B, N, C]`; `context: [B, M, C']` for cross-attention, `None` for self-attention.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        let o = nn::attention(&q, &k, &v, self.heads, None)?;
+        self.to_out.forward(&o)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: Linear::new(vb.pp("net.0.proj"), dim, inner * 2, true)?,
+            out: Linear::new(vb.pp("net.2"), inner, dim, true)?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (h, gate) = nn::chunk2_last(&self.proj.forward(x)?)?;
+        self.out.forward(&(h * nn::gelu(&gate)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+    only_cross_attention: bool,
+}
+
+impl BasicTransformerBlock {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        context_dim: usize,
+        only_cross_attention: bool,
+    ) -> Result<Self> {
+        let self_ctx = if only_cross_attention { context_dim } else { dim };
+        Ok(Self {
+            norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, self_ctx, heads, head_dim)?,
+            norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim)?,
+            norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+            only_cross_attention,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let n = self.norm1.forward(x)?;
+        let a = if self.only_cross_attention {
+            self.attn1.forward(&n, Some(context))?
+        } else {
+            self.attn1.forward(&n, None)?
+        };
+        let x = (a + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + x
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Proj {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// Settings of one `Transformer2DModel`.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerSpec {
+    pub channels: usize,
+    pub heads: usize,
+    pub context_dim: usize,
+    pub layers: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+    pub only_cross_attention: bool,
+}
+
+/// diffusers' `Transformer2DModel` for continuous inputs.
+#[derive(Debug, Clone)]
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Proj,
+}
+
+impl Transformer2D {
+    pub fn new(vb: VarBuilder, s: TransformerSpec) -> Result<Self> {
+        let c = s.channels;
+        let head_dim = c / s.heads;
+        let inner = s.heads * head_dim;
+        let (proj_in, proj_out) = if s.linear_projection {
+            (
+                Proj::Linear(Linear::new(vb.pp("proj_in"), c, inner, true)?),
+                Proj::Linear(Linear::new(vb.pp("proj_out"), inner, c, true)?),
+            )
+        } else {
+            (
+                Proj::Conv(Conv2d::new(vb.pp("proj_in"), c, inner, 1, 1, 0)?),
+                Proj::Conv(Conv2d::new(vb.pp("proj_out"), inner, c, 1, 1, 0)?),
+            )
+        };
+        let blocks = (0..s.layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    inner,
+                    s.heads,
+                    head_dim,
+                    s.context_dim,
+                    s.only_cross_attention,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: GroupNorm::new(vb.pp("norm"), s.groups, c, 1e-6)?,
+            proj_in,
+            blocks,
+            proj_out,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let hs = self.norm.forward(x)?;
+        let to_tokens = |t: Tensor| -> Result<Tensor> {
+            let ch = t.dim(1)?;
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
+        };
+        let mut hs = match &self.proj_in {
+            Proj::Conv(p) => to_tokens(p.forward(&hs)?)?,
+            Proj::Linear(p) => p.forward(&to_tokens(hs)?)?,
+        };
+        for blk in &self.blocks {
+            hs = blk.forward(&hs, context)?;
+        }
+        let to_map = |t: Tensor| -> Result<Tensor> {
+            let ch = t.dim(2)?;
+            t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let out = match &self.proj_out {
+            Proj::Conv(p) => p.forward(&to_map(hs)?)?,
+            Proj::Linear(p) => to_map(p.forward(&hs)?)?,
+        };
+        debug_assert_eq!(out.dim(1)?, c);
+        out + x
+    }
+}

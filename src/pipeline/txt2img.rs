@@ -1,0 +1,150 @@
+//! Plain Stable Diffusion text-to-image (diffusers' `StableDiffusionPipeline`), used by dataset
+//! generation. Several prompts can share one seed: the same starting latents and the same
+//! per-step noise for every image of the batch.
+
+use candle_core::Tensor;
+
+use super::edit::{decode, encode_prompt};
+use super::guidance::cfg;
+use super::image as img;
+use super::{Control, Progress, StepInfo};
+use crate::loader::Components;
+use crate::schedulers::{self, NoiseSource, Scheduler, SchedulerKind};
+use crate::{Error, Result};
+
+/// Parameters of a text-to-image render.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Txt2ImgParams {
+    pub width: u32,
+    pub height: u32,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub negative_prompt: String,
+    pub scheduler: Option<SchedulerKind>,
+}
+
+impl Default for Txt2ImgParams {
+    fn default() -> Self {
+        Self {
+            width: 512,
+            height: 512,
+            steps: 50,
+            guidance_scale: 7.5,
+            negative_prompt: String::new(),
+            scheduler: None,
+        }
+    }
+}
+
+/// A wrapper that hands the same draw to every image of a batch.
+struct Shared<'a> {
+    inner: &'a mut dyn NoiseSource,
+    batch: usize,
+}
+
+impl NoiseSource for Shared<'_> {
+    fn randn(&mut self, shape: &[usize], device: &candle_core::Device) -> Result<Tensor> {
+        let mut one = shape.to_vec();
+        one[0] = 1;
+        let n = self.inner.randn(&one, device)?;
+        Ok(n.repeat((self.batch, 1, 1, 1))?)
+    }
+}
+
+/// Text-to-image around loaded components.
+#[derive(Debug, Clone)]
+pub struct Txt2ImgPipeline {
+    c: Components,
+}
+
+impl Txt2ImgPipeline {
+    pub fn new(c: Components) -> Result<Self> {
+        let latent = c.vae.config().latent_channels;
+        if c.unet.config().in_channels != latent {
+            return Err(Error::IncompatibleModel(format!(
+                "text-to-image needs a UNet with {latent} input channels, this one has {}",
+                c.unet.config().in_channels
+            )));
+        }
+        Ok(Self { c })
+    }
+
+    pub fn components(&self) -> &Components {
+        &self.c
+    }
+
+    pub fn scheduler(&self, kind: Option<SchedulerKind>, steps: usize) -> Result<Box<dyn Scheduler>> {
+        let kind = kind
+            .or_else(|| self.c.scheduler.kind())
+            .unwrap_or(SchedulerKind::EulerAncestral);
+        schedulers::build(kind, &self.c.scheduler, steps)
+    }
+
+    /// Renders every prompt from one shared draw of `noise`: returns `[B, H, W, 3]` in `[0, 1]`.
+    pub fn render_shared(
+        &self,
+        prompts: &[&str],
+        p: &Txt2ImgParams,
+        scheduler: &mut dyn Scheduler,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<Tensor>> {
+        if prompts.is_empty() {
+            return Err(Error::invalid("prompts", "at least one prompt is needed"));
+        }
+        let sf = self.c.vae.scale_factor() as u32;
+        if p.width % sf != 0 || p.height % sf != 0 || p.width == 0 || p.height == 0 {
+            return Err(Error::invalid("size", format!("width and height must be positive multiples of {sf}")));
+        }
+        let b = prompts.len();
+        let dev = &self.c.device;
+        let mut conds = Vec::with_capacity(b);
+        for pr in prompts {
+            conds.push(encode_prompt(&self.c, pr)?.0);
+        }
+        let (uncond, _) = encode_prompt(&self.c, &p.negative_prompt)?;
+        let guided = p.guidance_scale > 1.0;
+        let cond = Tensor::cat(&conds, 0)?;
+        let context = if guided {
+            Tensor::cat(&[&uncond.repeat((b, 1, 1))?, &cond], 0)?
+        } else {
+            cond
+        };
+        let lc = self.c.vae.config().latent_channels;
+        let (h, w) = ((p.height / sf) as usize, (p.width / sf) as usize);
+        let mut shared = Shared { inner: noise, batch: b };
+        let init = shared.randn(&[b, lc, h, w], dev)?.to_dtype(self.c.dtype)?;
+        let mut latents = (init * scheduler.init_noise_sigma())?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_in = if guided {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let scaled = scheduler.scale_model_input(&model_in, i)?;
+            let t_tensor = Tensor::new(t as f32, dev)?;
+            let eps = self.c.unet.forward(&scaled, &t_tensor, &context)?;
+            let eps = if guided {
+                cfg(&eps.narrow(0, b, b)?, &eps.narrow(0, 0, b)?, p.guidance_scale)?
+            } else {
+                eps
+            };
+            latents = scheduler.step(&eps, i, &latents, &mut shared)?;
+            let info = StepInfo {
+                step: i + 1,
+                total,
+                timestep: t,
+                latents: &latents,
+            };
+            if progress.on_step(&info) == Control::Stop {
+                return Err(Error::Cancelled);
+            }
+        }
+        let decoded = decode(&self.c, &latents)?;
+        (0..b)
+            .map(|k| img::to_unit_hwc(&decoded.narrow(0, k, 1)?))
+            .collect()
+    }
+}
