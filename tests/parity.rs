@@ -1,0 +1,310 @@
+//! Parity with the Python reference (diffusers / transformers, float32).
+//!
+//! Runs every case in `../shared/fixtures/parity/` and, when `IP2P_PARITY_DIR` names another
+//! directory of cases in the same formats, those too. One line per case:
+//! `parity <file>: ok (max abs err …)` or the failure. Kinds that belong to other parts of the
+//! project (`clip`, `train_step`) are skipped, loudly.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixtures, Case, Checks};
+use ip2p::loader::{self, Components, LoadOptions, ModelDir};
+use ip2p::models::ClipTokenizer;
+use ip2p::pipeline::{image as img, Control, EditPipeline, StepInfo, Txt2ImgParams, Txt2ImgPipeline};
+use ip2p::schedulers::{self, ReplayNoise, SchedulerConfig, SchedulerKind};
+
+type R<T> = Result<T, String>;
+
+fn e<E: std::fmt::Display>(x: E) -> String {
+    x.to_string()
+}
+
+struct Models {
+    cache: HashMap<String, Components>,
+}
+
+impl Models {
+    fn get(&mut self, name: &str) -> R<&Components> {
+        if !self.cache.contains_key(name) {
+            let dir = ModelDir::from_dir(&fixtures().join(name)).map_err(e)?;
+            let c = loader::load(&dir, &Device::Cpu, &LoadOptions::default()).map_err(e)?;
+            self.cache.insert(name.to_owned(), c);
+        }
+        self.cache.get(name).ok_or_else(|| "model cache".into())
+    }
+}
+
+fn model_for(case: &Case, default: &str) -> String {
+    case.meta_str("model").unwrap_or_else(|| default.to_owned())
+}
+
+enum Outcome {
+    Ok(Checks),
+    Skipped(String),
+}
+
+fn tokenizer_cases(path: &Path) -> R<Outcome> {
+    let text = std::fs::read_to_string(path).map_err(e)?;
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(e)?;
+    let tok = ClipTokenizer::from_dir(&fixtures().join("clip-tokenizer")).map_err(e)?;
+    let mut checks = Checks::default();
+    for (i, c) in cases.iter().enumerate() {
+        let t = c["text"].as_str().ok_or("case without text")?;
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .ok_or("case without ids")?
+            .iter()
+            .map(|v| v.as_u64().unwrap_or(u64::MAX) as u32)
+            .collect();
+        let got = tok.encode(t).map_err(e)?.ids;
+        checks.count += 1;
+        if got != want {
+            let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+            checks.failures.push(format!(
+                "case {i} {t:?}: ids differ at position {at}: got {:?}, want {:?}",
+                &got[at..(at + 5).min(got.len())],
+                &want[at..(at + 5).min(want.len())]
+            ));
+        }
+    }
+    Ok(Outcome::Ok(checks))
+}
+
+fn components(case: &Case, models: &mut Models) -> R<Outcome> {
+    let c = models.get(&model_for(case, "tiny-ip2p"))?;
+    let mut checks = Checks::default();
+    if case.has("input_ids") {
+        let ids = case.t("input_ids")?;
+        let hidden = c.text_encoder.forward(ids).map_err(e)?;
+        checks.within(case, "text_hidden", &hidden)?;
+    }
+    if case.has("vae_in") {
+        let dist = c.vae.encode(case.t("vae_in")?).map_err(e)?;
+        checks.within(case, "vae_mean", &dist.mean)?;
+        checks.within(case, "vae_logvar", &dist.logvar)?;
+    }
+    if case.has("vae_z") {
+        let dec = c.vae.decode(case.t("vae_z")?).map_err(e)?;
+        checks.within(case, "vae_decoded", &dec)?;
+    }
+    if case.has("unet_sample") {
+        let t = case.meta_f64("unet_timestep").ok_or("no unet_timestep")?;
+        let out = c
+            .unet
+            .forward(
+                case.t("unet_sample")?,
+                &Tensor::new(t as f32, &Device::Cpu).map_err(e)?,
+                case.t("unet_ehs")?,
+            )
+            .map_err(e)?;
+        checks.within(case, "unet_out", &out)?;
+    }
+    Ok(Outcome::Ok(checks))
+}
+
+fn scheduler_of(case: &Case) -> R<(SchedulerKind, SchedulerConfig)> {
+    let kind: SchedulerKind = case.meta_str("scheduler").ok_or("no scheduler")?.parse().map_err(e)?;
+    let cfg: SchedulerConfig = match case.meta.get("scheduler_config") {
+        Some(v) => serde_json::from_value(v.clone()).map_err(e)?,
+        None => SchedulerConfig::default(),
+    };
+    Ok((kind, cfg))
+}
+
+fn replay(case: &Case) -> R<ReplayNoise> {
+    let mut v = vec![case.t("init_latents")?.clone()];
+    let mut i = 0;
+    while let Ok(n) = case.t(&format!("noise.{i}")) {
+        v.push(n.clone());
+        i += 1;
+    }
+    Ok(ReplayNoise::new(v))
+}
+
+fn u8_image(t: &Tensor) -> R<image::RgbImage> {
+    let (h, w, _) = t.dims3().map_err(e)?;
+    let raw = t.flatten_all().and_then(|t| t.to_vec1::<u8>()).map_err(e)?;
+    image::RgbImage::from_raw(w as u32, h as u32, raw).ok_or_else(|| "bad image".into())
+}
+
+fn check_u8(checks: &mut Checks, name: &str, out_float: &Tensor, want: &Tensor) -> R<()> {
+    let got = img::unit_hwc_to_rgb(out_float).map_err(e)?;
+    let got = Tensor::from_vec(got.into_raw(), want.dims(), &Device::Cpu).map_err(e)?;
+    checks.bound(name, &got.to_dtype(DType::F32).map_err(e)?, &want.to_dtype(DType::F32).map_err(e)?, 1.0)
+}
+
+fn timesteps_check(checks: &mut Checks, case: &Case, got: &[f64]) -> R<()> {
+    if let Ok(want) = case.t("timesteps") {
+        let g = Tensor::new(got, &Device::Cpu).map_err(e)?;
+        checks.bound("timesteps", &g, want, 1e-3)?;
+    }
+    Ok(())
+}
+
+fn ip2p(case: &Case, models: &mut Models) -> R<Outcome> {
+    let c = models.get(&model_for(case, "tiny-ip2p"))?.clone();
+    let pipe = EditPipeline::new(c).map_err(e)?;
+    let (kind, cfg) = scheduler_of(case)?;
+    let steps = case.meta_f64("steps").ok_or("no steps")? as usize;
+    let mut sched = schedulers::build(kind, &cfg, steps).map_err(e)?;
+    let mut checks = Checks::default();
+    timesteps_check(&mut checks, case, sched.timesteps())?;
+    let image = img::to_tensor(&u8_image(case.t("image")?)?, &Device::Cpu).map_err(e)?;
+    let mut noise = replay(case)?;
+    let mut per_step: Vec<Tensor> = Vec::new();
+    let mut progress = |info: &StepInfo<'_>| {
+        per_step.push(info.latents.clone());
+        Control::Continue
+    };
+    let out = pipe
+        .edit_tensor(
+            &image,
+            &case.meta_str("prompt").unwrap_or_default(),
+            &case.meta_str("negative_prompt").unwrap_or_default(),
+            case.meta_f64("guidance_scale").ok_or("no guidance_scale")?,
+            case.meta_f64("image_guidance_scale").ok_or("no image_guidance_scale")?,
+            sched.as_mut(),
+            &mut noise,
+            &mut progress,
+        )
+        .map_err(e)?;
+    for (i, l) in per_step.iter().enumerate() {
+        let name = format!("latents.{i}");
+        if case.has(&name) {
+            checks.within(case, &name, l)?;
+        }
+    }
+    checks.within(case, "output_float", &out)?;
+    check_u8(&mut checks, "output_u8", &out, case.t("output_u8")?)?;
+    if noise.remaining() != 0 {
+        checks.failures.push(format!("{} recorded noise tensors were not used", noise.remaining()));
+    }
+    Ok(Outcome::Ok(checks))
+}
+
+fn txt2img_pair(case: &Case, models: &mut Models) -> R<Outcome> {
+    let c = models.get(&model_for(case, "tiny-sd"))?.clone();
+    let pipe = Txt2ImgPipeline::new(c).map_err(e)?;
+    let (kind, cfg) = scheduler_of(case)?;
+    let steps = case.meta_f64("steps").ok_or("no steps")? as usize;
+    let mut sched = schedulers::build(kind, &cfg, steps).map_err(e)?;
+    let mut checks = Checks::default();
+    timesteps_check(&mut checks, case, sched.timesteps())?;
+    let prompts: Vec<String> = case
+        .meta
+        .get("prompts")
+        .and_then(|v| v.as_array())
+        .ok_or("no prompts")?
+        .iter()
+        .map(|p| p.as_str().unwrap_or_default().to_owned())
+        .collect();
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let init = case.t("init_latents")?;
+    let (_, _, h, w) = init.dims4().map_err(e)?;
+    let p = Txt2ImgParams {
+        width: case.meta_f64("width").map(|v| v as u32).unwrap_or(w as u32 * 8),
+        height: case.meta_f64("height").map(|v| v as u32).unwrap_or(h as u32 * 8),
+        steps,
+        guidance_scale: case.meta_f64("guidance_scale").ok_or("no guidance_scale")?,
+        negative_prompt: case.meta_str("negative_prompt").unwrap_or_default(),
+        scheduler: Some(kind),
+    };
+    let mut noise = replay(case)?;
+    let outs = pipe
+        .render_shared(&refs, &p, sched.as_mut(), &mut noise, &mut ip2p::pipeline::NoProgress)
+        .map_err(e)?;
+    for (k, out) in outs.iter().enumerate() {
+        checks.within(case, &format!("output_float.{k}"), out)?;
+        check_u8(&mut checks, &format!("output_u8.{k}"), out, case.t(&format!("output_u8.{k}"))?)?;
+    }
+    Ok(Outcome::Ok(checks))
+}
+
+fn run_case(path: &Path, models: &mut Models) -> R<Outcome> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if name.ends_with(".json") {
+        return tokenizer_cases(path);
+    }
+    let case = Case::load(path)?;
+    match case.kind().as_str() {
+        "components" => components(&case, models),
+        "ip2p" => ip2p(&case, models),
+        "txt2img_pair" => txt2img_pair(&case, models),
+        "clip" => Ok(Outcome::Skipped("kind `clip` belongs to dataset-gen (CLIP filter), not run here".into())),
+        "train_step" => Ok(Outcome::Skipped("kind `train_step` belongs to training, not run here".into())),
+        other => Err(format!("unknown case kind `{other}`")),
+    }
+}
+
+fn case_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    n.ends_with(".safetensors") || (n.ends_with(".json") && n.starts_with("tokenizer"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn main() {
+    let mut dirs = vec![fixtures().join("parity")];
+    if let Ok(extra) = std::env::var("IP2P_PARITY_DIR") {
+        if !extra.is_empty() {
+            dirs.push(PathBuf::from(extra));
+        }
+    }
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let mut models = Models { cache: HashMap::new() };
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    for dir in &dirs {
+        let files = case_files(dir);
+        if files.is_empty() {
+            println!("parity {}: no cases found", dir.display());
+            failed += 1;
+            continue;
+        }
+        for f in files {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if filter.as_ref().is_some_and(|flt| !name.contains(flt.as_str())) {
+                continue;
+            }
+            match run_case(&f, &mut models) {
+                Ok(Outcome::Ok(c)) if c.failures.is_empty() => {
+                    passed += 1;
+                    println!(
+                        "parity {name}: ok (max abs err {:.3e}, worst err/tol {:.3}, u8 levels {}, {} checks)",
+                        c.worst, c.worst_ratio, c.worst_levels, c.count
+                    );
+                }
+                Ok(Outcome::Ok(c)) => {
+                    failed += 1;
+                    println!("parity {name}: FAILED");
+                    for m in c.failures {
+                        println!("    {m}");
+                    }
+                }
+                Ok(Outcome::Skipped(why)) => {
+                    skipped += 1;
+                    println!("parity {name}: SKIPPED ({why})");
+                }
+                Err(m) => {
+                    failed += 1;
+                    println!("parity {name}: FAILED ({m})");
+                }
+            }
+        }
+    }
+    println!("parity: {passed} passed, {failed} failed, {skipped} skipped");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
