@@ -10,12 +10,8 @@ pub enum Error {
     Tensor(#[from] candle_core::Error),
 
     /// A file or folder could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
 
     /// A model folder or hub id could not be resolved.
     #[error("model not found: {0}")]
@@ -62,7 +58,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

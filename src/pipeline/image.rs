@@ -301,6 +301,12 @@ mod tests {
         png.extend_from_slice(&13u32.to_be_bytes());
         png.extend_from_slice(&ihdr);
         png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+        // A small compressed data chunk: a real file would carry gigabytes here.
+        for chunk in [&b"IDAT\x78\x9c\x03\x00\x00\x00\x00\x01"[..], &b"IEND"[..]] {
+            png.extend_from_slice(&((chunk.len() - 4) as u32).to_be_bytes());
+            png.extend_from_slice(chunk);
+            png.extend_from_slice(&crc32(chunk).to_be_bytes());
+        }
         let err = decode(&png, &limits).expect_err("must be rejected");
         assert!(err.to_string().contains("50000"), "{err}");
     }

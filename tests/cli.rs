@@ -1,0 +1,136 @@
+//! The `ip2p` binary, run as a user would.
+
+mod common;
+
+use std::process::Command;
+
+use common::fixtures;
+
+fn ip2p() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ip2p"));
+    c.env("HF_HUB_OFFLINE", "1").env_remove("IP2P_MODEL");
+    c
+}
+
+fn write_png(path: &std::path::Path, w: u32, h: u32) {
+    image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 3) as u8, 77]))
+        .save(path)
+        .expect("write input");
+}
+
+#[test]
+fn edit_writes_an_image_and_prints_the_seed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let input = tmp.path().join("in.png");
+    write_png(&input, 80, 60);
+    let out = tmp.path().join("out.png");
+    let model = fixtures().join("tiny-ip2p");
+    let run = |seed: &str, out: &std::path::Path| {
+        let o = ip2p()
+            .args(["edit", "--model"])
+            .arg(&model)
+            .arg(&input)
+            .arg("turn it into a watercolor")
+            .arg("-o")
+            .arg(out)
+            .args(["--steps", "3", "--resolution", "64", "--seed", seed])
+            .output()
+            .expect("run ip2p");
+        assert!(o.status.success(), "stderr: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let stdout = run("1234", &out);
+    assert!(stdout.contains("seed 1234"), "{stdout}");
+    let img = image::open(&out).expect("output decodes");
+    assert_eq!((img.width(), img.height()), (80, 60));
+    let out2 = tmp.path().join("again.png");
+    run("1234", &out2);
+    assert_eq!(
+        image::open(&out2).expect("decodes").to_rgb8(),
+        img.to_rgb8(),
+        "same seed, same image"
+    );
+}
+
+#[test]
+fn random_seed_is_reported() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let input = tmp.path().join("in.png");
+    write_png(&input, 64, 64);
+    let o = ip2p()
+        .args(["edit", "--model"])
+        .arg(fixtures().join("tiny-ip2p"))
+        .arg(&input)
+        .arg("make it night")
+        .arg("-o")
+        .arg(tmp.path().join("o.jpg"))
+        .args(["--steps", "1", "--scheduler", "ddim"])
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = String::from_utf8_lossy(&o.stdout);
+    let seed: u64 = s
+        .split("seed ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a seed in the output");
+    let _ = seed;
+    assert!(s.contains("scheduler ddim"), "{s}");
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let junk = tmp.path().join("junk.png");
+    std::fs::write(&junk, b"this is not a png").expect("write");
+    let good = tmp.path().join("good.png");
+    write_png(&good, 64, 64);
+    let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
+        (
+            vec!["--model".into(), fixtures().join("tiny-ip2p").into(), junk.clone().into(), "x".into()],
+            "junk.png",
+        ),
+        (
+            vec!["--model".into(), "/no/such/model".into(), good.clone().into(), "x".into()],
+            "/no/such/model",
+        ),
+        (
+            vec!["--model".into(), fixtures().join("tiny-sd").into(), good.clone().into(), "x".into()],
+            "8 input channels",
+        ),
+        (
+            vec!["--model".into(), "someone/not-cached".into(), good.clone().into(), "x".into()],
+            "offline",
+        ),
+        (
+            vec![
+                "--model".into(),
+                fixtures().join("tiny-ip2p").into(),
+                good.clone().into(),
+                "x".into(),
+                "--text-guidance".into(),
+                "NaN".into(),
+            ],
+            "text_guidance",
+        ),
+        (
+            vec![
+                "--model".into(),
+                fixtures().join("tiny-ip2p").into(),
+                good.clone().into(),
+                "x".into(),
+                "--scheduler".into(),
+                "plms".into(),
+            ],
+            "unknown scheduler",
+        ),
+    ];
+    for (args, needle) in cases {
+        let o = ip2p().arg("edit").args(&args).output().expect("run");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: stderr lacks {needle:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}

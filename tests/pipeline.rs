@@ -1,0 +1,249 @@
+//! Library behaviour on the tiny fixture models: fp16 variants, alpha, sizes, bad input.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixtures, max_abs_diff, Case};
+use ip2p::loader::{self, LoadOptions, ModelDir, Variant};
+use ip2p::models::{UNet2DConditionModel, UNetConfig};
+use ip2p::pipeline::{image as img, EditParams, EditPipeline, NoProgress};
+use ip2p::Error;
+
+type R = Result<(), Box<dyn std::error::Error>>;
+
+fn tiny(name: &str, opts: &LoadOptions) -> Result<loader::Components, Error> {
+    let dir = ModelDir::from_dir(&fixtures().join(name))?;
+    loader::load(&dir, &Device::Cpu, opts)
+}
+
+fn unet_out(c: &loader::Components, case: &Case) -> Result<Tensor, Box<dyn std::error::Error>> {
+    let t = case.meta_f64("unet_timestep").ok_or("timestep")? as f32;
+    Ok(c.unet.forward(
+        case.t("unet_sample")?,
+        &Tensor::new(t, &Device::Cpu)?,
+        case.t("unet_ehs")?,
+    )?)
+}
+
+#[test]
+fn fp16_unet_variant_matches_fp32_within_half_rounding() -> R {
+    let case = Case::load(&fixtures().join("parity/components_64x64.safetensors"))?;
+    let full = tiny("tiny-ip2p", &LoadOptions::default())?;
+    let half = tiny(
+        "tiny-ip2p",
+        &LoadOptions {
+            unet_variant: Some(Variant::Fp16),
+            ..Default::default()
+        },
+    )?;
+    let want = unet_out(&full, &case)?;
+    let got = unet_out(&half, &case)?;
+    let diff = max_abs_diff(&got, &want)?;
+    let scale = max_abs_diff(&want, &want.zeros_like()?)?;
+    // The fp16 file really was used (its weights differ) ...
+    assert!(diff > 0.0, "fp16 variant gave bit-identical output: was it loaded?");
+    // ... and it is the fp32 model up to half-precision rounding of the weights (2^-11 relative).
+    assert!(diff < 1e-2 * scale, "fp16 variant differs by {diff:e} (output scale {scale:e})");
+
+    // Stronger: the fp16 file is the fp32 weights rounded to half. Rounding them ourselves
+    // reproduces the variant's output to float32 accuracy.
+    let dir = ModelDir::from_dir(&fixtures().join("tiny-ip2p"))?;
+    let cfg: UNetConfig = dir.config("unet", "config.json")?;
+    let files = dir.weights("unet", "diffusion_pytorch_model", Variant::Full)?;
+    let tensors = candle_core::safetensors::load(&files[0], &Device::Cpu)?;
+    let rounded = tensors
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F16)?.to_dtype(DType::F32)?)))
+        .collect::<candle_core::Result<std::collections::HashMap<_, _>>>()?;
+    let vb = candle_nn::VarBuilder::from_tensors(rounded, DType::F32, &Device::Cpu);
+    let unet = UNet2DConditionModel::new(vb, &cfg)?;
+    let t = case.meta_f64("unet_timestep").ok_or("timestep")? as f32;
+    let ours = unet.forward(case.t("unet_sample")?, &Tensor::new(t, &Device::Cpu)?, case.t("unet_ehs")?)?;
+    let d2 = max_abs_diff(&ours, &got)?;
+    assert!(d2 <= case.tol("unet_out")?, "rounded-weights UNet differs from the fp16 variant by {d2:e}");
+    Ok(())
+}
+
+fn pipeline() -> Result<EditPipeline, Error> {
+    EditPipeline::new(tiny("tiny-ip2p", &LoadOptions::default())?)
+}
+
+fn quick(instruction: &str, seed: u64) -> EditParams {
+    EditParams {
+        instruction: instruction.into(),
+        steps: 3,
+        seed,
+        resolution: 64,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn rgba_input_comes_back_rgba_at_its_own_size() -> R {
+    let pipe = pipeline()?;
+    let rgba = image::RgbaImage::from_fn(50, 30, |x, y| image::Rgba([(x * 5) as u8, (y * 8) as u8, 90, (x * 5) as u8]));
+    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgba8(rgba.clone()));
+    let out = pipe.edit(&input, &quick("make it blue", 1), &mut NoProgress)?;
+    assert_eq!((out.image.width(), out.image.height()), (50, 30));
+    assert!(out.image.color().has_alpha());
+    let alpha: Vec<u8> = out.image.to_rgba8().pixels().map(|p| p[3]).collect();
+    let want: Vec<u8> = rgba.pixels().map(|p| p[3]).collect();
+    assert_eq!(alpha, want, "alpha must be restored exactly");
+    // The paper policy: long side about 64, both sides multiples of 64.
+    assert_eq!(out.working_size, (64, 64));
+    assert_eq!(out.working_size, img::target_size(50, 30, 64, img::ResizePolicy::Paper)?);
+    Ok(())
+}
+
+#[test]
+fn seeds_are_reproducible_and_distinct() -> R {
+    let pipe = pipeline()?;
+    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 30])
+    })));
+    let a = pipe.edit(&input, &quick("add snow", 7), &mut NoProgress)?.image.to_rgb8();
+    let b = pipe.edit(&input, &quick("add snow", 7), &mut NoProgress)?.image.to_rgb8();
+    let c = pipe.edit(&input, &quick("add snow", 8), &mut NoProgress)?.image.to_rgb8();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert_ne!(a, input.rgb, "an edit with an instruction changes the image");
+    Ok(())
+}
+
+#[test]
+fn empty_instruction_returns_the_input_unchanged() -> R {
+    let pipe = pipeline()?;
+    let rgb = image::RgbImage::from_fn(37, 21, |x, y| image::Rgb([x as u8, y as u8, 200]));
+    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(rgb.clone()));
+    let out = pipe.edit(&input, &quick("   ", 3), &mut NoProgress)?;
+    assert_eq!(out.image.to_rgb8(), rgb);
+    Ok(())
+}
+
+#[test]
+fn cancellation_stops_within_a_step() -> R {
+    let pipe = pipeline()?;
+    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)));
+    let mut seen = 0;
+    let mut stop_after_two = |i: &ip2p::pipeline::StepInfo<'_>| {
+        seen = i.step;
+        if i.step == 2 {
+            ip2p::pipeline::Control::Stop
+        } else {
+            ip2p::pipeline::Control::Continue
+        }
+    };
+    let r = pipe.edit(&input, &EditParams { steps: 10, ..quick("x", 1) }, &mut stop_after_two);
+    assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+    assert_eq!(seen, 2);
+    Ok(())
+}
+
+#[test]
+fn invalid_parameters_are_rejected_by_name() -> R {
+    let pipe = pipeline()?;
+    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)));
+    for (p, field) in [
+        (EditParams { steps: 0, ..quick("x", 1) }, "steps"),
+        (EditParams { steps: 100_000, ..quick("x", 1) }, "steps"),
+        (EditParams { text_guidance: f64::NAN, ..quick("x", 1) }, "text_guidance"),
+        (EditParams { image_guidance: -1.0, ..quick("x", 1) }, "image_guidance"),
+    ] {
+        match pipe.edit(&input, &p, &mut NoProgress) {
+            Err(Error::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn long_instructions_are_truncated_and_reported() -> R {
+    let pipe = pipeline()?;
+    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)));
+    let long = "make it a painting ".repeat(600);
+    let out = pipe.edit(&input, &EditParams { steps: 1, ..quick(&long, 1) }, &mut NoProgress)?;
+    assert!(out.truncated_tokens > 2000, "{}", out.truncated_tokens);
+    Ok(())
+}
+
+#[test]
+fn an_sd_unet_is_refused_for_editing() -> R {
+    let c = tiny("tiny-sd", &LoadOptions::default())?;
+    let err = EditPipeline::new(c).expect_err("4-channel UNet must be refused");
+    assert!(matches!(err, Error::IncompatibleModel(_)));
+    assert!(err.to_string().contains("8 input channels"), "{err}");
+    Ok(())
+}
+
+fn copy_dir(src: &Path, dst: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let to = dst.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to)?;
+        } else {
+            std::fs::copy(e.path(), to)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn missing_files_and_paths_are_named() -> R {
+    let tmp = tempfile::tempdir()?;
+    let m = tmp.path().join("model");
+    copy_dir(&fixtures().join("tiny-ip2p"), &m)?;
+    std::fs::remove_file(m.join("vae/diffusion_pytorch_model.safetensors"))?;
+    let err = tiny_at(&m).expect_err("vae weights are missing");
+    assert!(matches!(err, Error::MissingFile { .. }), "{err:?}");
+    assert!(err.to_string().contains("vae/diffusion_pytorch_model"), "{err}");
+
+    std::fs::remove_file(m.join("tokenizer/merges.txt"))?;
+    let err = tiny_at(&m).expect_err("merges are missing");
+    assert!(err.to_string().contains("merges.txt"), "{err}");
+
+    let err = ModelDir::open(tmp.path().join("nope").to_str().ok_or("utf8")?, &Default::default())
+        .expect_err("no such folder");
+    assert!(matches!(err, Error::ModelNotFound(_)));
+
+    let err = ModelDir::from_dir(tmp.path()).expect_err("no model_index.json");
+    assert!(err.to_string().contains("model_index.json"), "{err}");
+    Ok(())
+}
+
+fn tiny_at(p: &Path) -> Result<loader::Components, Error> {
+    loader::load(&ModelDir::from_dir(p)?, &Device::Cpu, &LoadOptions::default())
+}
+
+#[test]
+fn corrupt_weights_give_an_error_not_a_panic() -> R {
+    let tmp = tempfile::tempdir()?;
+    let m = tmp.path().join("model");
+    copy_dir(&fixtures().join("tiny-ip2p"), &m)?;
+    std::fs::write(m.join("unet/diffusion_pytorch_model.safetensors"), b"garbage")?;
+    assert!(tiny_at(&m).is_err());
+    // A config that does not match the weights names the component.
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("vae/config.json"))?)?;
+    cfg["block_out_channels"] = serde_json::json!([32, 32, 64, 128]);
+    std::fs::write(m.join("vae/config.json"), cfg.to_string())?;
+    std::fs::copy(
+        fixtures().join("tiny-ip2p/unet/diffusion_pytorch_model.safetensors"),
+        m.join("unet/diffusion_pytorch_model.safetensors"),
+    )?;
+    let err = tiny_at(&m).expect_err("vae shapes do not match");
+    assert!(err.to_string().contains("vae"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn unreadable_images_are_clear_errors() {
+    let limits = img::DecodeLimits::default();
+    let e = img::decode(&[0x89, b'P', b'N', b'G', 0, 0, 0, 0], &limits).expect_err("corrupt");
+    assert!(matches!(e, Error::Image(_)));
+    let e = img::open(Path::new("/definitely/not/here.png"), &limits).expect_err("missing");
+    assert!(e.to_string().contains("/definitely/not/here.png"));
+}
