@@ -11,7 +11,10 @@ pub enum Error {
 
     /// A file or folder could not be read or written.
     #[error("{}: {error}", path.display())]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
 
     /// A model folder or hub id could not be resolved.
     #[error("model not found: {0}")]
@@ -39,7 +42,10 @@ pub enum Error {
 
     /// A request parameter is out of range.
     #[error("invalid argument `{field}`: {message}")]
-    InvalidArgument { field: &'static str, message: String },
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
 
     /// A scheduler name or configuration is not supported.
     #[error("scheduler: {0}")]

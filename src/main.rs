@@ -13,7 +13,11 @@ use ip2p::pipeline::{image as img, Control, EditParams, EditPipeline, ResizePoli
 use ip2p::schedulers::SchedulerKind;
 
 #[derive(Parser, Debug)]
-#[command(name = "ip2p", version, about = "InstructPix2Pix in Rust: edit an image from a written instruction")]
+#[command(
+    name = "ip2p",
+    version,
+    about = "InstructPix2Pix in Rust: edit an image from a written instruction"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -144,9 +148,11 @@ fn edit(a: EditArgs) -> Result<()> {
     let pipe = load_pipeline(&a.model)?;
     let bar = ProgressBar::new(a.steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} denoising [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} denoising [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut progress = |i: &StepInfo<'_>| {
@@ -199,4 +205,3 @@ fn main() {
         std::process::exit(1);
     }
 }
-

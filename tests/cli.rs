@@ -36,7 +36,11 @@ fn edit_writes_an_image_and_prints_the_seed() {
             .args(["--steps", "3", "--resolution", "64", "--seed", seed])
             .output()
             .expect("run ip2p");
-        assert!(o.status.success(), "stderr: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "stderr: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     let stdout = run("1234", &out);
@@ -88,19 +92,39 @@ fn bad_input_fails_cleanly() {
     write_png(&good, 64, 64);
     let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
         (
-            vec!["--model".into(), fixtures().join("tiny-ip2p").into(), junk.clone().into(), "x".into()],
+            vec![
+                "--model".into(),
+                fixtures().join("tiny-ip2p").into(),
+                junk.clone().into(),
+                "x".into(),
+            ],
             "junk.png",
         ),
         (
-            vec!["--model".into(), "/no/such/model".into(), good.clone().into(), "x".into()],
+            vec![
+                "--model".into(),
+                "/no/such/model".into(),
+                good.clone().into(),
+                "x".into(),
+            ],
             "/no/such/model",
         ),
         (
-            vec!["--model".into(), fixtures().join("tiny-sd").into(), good.clone().into(), "x".into()],
+            vec![
+                "--model".into(),
+                fixtures().join("tiny-sd").into(),
+                good.clone().into(),
+                "x".into(),
+            ],
             "8 input channels",
         ),
         (
-            vec!["--model".into(), "someone/not-cached".into(), good.clone().into(), "x".into()],
+            vec![
+                "--model".into(),
+                "someone/not-cached".into(),
+                good.clone().into(),
+                "x".into(),
+            ],
             "offline",
         ),
         (
@@ -130,7 +154,10 @@ fn bad_input_fails_cleanly() {
         let o = ip2p().arg("edit").args(&args).output().expect("run");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{args:?} should fail");
-        assert!(err.contains(needle), "{args:?}: stderr lacks {needle:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: stderr lacks {needle:?}: {err}"
+        );
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
 }

@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Tensor};
 use common::{fixtures, Case, Checks};
 use ip2p::loader::{self, Components, LoadOptions, ModelDir};
 use ip2p::models::ClipTokenizer;
-use ip2p::pipeline::{image as img, Control, EditPipeline, StepInfo, Txt2ImgParams, Txt2ImgPipeline};
+use ip2p::pipeline::{
+    image as img, Control, EditPipeline, StepInfo, Txt2ImgParams, Txt2ImgPipeline,
+};
 use ip2p::schedulers::{self, ReplayNoise, SchedulerConfig, SchedulerKind};
 
 type R<T> = Result<T, String>;
@@ -107,7 +109,11 @@ fn components(case: &Case, models: &mut Models) -> R<Outcome> {
 }
 
 fn scheduler_of(case: &Case) -> R<(SchedulerKind, SchedulerConfig)> {
-    let kind: SchedulerKind = case.meta_str("scheduler").ok_or("no scheduler")?.parse().map_err(e)?;
+    let kind: SchedulerKind = case
+        .meta_str("scheduler")
+        .ok_or("no scheduler")?
+        .parse()
+        .map_err(e)?;
     let cfg: SchedulerConfig = match case.meta.get("scheduler_config") {
         Some(v) => serde_json::from_value(v.clone()).map_err(e)?,
         None => SchedulerConfig::default(),
@@ -134,7 +140,12 @@ fn u8_image(t: &Tensor) -> R<image::RgbImage> {
 fn check_u8(checks: &mut Checks, name: &str, out_float: &Tensor, want: &Tensor) -> R<()> {
     let got = img::unit_hwc_to_rgb(out_float).map_err(e)?;
     let got = Tensor::from_vec(got.into_raw(), want.dims(), &Device::Cpu).map_err(e)?;
-    checks.bound(name, &got.to_dtype(DType::F32).map_err(e)?, &want.to_dtype(DType::F32).map_err(e)?, 1.0)
+    checks.bound(
+        name,
+        &got.to_dtype(DType::F32).map_err(e)?,
+        &want.to_dtype(DType::F32).map_err(e)?,
+        1.0,
+    )
 }
 
 fn timesteps_check(checks: &mut Checks, case: &Case, got: &[f64]) -> R<()> {
@@ -166,7 +177,8 @@ fn ip2p(case: &Case, models: &mut Models) -> R<Outcome> {
             &case.meta_str("prompt").unwrap_or_default(),
             &case.meta_str("negative_prompt").unwrap_or_default(),
             case.meta_f64("guidance_scale").ok_or("no guidance_scale")?,
-            case.meta_f64("image_guidance_scale").ok_or("no image_guidance_scale")?,
+            case.meta_f64("image_guidance_scale")
+                .ok_or("no image_guidance_scale")?,
             sched.as_mut(),
             &mut noise,
             &mut progress,
@@ -181,7 +193,10 @@ fn ip2p(case: &Case, models: &mut Models) -> R<Outcome> {
     checks.within(case, "output_float", &out)?;
     check_u8(&mut checks, "output_u8", &out, case.t("output_u8")?)?;
     if noise.remaining() != 0 {
-        checks.failures.push(format!("{} recorded noise tensors were not used", noise.remaining()));
+        checks.failures.push(format!(
+            "{} recorded noise tensors were not used",
+            noise.remaining()
+        ));
     }
     Ok(Outcome::Ok(checks))
 }
@@ -206,8 +221,14 @@ fn txt2img_pair(case: &Case, models: &mut Models) -> R<Outcome> {
     let init = case.t("init_latents")?;
     let (_, _, h, w) = init.dims4().map_err(e)?;
     let p = Txt2ImgParams {
-        width: case.meta_f64("width").map(|v| v as u32).unwrap_or(w as u32 * 8),
-        height: case.meta_f64("height").map(|v| v as u32).unwrap_or(h as u32 * 8),
+        width: case
+            .meta_f64("width")
+            .map(|v| v as u32)
+            .unwrap_or(w as u32 * 8),
+        height: case
+            .meta_f64("height")
+            .map(|v| v as u32)
+            .unwrap_or(h as u32 * 8),
         steps,
         guidance_scale: case.meta_f64("guidance_scale").ok_or("no guidance_scale")?,
         negative_prompt: case.meta_str("negative_prompt").unwrap_or_default(),
@@ -215,17 +236,31 @@ fn txt2img_pair(case: &Case, models: &mut Models) -> R<Outcome> {
     };
     let mut noise = replay(case)?;
     let outs = pipe
-        .render_shared(&refs, &p, sched.as_mut(), &mut noise, &mut ip2p::pipeline::NoProgress)
+        .render_shared(
+            &refs,
+            &p,
+            sched.as_mut(),
+            &mut noise,
+            &mut ip2p::pipeline::NoProgress,
+        )
         .map_err(e)?;
     for (k, out) in outs.iter().enumerate() {
         checks.within(case, &format!("output_float.{k}"), out)?;
-        check_u8(&mut checks, &format!("output_u8.{k}"), out, case.t(&format!("output_u8.{k}"))?)?;
+        check_u8(
+            &mut checks,
+            &format!("output_u8.{k}"),
+            out,
+            case.t(&format!("output_u8.{k}"))?,
+        )?;
     }
     Ok(Outcome::Ok(checks))
 }
 
 fn run_case(path: &Path, models: &mut Models) -> R<Outcome> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if name.ends_with(".json") {
         return tokenizer_cases(path);
     }
@@ -234,8 +269,12 @@ fn run_case(path: &Path, models: &mut Models) -> R<Outcome> {
         "components" => components(&case, models),
         "ip2p" => ip2p(&case, models),
         "txt2img_pair" => txt2img_pair(&case, models),
-        "clip" => Ok(Outcome::Skipped("kind `clip` belongs to dataset-gen (CLIP filter), not run here".into())),
-        "train_step" => Ok(Outcome::Skipped("kind `train_step` belongs to training, not run here".into())),
+        "clip" => Ok(Outcome::Skipped(
+            "kind `clip` belongs to dataset-gen (CLIP filter), not run here".into(),
+        )),
+        "train_step" => Ok(Outcome::Skipped(
+            "kind `train_step` belongs to training, not run here".into(),
+        )),
         other => Err(format!("unknown case kind `{other}`")),
     }
 }
@@ -245,8 +284,12 @@ fn case_files(dir: &Path) -> Vec<PathBuf> {
         .map(|rd| {
             rd.filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| {
-                    let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    n.ends_with(".safetensors") || (n.ends_with(".json") && n.starts_with("tokenizer"))
+                    let n = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    n.ends_with(".safetensors")
+                        || (n.ends_with(".json") && n.starts_with("tokenizer"))
                 })
                 .collect()
         })
@@ -256,14 +299,21 @@ fn case_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn main() {
-    let mut dirs = vec![fixtures().join("parity")];
+    // The shared reference cases, the project's own recorded cases (tools/gen_parity.py), and
+    // any directory named by IP2P_PARITY_DIR.
+    let mut dirs = vec![
+        fixtures().join("parity"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity"),
+    ];
     if let Ok(extra) = std::env::var("IP2P_PARITY_DIR") {
         if !extra.is_empty() {
             dirs.push(PathBuf::from(extra));
         }
     }
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let mut models = Models { cache: HashMap::new() };
+    let mut models = Models {
+        cache: HashMap::new(),
+    };
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     for dir in &dirs {
         let files = case_files(dir);
@@ -273,8 +323,14 @@ fn main() {
             continue;
         }
         for f in files {
-            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if filter.as_ref().is_some_and(|flt| !name.contains(flt.as_str())) {
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if filter
+                .as_ref()
+                .is_some_and(|flt| !name.contains(flt.as_str()))
+            {
                 continue;
             }
             match run_case(&f, &mut models) {

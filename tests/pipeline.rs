@@ -43,9 +43,15 @@ fn fp16_unet_variant_matches_fp32_within_half_rounding() -> R {
     let diff = max_abs_diff(&got, &want)?;
     let scale = max_abs_diff(&want, &want.zeros_like()?)?;
     // The fp16 file really was used (its weights differ) ...
-    assert!(diff > 0.0, "fp16 variant gave bit-identical output: was it loaded?");
+    assert!(
+        diff > 0.0,
+        "fp16 variant gave bit-identical output: was it loaded?"
+    );
     // ... and it is the fp32 model up to half-precision rounding of the weights (2^-11 relative).
-    assert!(diff < 1e-2 * scale, "fp16 variant differs by {diff:e} (output scale {scale:e})");
+    assert!(
+        diff < 1e-2 * scale,
+        "fp16 variant differs by {diff:e} (output scale {scale:e})"
+    );
 
     // Stronger: the fp16 file is the fp32 weights rounded to half. Rounding them ourselves
     // reproduces the variant's output to float32 accuracy.
@@ -60,9 +66,16 @@ fn fp16_unet_variant_matches_fp32_within_half_rounding() -> R {
     let vb = candle_nn::VarBuilder::from_tensors(rounded, DType::F32, &Device::Cpu);
     let unet = UNet2DConditionModel::new(vb, &cfg)?;
     let t = case.meta_f64("unet_timestep").ok_or("timestep")? as f32;
-    let ours = unet.forward(case.t("unet_sample")?, &Tensor::new(t, &Device::Cpu)?, case.t("unet_ehs")?)?;
+    let ours = unet.forward(
+        case.t("unet_sample")?,
+        &Tensor::new(t, &Device::Cpu)?,
+        case.t("unet_ehs")?,
+    )?;
     let d2 = max_abs_diff(&ours, &got)?;
-    assert!(d2 <= case.tol("unet_out")?, "rounded-weights UNet differs from the fp16 variant by {d2:e}");
+    assert!(
+        d2 <= case.tol("unet_out")?,
+        "rounded-weights UNet differs from the fp16 variant by {d2:e}"
+    );
     Ok(())
 }
 
@@ -83,7 +96,9 @@ fn quick(instruction: &str, seed: u64) -> EditParams {
 #[test]
 fn rgba_input_comes_back_rgba_at_its_own_size() -> R {
     let pipe = pipeline()?;
-    let rgba = image::RgbaImage::from_fn(50, 30, |x, y| image::Rgba([(x * 5) as u8, (y * 8) as u8, 90, (x * 5) as u8]));
+    let rgba = image::RgbaImage::from_fn(50, 30, |x, y| {
+        image::Rgba([(x * 5) as u8, (y * 8) as u8, 90, (x * 5) as u8])
+    });
     let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgba8(rgba.clone()));
     let out = pipe.edit(&input, &quick("make it blue", 1), &mut NoProgress)?;
     assert_eq!((out.image.width(), out.image.height()), (50, 30));
@@ -93,22 +108,39 @@ fn rgba_input_comes_back_rgba_at_its_own_size() -> R {
     assert_eq!(alpha, want, "alpha must be restored exactly");
     // The paper policy: long side about 64, both sides multiples of 64.
     assert_eq!(out.working_size, (64, 64));
-    assert_eq!(out.working_size, img::target_size(50, 30, 64, img::ResizePolicy::Paper)?);
+    assert_eq!(
+        out.working_size,
+        img::target_size(50, 30, 64, img::ResizePolicy::Paper)?
+    );
     Ok(())
 }
 
 #[test]
 fn seeds_are_reproducible_and_distinct() -> R {
     let pipe = pipeline()?;
-    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| {
-        image::Rgb([(x * 4) as u8, (y * 4) as u8, 30])
-    })));
-    let a = pipe.edit(&input, &quick("add snow", 7), &mut NoProgress)?.image.to_rgb8();
-    let b = pipe.edit(&input, &quick("add snow", 7), &mut NoProgress)?.image.to_rgb8();
-    let c = pipe.edit(&input, &quick("add snow", 8), &mut NoProgress)?.image.to_rgb8();
+    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(
+        image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 4) as u8, 30])
+        }),
+    ));
+    let a = pipe
+        .edit(&input, &quick("add snow", 7), &mut NoProgress)?
+        .image
+        .to_rgb8();
+    let b = pipe
+        .edit(&input, &quick("add snow", 7), &mut NoProgress)?
+        .image
+        .to_rgb8();
+    let c = pipe
+        .edit(&input, &quick("add snow", 8), &mut NoProgress)?
+        .image
+        .to_rgb8();
     assert_eq!(a, b);
     assert_ne!(a, c);
-    assert_ne!(a, input.rgb, "an edit with an instruction changes the image");
+    assert_ne!(
+        a, input.rgb,
+        "an edit with an instruction changes the image"
+    );
     Ok(())
 }
 
@@ -125,7 +157,8 @@ fn empty_instruction_returns_the_input_unchanged() -> R {
 #[test]
 fn cancellation_stops_within_a_step() -> R {
     let pipe = pipeline()?;
-    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)));
+    let input =
+        img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)));
     let mut seen = 0;
     let mut stop_after_two = |i: &ip2p::pipeline::StepInfo<'_>| {
         seen = i.step;
@@ -135,7 +168,14 @@ fn cancellation_stops_within_a_step() -> R {
             ip2p::pipeline::Control::Continue
         }
     };
-    let r = pipe.edit(&input, &EditParams { steps: 10, ..quick("x", 1) }, &mut stop_after_two);
+    let r = pipe.edit(
+        &input,
+        &EditParams {
+            steps: 10,
+            ..quick("x", 1)
+        },
+        &mut stop_after_two,
+    );
     assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
     assert_eq!(seen, 2);
     Ok(())
@@ -144,12 +184,37 @@ fn cancellation_stops_within_a_step() -> R {
 #[test]
 fn invalid_parameters_are_rejected_by_name() -> R {
     let pipe = pipeline()?;
-    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)));
+    let input =
+        img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)));
     for (p, field) in [
-        (EditParams { steps: 0, ..quick("x", 1) }, "steps"),
-        (EditParams { steps: 100_000, ..quick("x", 1) }, "steps"),
-        (EditParams { text_guidance: f64::NAN, ..quick("x", 1) }, "text_guidance"),
-        (EditParams { image_guidance: -1.0, ..quick("x", 1) }, "image_guidance"),
+        (
+            EditParams {
+                steps: 0,
+                ..quick("x", 1)
+            },
+            "steps",
+        ),
+        (
+            EditParams {
+                steps: 100_000,
+                ..quick("x", 1)
+            },
+            "steps",
+        ),
+        (
+            EditParams {
+                text_guidance: f64::NAN,
+                ..quick("x", 1)
+            },
+            "text_guidance",
+        ),
+        (
+            EditParams {
+                image_guidance: -1.0,
+                ..quick("x", 1)
+            },
+            "image_guidance",
+        ),
     ] {
         match pipe.edit(&input, &p, &mut NoProgress) {
             Err(Error::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
@@ -162,9 +227,17 @@ fn invalid_parameters_are_rejected_by_name() -> R {
 #[test]
 fn long_instructions_are_truncated_and_reported() -> R {
     let pipe = pipeline()?;
-    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)));
+    let input =
+        img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)));
     let long = "make it a painting ".repeat(600);
-    let out = pipe.edit(&input, &EditParams { steps: 1, ..quick(&long, 1) }, &mut NoProgress)?;
+    let out = pipe.edit(
+        &input,
+        &EditParams {
+            steps: 1,
+            ..quick(&long, 1)
+        },
+        &mut NoProgress,
+    )?;
     assert!(out.truncated_tokens > 2000, "{}", out.truncated_tokens);
     Ok(())
 }
@@ -200,14 +273,20 @@ fn missing_files_and_paths_are_named() -> R {
     std::fs::remove_file(m.join("vae/diffusion_pytorch_model.safetensors"))?;
     let err = tiny_at(&m).expect_err("vae weights are missing");
     assert!(matches!(err, Error::MissingFile { .. }), "{err:?}");
-    assert!(err.to_string().contains("vae/diffusion_pytorch_model"), "{err}");
+    assert!(
+        err.to_string().contains("vae/diffusion_pytorch_model"),
+        "{err}"
+    );
 
     std::fs::remove_file(m.join("tokenizer/merges.txt"))?;
     let err = tiny_at(&m).expect_err("merges are missing");
     assert!(err.to_string().contains("merges.txt"), "{err}");
 
-    let err = ModelDir::open(tmp.path().join("nope").to_str().ok_or("utf8")?, &Default::default())
-        .expect_err("no such folder");
+    let err = ModelDir::open(
+        tmp.path().join("nope").to_str().ok_or("utf8")?,
+        &Default::default(),
+    )
+    .expect_err("no such folder");
     assert!(matches!(err, Error::ModelNotFound(_)));
 
     let err = ModelDir::from_dir(tmp.path()).expect_err("no model_index.json");
@@ -216,7 +295,11 @@ fn missing_files_and_paths_are_named() -> R {
 }
 
 fn tiny_at(p: &Path) -> Result<loader::Components, Error> {
-    loader::load(&ModelDir::from_dir(p)?, &Device::Cpu, &LoadOptions::default())
+    loader::load(
+        &ModelDir::from_dir(p)?,
+        &Device::Cpu,
+        &LoadOptions::default(),
+    )
 }
 
 #[test]
@@ -224,10 +307,14 @@ fn corrupt_weights_give_an_error_not_a_panic() -> R {
     let tmp = tempfile::tempdir()?;
     let m = tmp.path().join("model");
     copy_dir(&fixtures().join("tiny-ip2p"), &m)?;
-    std::fs::write(m.join("unet/diffusion_pytorch_model.safetensors"), b"garbage")?;
+    std::fs::write(
+        m.join("unet/diffusion_pytorch_model.safetensors"),
+        b"garbage",
+    )?;
     assert!(tiny_at(&m).is_err());
     // A config that does not match the weights names the component.
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("vae/config.json"))?)?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("vae/config.json"))?)?;
     cfg["block_out_channels"] = serde_json::json!([32, 32, 64, 128]);
     std::fs::write(m.join("vae/config.json"), cfg.to_string())?;
     std::fs::copy(

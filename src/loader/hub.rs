@@ -41,7 +41,12 @@ pub(crate) fn looks_like_hub_id(s: &str) -> bool {
 
 fn env_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -64,7 +69,11 @@ fn weight_files(fp16: bool) -> Vec<String> {
 pub fn resolve_hub(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
     let revision = opts.revision.clone().unwrap_or_else(|| "main".into());
     let cache = hf_hub::Cache::from_env();
-    let repo = hf_hub::Repo::with_revision(repo_id.to_owned(), hf_hub::RepoType::Model, revision.clone());
+    let repo = hf_hub::Repo::with_revision(
+        repo_id.to_owned(),
+        hf_hub::RepoType::Model,
+        revision.clone(),
+    );
     let cached = cache.repo(repo.clone());
     let offline = opts.offline || env_offline();
 
@@ -106,7 +115,10 @@ pub fn resolve_hub(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
         .parent()
         .map(PathBuf::from)
         .ok_or_else(|| Error::Hub("cache path has no parent".into()))?;
-    for f in CONFIG_FILES.iter().filter(|f| !f.contains("special_tokens")) {
+    for f in CONFIG_FILES
+        .iter()
+        .filter(|f| !f.contains("special_tokens"))
+    {
         if !root.join(f).is_file() {
             return Err(Error::Hub(format!(
                 "{repo_id}: {f} is missing from the cached snapshot {}{}",

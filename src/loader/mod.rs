@@ -165,20 +165,99 @@ fn shards(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Reads and parses a JSON file with errors that name it.
+/// Reads and parses a JSON file with errors that name it. Python's non-standard `NaN`,
+/// `Infinity` and `-Infinity` (which diffusers writes, e.g. `lambda_min_clipped: -Infinity`)
+/// are read as `null`, i.e. the field's default.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let s = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&s).map_err(|e| Error::Config {
+    parse_json_lenient(&s).map_err(|e| Error::Config {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
 }
 
+/// Parses JSON, reading Python's `NaN`, `Infinity` and `-Infinity` literals as `null`.
+pub fn parse_json_lenient<T: DeserializeOwned>(s: &str) -> serde_json::Result<T> {
+    match serde_json::from_str(s) {
+        Ok(v) => Ok(v),
+        Err(first) => {
+            let cleaned = replace_non_finite(s);
+            if cleaned == s {
+                return Err(first);
+            }
+            serde_json::from_str(&cleaned)
+        }
+    }
+}
+
+fn replace_non_finite(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_str = false;
+    let mut escaped = false;
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        if in_str {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_str = true;
+        }
+        let token = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|t| rest.starts_with(t));
+        match token {
+            Some(t) => {
+                out.push_str("null");
+                rest = &rest[t.len()..];
+            }
+            None => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_non_finite_literals_read_as_null() {
+        let v: serde_json::Value = parse_json_lenient(
+            r#"{"a": -Infinity, "b": [NaN, Infinity], "c": "NaN -Infinity", "d": 1}"#,
+        )
+        .expect("parses");
+        assert!(v["a"].is_null());
+        assert!(v["b"][0].is_null() && v["b"][1].is_null());
+        assert_eq!(v["c"], "NaN -Infinity");
+        assert_eq!(v["d"], 1);
+        assert!(parse_json_lenient::<serde_json::Value>("{bad").is_err());
+    }
+}
+
 /// Memory-maps safetensors files into a `VarBuilder` producing `dtype` tensors on `device`.
-pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     for f in files {
         if !f.is_file() {
-            return Err(Error::ModelNotFound(format!("{} does not exist", f.display())));
+            return Err(Error::ModelNotFound(format!(
+                "{} does not exist",
+                f.display()
+            )));
         }
     }
     // SAFETY: the files are mapped read-only. Modifying or truncating them while the model is
@@ -215,16 +294,26 @@ fn with_context<T>(r: candle_core::Result<T>, what: &str, dir: &Path) -> Result<
 
 /// Loads a tokenizer, text encoder, VAE, UNet and scheduler config from a diffusers folder.
 pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Components> {
-    let dtype = opts.dtype.unwrap_or_else(|| crate::device::compute_dtype(device));
+    let dtype = opts
+        .dtype
+        .unwrap_or_else(|| crate::device::compute_dtype(device));
     let root = dir.root();
     let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
 
     let te_cfg: ClipTextConfig = dir.config("text_encoder", "config.json")?;
-    let te_vb = var_builder(&dir.weights("text_encoder", "model", opts.variant)?, dtype, device)?;
+    let te_vb = var_builder(
+        &dir.weights("text_encoder", "model", opts.variant)?,
+        dtype,
+        device,
+    )?;
     let text_encoder = with_context(ClipTextModel::new(te_vb, &te_cfg), "text_encoder", root)?;
 
     let vae_cfg: VaeConfig = dir.config("vae", "config.json")?;
-    let vae_vb = var_builder(&dir.weights("vae", "diffusion_pytorch_model", opts.variant)?, dtype, device)?;
+    let vae_vb = var_builder(
+        &dir.weights("vae", "diffusion_pytorch_model", opts.variant)?,
+        dtype,
+        device,
+    )?;
     let vae = with_context(AutoencoderKL::new(vae_vb, &vae_cfg), "vae", root)?;
 
     let unet_cfg: UNetConfig = dir.config("unet", "config.json")?;
@@ -233,7 +322,11 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
         message: m,
     })?;
     let unet_vb = var_builder(
-        &dir.weights("unet", "diffusion_pytorch_model", opts.unet_variant.unwrap_or(opts.variant))?,
+        &dir.weights(
+            "unet",
+            "diffusion_pytorch_model",
+            opts.unet_variant.unwrap_or(opts.variant),
+        )?,
         dtype,
         device,
     )?;

@@ -124,7 +124,8 @@ impl ClipTextModel {
         };
         let c = config;
         let emb = vb.pp("embeddings");
-        let token_embedding = candle_nn::embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?;
+        let token_embedding =
+            candle_nn::embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?;
         let position_embedding = emb.get(
             (c.max_position_embeddings, c.hidden_size),
             "position_embedding.weight",

@@ -60,25 +60,32 @@ impl Module for Linear {
     }
 }
 
-/// Layer normalisation over the last dimension.
+/// Layer normalisation over the last dimension, two-pass (mean, then the centred variance) as
+/// PyTorch computes it. Built from differentiable tensor ops.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    inner: candle_nn::LayerNorm,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
 }
 
 impl LayerNorm {
     pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        let weight = vb.get(dim, "weight")?;
-        let bias = vb.get(dim, "bias")?;
         Ok(Self {
-            inner: candle_nn::LayerNorm::new(weight, bias, eps),
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
         })
     }
 }
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(x)
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
     }
 }
 
@@ -94,7 +101,9 @@ pub struct GroupNorm {
 impl GroupNorm {
     pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
         if channels % groups != 0 {
-            candle_core::bail!("GroupNorm: {channels} channels are not divisible by {groups} groups");
+            candle_core::bail!(
+                "GroupNorm: {channels} channels are not divisible by {groups} groups"
+            );
         }
         Ok(Self {
             weight: vb.get(channels, "weight")?,

@@ -59,4 +59,3 @@ impl ResnetBlock2D {
         skip + h
     }
 }
-

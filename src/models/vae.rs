@@ -160,7 +160,14 @@ impl Encoder {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let down = if i + 1 < ch.len() {
-                Some(Conv2d::new(bvb.pp("downsamplers.0.conv"), out_c, out_c, 3, 2, 0)?)
+                Some(Conv2d::new(
+                    bvb.pp("downsamplers.0.conv"),
+                    out_c,
+                    out_c,
+                    3,
+                    2,
+                    0,
+                )?)
             } else {
                 None
             };
@@ -226,7 +233,14 @@ impl Decoder {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let up = if i + 1 < ch.len() {
-                Some(Conv2d::new(bvb.pp("upsamplers.0.conv"), out_c, out_c, 3, 1, 1)?)
+                Some(Conv2d::new(
+                    bvb.pp("upsamplers.0.conv"),
+                    out_c,
+                    out_c,
+                    3,
+                    1,
+                    1,
+                )?)
             } else {
                 None
             };

@@ -13,7 +13,9 @@ use super::guidance::{dual_guidance, dual_guidance_enabled};
 use super::image::{self as img, InputImage, ResizePolicy};
 use super::{Control, Progress, StepInfo};
 use crate::loader::Components;
-use crate::schedulers::{self, div_s_pub as div_s, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
+use crate::schedulers::{
+    self, div_s_pub as div_s, NoiseSource, Scheduler, SchedulerKind, SeededNoise,
+};
 use crate::{Error, Result};
 
 /// Everything a caller chooses about one edit.
@@ -59,15 +61,27 @@ impl EditParams {
     /// Range checks that do not need the model.
     pub fn validate(&self) -> Result<()> {
         if self.steps == 0 || self.steps > 1000 {
-            return Err(Error::invalid("steps", format!("{} is outside 1..=1000", self.steps)));
+            return Err(Error::invalid(
+                "steps",
+                format!("{} is outside 1..=1000", self.steps),
+            ));
         }
-        for (field, v) in [("text_guidance", self.text_guidance), ("image_guidance", self.image_guidance)] {
+        for (field, v) in [
+            ("text_guidance", self.text_guidance),
+            ("image_guidance", self.image_guidance),
+        ] {
             if !v.is_finite() || !(0.0..=100.0).contains(&v) {
-                return Err(Error::invalid(field, format!("{v} is not a finite number in 0..=100")));
+                return Err(Error::invalid(
+                    field,
+                    format!("{v} is not a finite number in 0..=100"),
+                ));
             }
         }
         if !(64..=2048).contains(&self.resolution) {
-            return Err(Error::invalid("resolution", format!("{} is outside 64..=2048", self.resolution)));
+            return Err(Error::invalid(
+                "resolution",
+                format!("{} is outside 64..=2048", self.resolution),
+            ));
         }
         Ok(())
     }
@@ -123,7 +137,11 @@ impl EditPipeline {
 
     /// The scheduler the model ships with, or the kind asked for, configured from the model's
     /// `scheduler_config.json`.
-    pub fn scheduler(&self, kind: Option<SchedulerKind>, steps: usize) -> Result<(SchedulerKind, Box<dyn Scheduler>)> {
+    pub fn scheduler(
+        &self,
+        kind: Option<SchedulerKind>,
+        steps: usize,
+    ) -> Result<(SchedulerKind, Box<dyn Scheduler>)> {
         let kind = kind
             .or_else(|| self.c.scheduler.kind())
             .unwrap_or(SchedulerKind::EulerAncestral);
@@ -240,7 +258,12 @@ impl EditPipeline {
     }
 
     /// Edits a decoded image as the paper does, with seeded noise.
-    pub fn edit(&self, input: &InputImage, params: &EditParams, progress: &mut dyn Progress) -> Result<EditOutput> {
+    pub fn edit(
+        &self,
+        input: &InputImage,
+        params: &EditParams,
+        progress: &mut dyn Progress,
+    ) -> Result<EditOutput> {
         params.validate()?;
         let (kind, mut scheduler) = self.scheduler(params.scheduler, params.steps)?;
         let (w0, h0) = (input.width(), input.height());

@@ -49,7 +49,11 @@ mod tests {
 
     #[test]
     fn image_scale_one_is_plain_cfg_between_text_image_and_image() -> Result<()> {
-        let (ti, i, u) = (t(&[1.0, -2.0, 0.5]), t(&[0.2, 0.3, -0.7]), t(&[-1.1, 0.9, 2.0]));
+        let (ti, i, u) = (
+            t(&[1.0, -2.0, 0.5]),
+            t(&[0.2, 0.3, -0.7]),
+            t(&[-1.1, 0.9, 2.0]),
+        );
         let dual = dual_guidance(&ti, &i, &u, 7.5, 1.0)?;
         assert!(close(&dual, &cfg(&ti, &i, 7.5)?));
         Ok(())
@@ -57,7 +61,11 @@ mod tests {
 
     #[test]
     fn unit_scales_give_the_conditional_branch() -> Result<()> {
-        let (ti, i, u) = (t(&[1.0, -2.0, 0.5]), t(&[0.2, 0.3, -0.7]), t(&[-1.1, 0.9, 2.0]));
+        let (ti, i, u) = (
+            t(&[1.0, -2.0, 0.5]),
+            t(&[0.2, 0.3, -0.7]),
+            t(&[-1.1, 0.9, 2.0]),
+        );
         assert!(close(&dual_guidance(&ti, &i, &u, 1.0, 1.0)?, &ti));
         Ok(())
     }

@@ -6,7 +6,9 @@
 use std::io::Cursor;
 
 use candle_core::{DType, Device, Tensor};
-use image::{imageops::FilterType, DynamicImage, GrayImage, ImageDecoder, ImageReader, RgbImage, RgbaImage};
+use image::{
+    imageops::FilterType, DynamicImage, GrayImage, ImageDecoder, ImageReader, RgbImage, RgbaImage,
+};
 
 use crate::{Error, Result};
 
@@ -258,7 +260,8 @@ pub fn unit_hwc_to_rgb(x: &Tensor) -> Result<RgbImage> {
         .into_iter()
         .map(|f| (f * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
         .collect();
-    RgbImage::from_raw(w as u32, h as u32, v).ok_or_else(|| Error::Image("bad output buffer".into()))
+    RgbImage::from_raw(w as u32, h as u32, v)
+        .ok_or_else(|| Error::Image("bad output buffer".into()))
 }
 
 #[cfg(test)]
@@ -289,7 +292,10 @@ mod tests {
     fn rejects_bad_bytes_and_huge_headers() {
         let limits = DecodeLimits::default();
         assert!(matches!(decode(b"", &limits), Err(Error::Image(_))));
-        assert!(matches!(decode(b"definitely not an image", &limits), Err(Error::Image(_))));
+        assert!(matches!(
+            decode(b"definitely not an image", &limits),
+            Err(Error::Image(_))
+        ));
         // A PNG header claiming 50 000 × 50 000 pixels.
         let mut png = Vec::new();
         png.extend_from_slice(b"\x89PNG\r\n\x1a\n");
@@ -316,7 +322,11 @@ mod tests {
         for &b in data {
             crc ^= b as u32;
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -324,7 +334,9 @@ mod tests {
 
     #[test]
     fn alpha_round_trip() -> Result<()> {
-        let rgba = RgbaImage::from_fn(10, 6, |x, y| image::Rgba([x as u8, y as u8, 7, (x * 20) as u8]));
+        let rgba = RgbaImage::from_fn(10, 6, |x, y| {
+            image::Rgba([x as u8, y as u8, 7, (x * 20) as u8])
+        });
         let mut bytes = Vec::new();
         DynamicImage::ImageRgba8(rgba.clone())
             .write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
@@ -338,7 +350,9 @@ mod tests {
 
     #[test]
     fn tensor_round_trip() -> Result<()> {
-        let img = RgbImage::from_fn(5, 3, |x, y| image::Rgb([(x * 50) as u8, (y * 100) as u8, 255]));
+        let img = RgbImage::from_fn(5, 3, |x, y| {
+            image::Rgb([(x * 50) as u8, (y * 100) as u8, 255])
+        });
         let t = to_tensor(&img, &Device::Cpu)?;
         assert_eq!(t.dims(), &[1, 3, 3, 5]);
         let back = unit_hwc_to_rgb(&to_unit_hwc(&t)?)?;

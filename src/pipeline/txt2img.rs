@@ -73,7 +73,11 @@ impl Txt2ImgPipeline {
         &self.c
     }
 
-    pub fn scheduler(&self, kind: Option<SchedulerKind>, steps: usize) -> Result<Box<dyn Scheduler>> {
+    pub fn scheduler(
+        &self,
+        kind: Option<SchedulerKind>,
+        steps: usize,
+    ) -> Result<Box<dyn Scheduler>> {
         let kind = kind
             .or_else(|| self.c.scheduler.kind())
             .unwrap_or(SchedulerKind::EulerAncestral);
@@ -94,7 +98,10 @@ impl Txt2ImgPipeline {
         }
         let sf = self.c.vae.scale_factor() as u32;
         if p.width % sf != 0 || p.height % sf != 0 || p.width == 0 || p.height == 0 {
-            return Err(Error::invalid("size", format!("width and height must be positive multiples of {sf}")));
+            return Err(Error::invalid(
+                "size",
+                format!("width and height must be positive multiples of {sf}"),
+            ));
         }
         let b = prompts.len();
         let dev = &self.c.device;
@@ -112,7 +119,10 @@ impl Txt2ImgPipeline {
         };
         let lc = self.c.vae.config().latent_channels;
         let (h, w) = ((p.height / sf) as usize, (p.width / sf) as usize);
-        let mut shared = Shared { inner: noise, batch: b };
+        let mut shared = Shared {
+            inner: noise,
+            batch: b,
+        };
         let init = shared.randn(&[b, lc, h, w], dev)?.to_dtype(self.c.dtype)?;
         let mut latents = (init * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
@@ -127,7 +137,11 @@ impl Txt2ImgPipeline {
             let t_tensor = Tensor::new(t as f32, dev)?;
             let eps = self.c.unet.forward(&scaled, &t_tensor, &context)?;
             let eps = if guided {
-                cfg(&eps.narrow(0, b, b)?, &eps.narrow(0, 0, b)?, p.guidance_scale)?
+                cfg(
+                    &eps.narrow(0, b, b)?,
+                    &eps.narrow(0, 0, b)?,
+                    p.guidance_scale,
+                )?
             } else {
                 eps
             };

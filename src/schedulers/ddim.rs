@@ -21,7 +21,10 @@ impl Ddim {
         let ac = alphas_cumprod(c, "linear", 0.0001, 0.02)?;
         let n = ac.len();
         if steps > n {
-            return Err(Error::invalid("steps", format!("DDIM allows at most {n} steps")));
+            return Err(Error::invalid(
+                "steps",
+                format!("DDIM allows at most {n} steps"),
+            ));
         }
         let offset = c.steps_offset.unwrap_or(0) as i64;
         let ts: Vec<i64> = match Spacing::parse(c.timestep_spacing.as_deref(), Spacing::Leading)? {
@@ -40,7 +43,9 @@ impl Ddim {
                 .collect(),
         };
         if ts.iter().any(|&t| t < 0 || t as usize >= n) {
-            return Err(Error::Scheduler("DDIM timesteps fall outside the training range".into()));
+            return Err(Error::Scheduler(
+                "DDIM timesteps fall outside the training range".into(),
+            ));
         }
         let final_ac = if c.set_alpha_to_one.unwrap_or(true) {
             1.0

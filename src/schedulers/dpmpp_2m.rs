@@ -41,7 +41,9 @@ impl DpmPp2m {
         }
         let order = c.solver_order.unwrap_or(2);
         if !(1..=2).contains(&order) {
-            return Err(Error::Scheduler(format!("solver_order {order} is not supported (1 or 2)")));
+            return Err(Error::Scheduler(format!(
+                "solver_order {order} is not supported (1 or 2)"
+            )));
         }
         let heun = match c.solver_type.as_deref() {
             None | Some("midpoint") | Some("logrho") | Some("bh1") | Some("bh2") => false,
@@ -53,27 +55,28 @@ impl DpmPp2m {
         // lambda_min_clipped defaults to -inf, so the last timestep is the full range.
         let last = n;
         let offset = c.steps_offset.unwrap_or(0) as i64;
-        let mut ts: Vec<f64> = match Spacing::parse(c.timestep_spacing.as_deref(), Spacing::Linspace)? {
-            Spacing::Linspace => {
-                let mut v: Vec<f64> = np_linspace(0.0, (last - 1) as f64, steps + 1)
+        let mut ts: Vec<f64> =
+            match Spacing::parse(c.timestep_spacing.as_deref(), Spacing::Linspace)? {
+                Spacing::Linspace => {
+                    let mut v: Vec<f64> = np_linspace(0.0, (last - 1) as f64, steps + 1)
+                        .into_iter()
+                        .map(np_round)
+                        .collect();
+                    v.reverse();
+                    v.pop();
+                    v
+                }
+                Spacing::Leading => {
+                    let ratio = last / (steps + 1);
+                    let mut v: Vec<f64> = (0..=steps).rev().map(|i| (i * ratio) as f64).collect();
+                    v.pop();
+                    v.into_iter().map(|t| t + offset as f64).collect()
+                }
+                Spacing::Trailing => np_arange_desc(last as f64, 0.0, n as f64 / steps as f64)
                     .into_iter()
-                    .map(np_round)
-                    .collect();
-                v.reverse();
-                v.pop();
-                v
-            }
-            Spacing::Leading => {
-                let ratio = last / (steps + 1);
-                let mut v: Vec<f64> = (0..=steps).rev().map(|i| (i * ratio) as f64).collect();
-                v.pop();
-                v.into_iter().map(|t| t + offset as f64).collect()
-            }
-            Spacing::Trailing => np_arange_desc(last as f64, 0.0, n as f64 / steps as f64)
-                .into_iter()
-                .map(|x| np_round(x) - 1.0)
-                .collect(),
-        };
+                    .map(|x| np_round(x) - 1.0)
+                    .collect(),
+            };
         let table: Vec<f64> = train_sigmas(&ac).into_iter().map(f64::from).collect();
         let log_sigmas: Vec<f64> = table.iter().map(|s| s.ln()).collect();
         let karras = force_karras || c.use_karras_sigmas.unwrap_or(false);
@@ -81,7 +84,10 @@ impl DpmPp2m {
             let smin = c.sigma_min.unwrap_or(table[0]);
             let smax = c.sigma_max.unwrap_or(table[n - 1]);
             let ks = karras_sigmas(smin, smax, steps);
-            ts = ks.iter().map(|&s| np_round(sigma_to_t(s, &log_sigmas))).collect();
+            ts = ks
+                .iter()
+                .map(|&s| np_round(sigma_to_t(s, &log_sigmas)))
+                .collect();
             ks
         } else {
             ts.iter().map(|&t| np_interp_index(t, &table)).collect()

@@ -19,11 +19,15 @@ impl Euler {
     pub fn new(c: &SchedulerConfig, steps: usize) -> Result<Self> {
         if let Some(t) = c.interpolation_type.as_deref() {
             if t != "linear" {
-                return Err(Error::Scheduler(format!("interpolation_type `{t}` is not supported")));
+                return Err(Error::Scheduler(format!(
+                    "interpolation_type `{t}` is not supported"
+                )));
             }
         }
         if c.timestep_type.as_deref().is_some_and(|t| t != "discrete") {
-            return Err(Error::Scheduler("only discrete timesteps are supported".into()));
+            return Err(Error::Scheduler(
+                "only discrete timesteps are supported".into(),
+            ));
         }
         let (schedule, spacing) = euler_schedule(c, steps)?;
         let mut timesteps = schedule.timesteps;
@@ -43,7 +47,10 @@ impl Euler {
             let smin = c.sigma_min.unwrap_or(body[steps - 1]);
             let smax = c.sigma_max.unwrap_or(body[0]);
             let ks = karras_sigmas(smin, smax, steps);
-            timesteps = ks.iter().map(|&s| (sigma_to_t(s, &log_sigmas) as f32) as f64).collect();
+            timesteps = ks
+                .iter()
+                .map(|&s| (sigma_to_t(s, &log_sigmas) as f32) as f64)
+                .collect();
             sigmas = ks.iter().map(|&s| s as f32).collect();
             sigmas.push(last as f32);
         } else {

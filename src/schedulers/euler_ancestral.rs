@@ -77,7 +77,8 @@ impl Scheduler for EulerAncestral {
         let sigma = self.schedule.sigmas[i];
         let sigma_to = self.schedule.sigmas[i + 1];
         let pred_original = (sample - mul_s(model_output, sigma)?)?;
-        let sigma_up = (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)).sqrt();
+        let sigma_up =
+            (sigma_to * sigma_to * (sigma * sigma - sigma_to * sigma_to) / (sigma * sigma)).sqrt();
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
         let derivative = div_s(&(sample - pred_original)?, sigma)?;
         let dt = sigma_down - sigma;

@@ -99,10 +99,14 @@ impl std::str::FromStr for SchedulerKind {
     fn from_str(s: &str) -> Result<Self> {
         let norm = s.to_ascii_lowercase().replace(['-', ' ', '+'], "_");
         Ok(match norm.as_str() {
-            "euler_a" | "euler_ancestral" | "eulerancestraldiscretescheduler" => SchedulerKind::EulerAncestral,
+            "euler_a" | "euler_ancestral" | "eulerancestraldiscretescheduler" => {
+                SchedulerKind::EulerAncestral
+            }
             "euler" | "eulerdiscretescheduler" => SchedulerKind::Euler,
             "ddim" | "ddimscheduler" => SchedulerKind::Ddim,
-            "dpmpp_2m" | "dpm__2m" | "dpmsolver" | "dpmsolvermultistepscheduler" => SchedulerKind::DpmPp2m,
+            "dpmpp_2m" | "dpm__2m" | "dpmsolver" | "dpmsolvermultistepscheduler" => {
+                SchedulerKind::DpmPp2m
+            }
             "dpmpp_2m_karras" | "dpm__2m_karras" => SchedulerKind::DpmPp2mKarras,
             _ => {
                 return Err(Error::Scheduler(format!(
@@ -175,7 +179,9 @@ impl Spacing {
             Some("linspace") => Ok(Spacing::Linspace),
             Some("leading") => Ok(Spacing::Leading),
             Some("trailing") => Ok(Spacing::Trailing),
-            Some(o) => Err(Error::Scheduler(format!("unsupported timestep_spacing `{o}`"))),
+            Some(o) => Err(Error::Scheduler(format!(
+                "unsupported timestep_spacing `{o}`"
+            ))),
         }
     }
 }
@@ -193,7 +199,9 @@ pub(crate) fn require_epsilon(c: &SchedulerConfig) -> Result<()> {
         return Err(Error::Scheduler("thresholding is not supported".into()));
     }
     if c.rescale_betas_zero_snr.unwrap_or(false) {
-        return Err(Error::Scheduler("rescale_betas_zero_snr is not supported".into()));
+        return Err(Error::Scheduler(
+            "rescale_betas_zero_snr is not supported".into(),
+        ));
     }
     for (name, v) in [
         ("use_exponential_sigmas", c.use_exponential_sigmas),
@@ -208,13 +216,19 @@ pub(crate) fn require_epsilon(c: &SchedulerConfig) -> Result<()> {
 }
 
 /// Builds a sampler of `kind` for `steps` steps from a (possibly other class's) config.
-pub fn build(kind: SchedulerKind, config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
+pub fn build(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    steps: usize,
+) -> Result<Box<dyn Scheduler>> {
     if steps == 0 {
         return Err(Error::invalid("steps", "must be at least 1"));
     }
     require_epsilon(config)?;
     Ok(match kind {
-        SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(config, steps)?),
+        SchedulerKind::EulerAncestral => {
+            Box::new(euler_ancestral::EulerAncestral::new(config, steps)?)
+        }
         SchedulerKind::Euler => Box::new(euler::Euler::new(config, steps)?),
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, steps)?),
         SchedulerKind::DpmPp2m => Box::new(dpmpp_2m::DpmPp2m::new(config, steps, false)?),

@@ -61,10 +61,17 @@ pub(crate) fn np_round(x: f64) -> f64 {
 }
 
 /// The training noise schedule: `alphas_cumprod` as f32, exactly as diffusers builds it.
-pub fn alphas_cumprod(c: &SchedulerConfig, default_schedule: &str, default_start: f64, default_end: f64) -> Result<Vec<f32>> {
+pub fn alphas_cumprod(
+    c: &SchedulerConfig,
+    default_schedule: &str,
+    default_start: f64,
+    default_end: f64,
+) -> Result<Vec<f32>> {
     let n = c.num_train_timesteps.unwrap_or(1000);
     if n < 2 {
-        return Err(Error::Scheduler("num_train_timesteps must be at least 2".into()));
+        return Err(Error::Scheduler(
+            "num_train_timesteps must be at least 2".into(),
+        ));
     }
     let betas: Vec<f32> = if let Some(tb) = &c.trained_betas {
         tb.iter().map(|&b| b as f32).collect()
@@ -78,7 +85,11 @@ pub fn alphas_cumprod(c: &SchedulerConfig, default_schedule: &str, default_start
                 .map(|b| b * b)
                 .collect(),
             "squaredcos_cap_v2" => {
-                let ab = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+                let ab = |t: f64| {
+                    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                        .cos()
+                        .powi(2)
+                };
                 (0..n)
                     .map(|i| {
                         let t1 = i as f64 / n as f64;
@@ -115,7 +126,12 @@ pub struct Schedule {
 }
 
 /// Timesteps of the Euler family as f32 values (diffusers' `set_timesteps`).
-pub(crate) fn euler_timesteps(spacing: Spacing, n_train: usize, steps: usize, offset: usize) -> Vec<f32> {
+pub(crate) fn euler_timesteps(
+    spacing: Spacing,
+    n_train: usize,
+    steps: usize,
+    offset: usize,
+) -> Vec<f32> {
     match spacing {
         Spacing::Linspace => {
             let mut v: Vec<f32> = np_linspace(0.0, (n_train - 1) as f64, steps)
@@ -153,8 +169,15 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     let n = log_sigmas.len();
     // low_idx = number of log_sigmas <= log_sigma, minus one (cumsum(dists >= 0).argmax), clipped.
-    let count = log_sigmas.iter().filter(|&&ls| log_sigma - ls >= 0.0).count();
-    let low = if count == 0 { 0 } else { (count - 1).min(n - 2) };
+    let count = log_sigmas
+        .iter()
+        .filter(|&&ls| log_sigma - ls >= 0.0)
+        .count();
+    let low = if count == 0 {
+        0
+    } else {
+        (count - 1).min(n - 2)
+    };
     // argmax of cumsum returns the first index reaching the max; with an increasing table this
     // is the last index where the condition holds.
     let high = low + 1;
@@ -188,8 +211,14 @@ mod tests {
 
     #[test]
     fn spacings_match_diffusers() {
-        assert_eq!(euler_timesteps(Spacing::Leading, 1000, 5, 1), vec![801.0, 601.0, 401.0, 201.0, 1.0]);
-        assert_eq!(euler_timesteps(Spacing::Trailing, 1000, 4, 0), vec![999.0, 749.0, 499.0, 249.0]);
+        assert_eq!(
+            euler_timesteps(Spacing::Leading, 1000, 5, 1),
+            vec![801.0, 601.0, 401.0, 201.0, 1.0]
+        );
+        assert_eq!(
+            euler_timesteps(Spacing::Trailing, 1000, 4, 0),
+            vec![999.0, 749.0, 499.0, 249.0]
+        );
         let l = euler_timesteps(Spacing::Linspace, 1000, 3, 0);
         assert_eq!(l, vec![999.0, 499.5, 0.0]);
     }

@@ -29,7 +29,8 @@ impl Case {
         let mut meta = HashMap::new();
         if let Some(m) = st_meta.metadata() {
             for (k, v) in m {
-                let parsed = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone()));
+                let parsed = ip2p::loader::parse_json_lenient(v)
+                    .unwrap_or_else(|_| serde_json::Value::String(v.clone()));
                 meta.insert(k.clone(), parsed);
             }
         }
@@ -47,7 +48,9 @@ impl Case {
     }
 
     pub fn t(&self, name: &str) -> Result<&Tensor, String> {
-        self.tensors.get(name).ok_or_else(|| format!("case has no tensor `{name}`"))
+        self.tensors
+            .get(name)
+            .ok_or_else(|| format!("case has no tensor `{name}`"))
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -59,13 +62,21 @@ impl Case {
     }
 
     pub fn meta_f64(&self, k: &str) -> Option<f64> {
-        self.meta.get(k).and_then(|v| v.as_f64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+        self.meta.get(k).and_then(|v| {
+            v.as_f64()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        })
     }
 
     pub fn tol(&self, name: &str) -> Result<f64, String> {
         let t = self.t(&format!("tol.{name}"))?;
-        let v = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
-        v.first().map(|&x| x as f64).ok_or_else(|| format!("empty tol.{name}"))
+        let v = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| e.to_string())?;
+        v.first()
+            .map(|&x| x as f64)
+            .ok_or_else(|| format!("empty tol.{name}"))
     }
 }
 
@@ -107,10 +118,22 @@ impl Checks {
     }
 
     /// Compares with an explicit bound.
-    pub fn bound(&mut self, name: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result<(), String> {
+    pub fn bound(
+        &mut self,
+        name: &str,
+        got: &Tensor,
+        want: &Tensor,
+        tol: f64,
+    ) -> Result<(), String> {
         self.count += 1;
         match max_abs_diff(got, want) {
             Ok(err) => {
+                if std::env::var_os("IP2P_PARITY_VERBOSE").is_some() {
+                    println!(
+                        "    {name}: max abs err {err:.3e} (tol {tol:.3e}, ratio {:.3})",
+                        err / tol
+                    );
+                }
                 if name.contains("_u8") {
                     self.worst_levels = self.worst_levels.max(err);
                 } else {
@@ -118,7 +141,8 @@ impl Checks {
                     self.worst_ratio = self.worst_ratio.max(err / tol);
                 }
                 if err > tol {
-                    self.failures.push(format!("{name}: max abs err {err:.3e} > tol {tol:.3e}"));
+                    self.failures
+                        .push(format!("{name}: max abs err {err:.3e} > tol {tol:.3e}"));
                 }
             }
             Err(e) => self.failures.push(format!("{name}: {e}")),

@@ -88,7 +88,11 @@ impl BasicTransformerBlock {
         context_dim: usize,
         only_cross_attention: bool,
     ) -> Result<Self> {
-        let self_ctx = if only_cross_attention { context_dim } else { dim };
+        let self_ctx = if only_cross_attention {
+            context_dim
+        } else {
+            dim
+        };
         Ok(Self {
             norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
             attn1: Attention::new(vb.pp("attn1"), dim, self_ctx, heads, head_dim)?,
@@ -108,7 +112,10 @@ impl BasicTransformerBlock {
             self.attn1.forward(&n, None)?
         };
         let x = (a + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
 }
@@ -192,7 +199,9 @@ impl Transformer2D {
         }
         let to_map = |t: Tensor| -> Result<Tensor> {
             let ch = t.dim(2)?;
-            t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
         };
         let out = match &self.proj_out {
             Proj::Conv(p) => p.forward(&to_map(hs)?)?,

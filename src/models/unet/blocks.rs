@@ -166,7 +166,14 @@ impl UpBlock {
             }
         }
         let upsample = if add_upsample {
-            Some(Conv2d::new(vb.pp("upsamplers.0.conv"), out_c, out_c, 3, 1, 1)?)
+            Some(Conv2d::new(
+                vb.pp("upsamplers.0.conv"),
+                out_c,
+                out_c,
+                3,
+                1,
+                1,
+            )?)
         } else {
             None
         };
@@ -193,9 +200,9 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for (j, r) in self.resnets.iter().enumerate() {
-            let skip = skips
-                .pop()
-                .ok_or_else(|| candle_core::Error::Msg("UNet: skip connections exhausted".into()))?;
+            let skip = skips.pop().ok_or_else(|| {
+                candle_core::Error::Msg("UNet: skip connections exhausted".into())
+            })?;
             x = Tensor::cat(&[&x, &skip], 1)?;
             x = r.forward(&x, Some(temb))?;
             if let Some(a) = self.attentions.get(j) {

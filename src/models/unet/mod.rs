@@ -29,7 +29,10 @@ impl PerBlock {
     pub fn get(&self, i: usize) -> usize {
         match self {
             PerBlock::One(v) => *v,
-            PerBlock::Each(v) => v.get(i).copied().unwrap_or_else(|| v.last().copied().unwrap_or(1)),
+            PerBlock::Each(v) => v
+                .get(i)
+                .copied()
+                .unwrap_or_else(|| v.last().copied().unwrap_or(1)),
         }
     }
 }
@@ -137,7 +140,10 @@ impl UNetConfig {
             Some("UNetMidBlock2DCrossAttn") => {}
             other => return Err(format!("unsupported mid block type {other:?}")),
         }
-        if self.class_embed_type.is_some() || self.addition_embed_type.is_some() || self.time_cond_proj_dim.is_some() {
+        if self.class_embed_type.is_some()
+            || self.addition_embed_type.is_some()
+            || self.time_cond_proj_dim.is_some()
+        {
             return Err("class/addition embeddings (SDXL, LCM) are not supported".into());
         }
         if self.conv_in_kernel != 3 || self.conv_out_kernel != 3 {
@@ -145,7 +151,10 @@ impl UNetConfig {
         }
         for &c in &self.block_out_channels {
             if c % self.norm_num_groups != 0 {
-                return Err(format!("{c} channels are not divisible by {} groups", self.norm_num_groups));
+                return Err(format!(
+                    "{c} channels are not divisible by {} groups",
+                    self.norm_num_groups
+                ));
             }
         }
         Ok(())
