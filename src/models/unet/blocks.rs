@@ -24,6 +24,7 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vb: VarBuilder,
         in_c: usize,
