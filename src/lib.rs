@@ -9,6 +9,8 @@
 //! * [`loader`]: diffusers folders, safetensors (fp16 variants), legacy key names, the hub cache.
 //! * [`pipeline`]: the edit pipeline with dual classifier-free guidance, text-to-image, image I/O.
 
+#![doc = include_str!("../README.md")]
+
 pub mod device;
 pub mod error;
 pub mod loader;
