@@ -68,7 +68,7 @@ fn random_seed_is_reported() {
         .arg("make it night")
         .arg("-o")
         .arg(tmp.path().join("o.jpg"))
-        .args(["--steps", "1", "--scheduler", "ddim"])
+        .args(["--steps", "1", "--scheduler", "ddim", "--resolution", "64"])
         .output()
         .expect("run");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -160,4 +160,61 @@ fn bad_input_fails_cleanly() {
         );
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
+}
+
+fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for e in std::fs::read_dir(src).expect("read_dir") {
+        let e = e.expect("entry");
+        let to = dst.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn hub_ids_resolve_through_the_hugging_face_cache_offline() {
+    // The layout huggingface_hub writes: HF_HOME/hub/models--owner--name/{refs/main, snapshots/<rev>/…}.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let repo = tmp.path().join("hub/models--someone--tiny-ip2p");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    copy_dir(
+        &fixtures().join("tiny-ip2p"),
+        &repo.join("snapshots").join(rev),
+    );
+    std::fs::create_dir_all(repo.join("refs")).expect("refs");
+    std::fs::write(repo.join("refs/main"), rev).expect("ref");
+    let input = tmp.path().join("in.png");
+    write_png(&input, 64, 64);
+    let o = ip2p()
+        .env("HF_HOME", tmp.path())
+        .env_remove("HF_HUB_CACHE")
+        .args(["edit", "--model", "someone/tiny-ip2p"])
+        .arg(&input)
+        .arg("make it pop")
+        .arg("-o")
+        .arg(tmp.path().join("o.png"))
+        .args(["--steps", "1", "--seed", "3", "--resolution", "64"])
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(tmp.path().join("o.png").is_file());
+
+    // Not cached and offline: a clear error that says so.
+    let o = ip2p()
+        .env("HF_HOME", tmp.path())
+        .args(["edit", "--model", "someone/other-model"])
+        .arg(&input)
+        .arg("x")
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("not in the Hugging Face cache") && err.contains("offline"),
+        "{err}"
+    );
 }

@@ -97,7 +97,11 @@ impl Txt2ImgPipeline {
             return Err(Error::invalid("prompts", "at least one prompt is needed"));
         }
         let sf = self.c.vae.scale_factor() as u32;
-        if !p.width.is_multiple_of(sf) || !p.height.is_multiple_of(sf) || p.width == 0 || p.height == 0 {
+        if !p.width.is_multiple_of(sf)
+            || !p.height.is_multiple_of(sf)
+            || p.width == 0
+            || p.height == 0
+        {
             return Err(Error::invalid(
                 "size",
                 format!("width and height must be positive multiples of {sf}"),
