@@ -17,5 +17,6 @@ pub mod loader;
 pub mod models;
 pub mod pipeline;
 pub mod schedulers;
+pub mod server;
 
 pub use error::{Error, Result};

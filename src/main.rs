@@ -25,8 +25,19 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Edit an image: `ip2p edit --model timbrooks/instruct-pix2pix in.jpg "make it winter" -o out.png`.
+    /// Edit an image: `ip2p edit --model timbrooks/instruct-pix2pix in.jpg "make it winter" -o out.png`,
+    /// or through a server with `--server http://127.0.0.1:50051`.
     Edit(EditArgs),
+    /// Serve edits over gRPC, gRPC-Web and HTTP on one port.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    server: ip2p::server::ServerConfig,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -84,6 +95,12 @@ struct EditArgs {
     /// Write the working-resolution image instead of resizing back to the input's size.
     #[arg(long, env = "IP2P_KEEP_WORKING_SIZE")]
     keep_working_size: bool,
+    /// Edit through a running `ip2p serve` (e.g. http://127.0.0.1:50051) instead of in-process.
+    #[arg(long, env = "IP2P_SERVER")]
+    server: Option<String>,
+    /// Bearer token for `--server`.
+    #[arg(long, env = "IP2P_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn random_seed() -> u64 {
@@ -130,6 +147,9 @@ fn load_pipeline(m: &ModelArgs) -> Result<EditPipeline> {
 }
 
 fn edit(a: EditArgs) -> Result<()> {
+    if a.server.is_some() {
+        return edit_remote(a);
+    }
     let seed = a.seed.unwrap_or_else(random_seed);
     let params = EditParams {
         instruction: a.instruction.clone(),
@@ -185,18 +205,161 @@ fn edit(a: EditArgs) -> Result<()> {
     Ok(())
 }
 
+fn step_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:40}] {pos}/{len} steps, {elapsed} (eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// `ip2p edit --server`: the same edit through the gRPC service, progress from the stream.
+fn edit_remote(a: EditArgs) -> Result<()> {
+    use ip2p::server::proto;
+    let url = a.server.clone().unwrap_or_default();
+    let bytes =
+        std::fs::read(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+    let req = proto::EditRequest {
+        image: Some(proto::Image {
+            data: Some(proto::image::Data::Encoded(bytes)),
+        }),
+        instruction: a.instruction.clone(),
+        negative_prompt: (!a.negative.is_empty()).then(|| a.negative.clone()),
+        steps: Some(a.steps as u32),
+        text_guidance: Some(a.text_guidance as f32),
+        image_guidance: Some(a.image_guidance as f32),
+        seed: a.seed,
+        scheduler: a.scheduler.map(|s| s.name().to_owned()).unwrap_or_default(),
+        resolution: Some(a.resolution),
+        resize: match a.resize {
+            ResizePolicy::Paper => proto::ResizePolicy::Paper as i32,
+            ResizePolicy::Native => proto::ResizePolicy::Native as i32,
+        },
+        output_format: proto::OutputFormat::Png as i32,
+        request_id: format!("cli-{:x}", random_seed()),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let resp = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .with_context(|| format!("bad server address {url}"))?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        let token = a.token.clone();
+        let mut client = proto::image_editor_client::ImageEditorClient::with_interceptor(
+            channel,
+            move |mut r: tonic::Request<()>| {
+                if let Some(t) = &token {
+                    let v = format!("Bearer {t}").parse().map_err(|_| {
+                        tonic::Status::invalid_argument("token is not a valid header value")
+                    })?;
+                    r.metadata_mut().insert("authorization", v);
+                }
+                Ok(r)
+            },
+        )
+        .max_decoding_message_size(usize::MAX);
+        let mut stream = client.edit_stream(req).await?.into_inner();
+        let bar = step_bar(a.steps as u64);
+        bar.set_message("queued");
+        let mut result = None;
+        while let Some(ev) = stream.message().await? {
+            use proto::edit_event::Event;
+            match ev.event {
+                Some(Event::Queued(q)) => bar.set_message(format!("queued ({} ahead)", q.position)),
+                Some(Event::Started(_)) => bar.set_message("denoising"),
+                Some(Event::Progress(p)) => bar.set_position(p.step as u64),
+                Some(Event::Result(r)) => result = Some(r),
+                None => {}
+            }
+        }
+        bar.finish_and_clear();
+        result.ok_or_else(|| anyhow::anyhow!("the server closed the stream without a result"))
+    })?;
+    let img = resp
+        .images
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("the server returned no image"))?;
+    let decoded = image::load_from_memory(&img.data).context("decoding the server's image")?;
+    save(&decoded, &a.output)?;
+    let p = resp.parameters.unwrap_or_default();
+    println!(
+        "wrote {} ({}x{}, worked at {}x{}) seed {} scheduler {} steps {} via {}",
+        a.output.display(),
+        img.width,
+        img.height,
+        p.working_width,
+        p.working_height,
+        img.seed,
+        p.scheduler,
+        p.steps,
+        url
+    );
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let pipe = load_pipeline(&a.model)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let handle = ip2p::server::start(a.server, pipe, a.model.model.clone()).await?;
+        eprintln!(
+            "ip2p serving {} on {} (gRPC, gRPC-Web, HTTP)",
+            a.model.model, handle.addr
+        );
+        shutdown_signal().await;
+        eprintln!("shutting down: letting in-flight edits finish");
+        handle.shutdown().await;
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Edit(a) => edit(a),
+        Command::Serve(a) => serve(a),
     }
 }
 
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                let serving = std::env::args().nth(1).as_deref() == Some("serve");
+                tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

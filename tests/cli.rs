@@ -218,3 +218,97 @@ fn hub_ids_resolve_through_the_hugging_face_cache_offline() {
         "{err}"
     );
 }
+
+#[test]
+fn serve_drains_in_flight_edits_on_sigterm() {
+    use ip2p::server::proto;
+    use std::io::BufRead;
+
+    let mut child = ip2p()
+        .args(["serve", "--model"])
+        .arg(fixtures().join("tiny-ip2p"))
+        .args(["--addr", "127.0.0.1:0", "--no-warmup"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ip2p serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("serve printed its address")
+            .expect("line");
+        if let Some(rest) = line
+            .split(" on ")
+            .nth(1)
+            .filter(|_| line.contains("ip2p serving"))
+        {
+            break rest.split_whitespace().next().expect("addr").to_owned();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut c =
+            proto::image_editor_client::ImageEditorClient::connect(format!("http://{addr}"))
+                .await
+                .expect("connect");
+        let png = {
+            let mut out = Vec::new();
+            image::DynamicImage::ImageRgb8(image::RgbImage::new(128, 128))
+                .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+                .expect("png");
+            out
+        };
+        let req = proto::EditRequest {
+            image: Some(proto::Image {
+                data: Some(proto::image::Data::Encoded(png)),
+            }),
+            instruction: "make it snow".into(),
+            steps: Some(30),
+            seed: Some(1),
+            resolution: Some(128),
+            ..Default::default()
+        };
+        let mut s = c.edit_stream(req).await.expect("stream").into_inner();
+        loop {
+            if let Some(proto::edit_event::Event::Started(_)) =
+                s.message().await.expect("event").and_then(|e| e.event)
+            {
+                break;
+            }
+        }
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        let mut got_result = false;
+        while let Some(ev) = s
+            .message()
+            .await
+            .expect("the in-flight edit is not cut off")
+        {
+            if let Some(proto::edit_event::Event::Result(r)) = ev.event {
+                assert_eq!(r.images.len(), 1);
+                got_result = true;
+            }
+        }
+        assert!(got_result, "the in-flight edit finished with a result");
+    });
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "serve did not exit after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "serve exited with {status}");
+}

@@ -264,6 +264,44 @@ pub fn unit_hwc_to_rgb(x: &Tensor) -> Result<RgbImage> {
         .ok_or_else(|| Error::Image("bad output buffer".into()))
 }
 
+/// Keeps `edited` inside the selection and `original` outside it: per pixel
+/// `m·edited + (1 − m)·original` with `m = mask / 255`, at the original's full resolution.
+/// Alpha (if any) comes from the original.
+pub fn blend_masked(
+    original: &DynamicImage,
+    edited: &DynamicImage,
+    mask: &GrayImage,
+) -> DynamicImage {
+    let (w, h) = original.dimensions_wh();
+    let edited = if (edited.width(), edited.height()) == (w, h) {
+        edited.to_rgba8()
+    } else {
+        image::imageops::resize(&edited.to_rgba8(), w, h, FilterType::Lanczos3)
+    };
+    let orig = original.to_rgba8();
+    let out = RgbaImage::from_fn(w, h, |x, y| {
+        let m = mask.get_pixel(x, y)[0] as u32;
+        let (o, e) = (orig.get_pixel(x, y), edited.get_pixel(x, y));
+        let mix = |a: u8, b: u8| ((b as u32 * m + a as u32 * (255 - m) + 127) / 255) as u8;
+        image::Rgba([mix(o[0], e[0]), mix(o[1], e[1]), mix(o[2], e[2]), o[3]])
+    });
+    if original.color().has_alpha() {
+        DynamicImage::ImageRgba8(out)
+    } else {
+        DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(out).to_rgb8())
+    }
+}
+
+trait Dims {
+    fn dimensions_wh(&self) -> (u32, u32);
+}
+
+impl Dims for DynamicImage {
+    fn dimensions_wh(&self) -> (u32, u32) {
+        (self.width(), self.height())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +384,16 @@ mod tests {
         let out = inp.restore_alpha(inp.rgb.clone());
         assert_eq!(out.to_rgba8(), rgba);
         Ok(())
+    }
+
+    #[test]
+    fn mask_blend_keeps_the_outside() {
+        let orig = DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 2, image::Rgb([10, 20, 30])));
+        let edited = DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 2, image::Rgb([200, 100, 0])));
+        let mask = GrayImage::from_fn(4, 2, |x, _| image::Luma([if x < 2 { 0 } else { 255 }]));
+        let out = blend_masked(&orig, &edited, &mask).to_rgb8();
+        assert_eq!(out.get_pixel(0, 0).0, [10, 20, 30]);
+        assert_eq!(out.get_pixel(3, 1).0, [200, 100, 0]);
     }
 
     #[test]

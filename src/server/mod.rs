@@ -1,0 +1,295 @@
+//! The edit service: gRPC, gRPC-Web and HTTP/JSON on one port.
+//!
+//! The shape of text-embeddings-inference: thin doors ([`grpc`], [`http`]) that validate
+//! ([`validate`]) and enqueue ([`jobs`]); one thread owning the model fed by a bounded queue
+//! ([`worker`]); every error mapped once to a status ([`status`]). Handlers never do tensor math.
+
+pub mod auth;
+pub mod codec;
+pub mod config;
+pub mod grpc;
+pub mod http;
+pub mod jobs;
+pub mod metrics;
+pub mod proto;
+pub mod serve;
+pub mod status;
+pub mod validate;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use tokio::sync::watch;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+
+pub use self::config::ServerConfig;
+use self::metrics::Metrics;
+use self::proto::image_editor_server::ImageEditorServer;
+use self::worker::Queue;
+use crate::pipeline::EditPipeline;
+use crate::schedulers::SchedulerKind;
+use crate::{Error, Result};
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Arc<ServerConfig>,
+    pub queue: Queue,
+    pub metrics: Metrics,
+    pub model: String,
+    pub default_scheduler: SchedulerKind,
+    ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// The answer to `GetInfo`.
+    pub fn info(&self) -> proto::ServerInfo {
+        let c = &self.config;
+        proto::ServerInfo {
+            model: self.model.clone(),
+            schedulers: SchedulerKind::ALL
+                .iter()
+                .map(|k| k.name().to_owned())
+                .collect(),
+            defaults: Some(proto::Defaults {
+                steps: c.default_steps,
+                text_guidance: 7.5,
+                image_guidance: 1.5,
+                scheduler: self.default_scheduler.name().into(),
+                resolution: c.default_resolution,
+                resize: proto::ResizePolicy::Paper as i32,
+            }),
+            limits: Some(proto::Limits {
+                max_pixels: c.max_pixels,
+                max_message_bytes: c.max_message_bytes as u64,
+                max_steps: c.max_steps,
+                max_variations: c.max_variations,
+                max_instruction_chars: c.max_instruction_chars,
+                queue_capacity: c.queue_capacity as u32,
+                max_resolution: c.max_resolution,
+            }),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// Starts a graceful shutdown: no new edits, in-flight ones finish (up to the drain time),
+    /// then connections close. Resolves when the server has stopped.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Waits until the model is loaded and the warm-up edit has run.
+    pub async fn ready(&self) {
+        while !self.state.is_ready() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow = if origins.is_empty() || origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    let expose = [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "x-ip2p-seed",
+        "x-ip2p-request-id",
+        "x-ip2p-width",
+        "x-ip2p-height",
+        "x-ip2p-scheduler",
+        "x-ip2p-steps",
+        "x-ip2p-truncated-tokens",
+        "x-ip2p-total-seconds",
+    ]
+    .map(::http::HeaderName::from_static);
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([
+            ::http::Method::GET,
+            ::http::Method::POST,
+            ::http::Method::OPTIONS,
+        ])
+        .allow_headers(Any)
+        .expose_headers(expose)
+        .max_age(Duration::from_secs(3600))
+}
+
+/// Binds, starts the worker and serves. The warm-up edit runs in the background; health turns
+/// SERVING when it is done.
+pub async fn start(
+    config: ServerConfig,
+    pipeline: EditPipeline,
+    model: String,
+) -> Result<ServerHandle> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => Some(serve::tls_acceptor(c, k)?),
+        _ => None,
+    };
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .map_err(|e| Error::io(config.addr.to_string(), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io(config.addr.to_string(), e))?;
+    let metrics = Metrics::new();
+    let default_scheduler = pipeline
+        .components()
+        .scheduler
+        .kind()
+        .unwrap_or(SchedulerKind::EulerAncestral);
+    let pipeline = Arc::new(pipeline);
+    let queue = worker::spawn(
+        pipeline.clone(),
+        config.queue_capacity,
+        config.preview_size,
+        metrics.clone(),
+    );
+    let config = Arc::new(config);
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        queue: queue.clone(),
+        metrics,
+        model,
+        default_scheduler,
+        ready: AtomicBool::new(false),
+    });
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_not_serving::<ImageEditorServer<grpc::Service>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Config {
+            path: "proto".into(),
+            message: e.to_string(),
+        })?;
+    let editor = ImageEditorServer::new(grpc::Service {
+        state: state.clone(),
+    })
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(usize::MAX);
+    let grpc_router = tonic::service::Routes::new(editor)
+        .add_service(health_service)
+        .add_service(reflection)
+        .prepare()
+        .into_axum_router()
+        .layer(tonic_web::GrpcWebLayer::new());
+    let token = auth::Token(config.token.clone().map(Arc::new));
+    let app = http::router(state.clone())
+        .merge(grpc_router)
+        .layer(axum::middleware::from_fn_with_state(
+            token,
+            auth::middleware,
+        ))
+        .layer(DefaultBodyLimit::max(config.max_message_bytes))
+        .layer(cors(&config.cors_origins));
+
+    // Warm-up, then SERVING.
+    {
+        let state = state.clone();
+        let reporter = health_reporter.clone();
+        let pipeline = pipeline.clone();
+        let skip = config.no_warmup;
+        tokio::spawn(async move {
+            if !skip {
+                let t = std::time::Instant::now();
+                let r = tokio::task::spawn_blocking(move || warm_up(&pipeline)).await;
+                match r {
+                    Ok(Ok(())) => {
+                        tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up edit done")
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "warm-up edit failed"),
+                    Err(e) => tracing::error!(error = %e, "warm-up task failed"),
+                }
+            }
+            state.ready.store(true, Ordering::SeqCst);
+            reporter
+                .set_serving::<ImageEditorServer<grpc::Service>>()
+                .await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+        });
+    }
+
+    let (tx, mut rx) = watch::channel(false);
+    let drain = Duration::from_secs(config.drain_seconds);
+    let task = {
+        let queue = queue.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                while !*rx.borrow() {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+                tracing::info!("shutting down: draining in-flight edits");
+                state.ready.store(false, Ordering::SeqCst);
+                health_reporter
+                    .set_not_serving::<ImageEditorServer<grpc::Service>>()
+                    .await;
+                health_reporter
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+                queue.stop_accepting();
+                if tokio::time::timeout(drain, queue.wait_idle())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("drain time over with edits still running");
+                }
+            };
+            serve::serve(listener, app, tls, shutdown, Duration::from_secs(10)).await;
+        })
+    };
+    tracing::info!(%addr, "listening (gRPC, gRPC-Web, HTTP)");
+    Ok(ServerHandle {
+        addr,
+        state,
+        shutdown: tx,
+        task,
+    })
+}
+
+/// One tiny edit, so the first real request does not pay for lazy initialisation.
+fn warm_up(pipeline: &EditPipeline) -> Result<()> {
+    let input = crate::pipeline::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(
+        image::RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128])),
+    ));
+    let params = crate::pipeline::EditParams {
+        instruction: "warm up".into(),
+        steps: 1,
+        resolution: 64,
+        ..Default::default()
+    };
+    pipeline.edit(&input, &params, &mut crate::pipeline::NoProgress)?;
+    Ok(())
+}

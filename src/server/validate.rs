@@ -1,0 +1,266 @@
+//! Request validation, apart from inference: every field checked and decoded into a job the
+//! worker can run without further questions. Errors name the field.
+
+use image::{DynamicImage, GrayImage, RgbImage, RgbaImage};
+
+use super::config::ServerConfig;
+use super::proto;
+use super::status::ServerError;
+use crate::pipeline::image::{self as img, DecodeLimits, InputImage};
+use crate::pipeline::{EditParams, ResizePolicy};
+use crate::schedulers::SchedulerKind;
+
+/// How results are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Png,
+    Jpeg(u8),
+    Webp,
+    RawRgba,
+}
+
+/// A request that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidJob {
+    pub request_id: String,
+    pub input: InputImage,
+    /// Gray8 selection at the input's size.
+    pub mask: Option<GrayImage>,
+    /// Parameters of the first variation (its seed is the base seed).
+    pub params: EditParams,
+    pub variations: u32,
+    pub output: OutputFormat,
+    pub preview_every: u32,
+}
+
+fn limits(cfg: &ServerConfig) -> DecodeLimits {
+    DecodeLimits {
+        max_pixels: cfg.max_pixels,
+        ..DecodeLimits::default()
+    }
+}
+
+fn decode_image(
+    field: &str,
+    im: &proto::Image,
+    cfg: &ServerConfig,
+) -> Result<DynamicImage, ServerError> {
+    let lim = limits(cfg);
+    match &im.data {
+        None => Err(ServerError::invalid(field, "no image data")),
+        Some(proto::image::Data::Encoded(bytes)) => {
+            if bytes.is_empty() {
+                return Err(ServerError::invalid(field, "empty image data"));
+            }
+            let input =
+                img::decode(bytes, &lim).map_err(|e| ServerError::invalid(field, e.to_string()))?;
+            Ok(input.restore_alpha(input.rgb.clone()))
+        }
+        Some(proto::image::Data::Raw(raw)) => {
+            let (w, h) = (raw.width, raw.height);
+            img::check_size(w, h, &lim).map_err(|e| ServerError::invalid(field, e.to_string()))?;
+            let format =
+                proto::PixelFormat::try_from(raw.format).unwrap_or(proto::PixelFormat::Unspecified);
+            let bpp = match format {
+                proto::PixelFormat::Rgba8 => 4,
+                proto::PixelFormat::Rgb8 => 3,
+                proto::PixelFormat::Gray8 => 1,
+                proto::PixelFormat::Unspecified => {
+                    return Err(ServerError::invalid(
+                        format!("{field}.raw.format"),
+                        "pixel format is unspecified",
+                    ))
+                }
+            };
+            let want = w as u64 * h as u64 * bpp;
+            if raw.pixels.len() as u64 != want {
+                return Err(ServerError::invalid(
+                    format!("{field}.raw.pixels"),
+                    format!(
+                        "{}×{} {:?} needs {want} bytes, got {}",
+                        w,
+                        h,
+                        format,
+                        raw.pixels.len()
+                    ),
+                ));
+            }
+            let px = raw.pixels.clone();
+            let bad = || ServerError::invalid(field, "pixel buffer does not match its size");
+            Ok(match format {
+                proto::PixelFormat::Rgba8 => {
+                    DynamicImage::ImageRgba8(RgbaImage::from_raw(w, h, px).ok_or_else(bad)?)
+                }
+                proto::PixelFormat::Rgb8 => {
+                    DynamicImage::ImageRgb8(RgbImage::from_raw(w, h, px).ok_or_else(bad)?)
+                }
+                _ => DynamicImage::ImageLuma8(GrayImage::from_raw(w, h, px).ok_or_else(bad)?),
+            })
+        }
+    }
+}
+
+fn finite_in(field: &str, v: f32, lo: f32, hi: f32) -> Result<f64, ServerError> {
+    if !v.is_finite() || v < lo || v > hi {
+        return Err(ServerError::invalid(
+            field,
+            format!("{v} is not a finite number in {lo}..={hi}"),
+        ));
+    }
+    Ok(v as f64)
+}
+
+/// Draws a random 53-bit seed (exactly representable in JSON numbers).
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() >> 11
+}
+
+/// Checks every field and decodes the images (CPU work: call it off the async runtime).
+pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob, ServerError> {
+    let request_id: String = req
+        .request_id
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(128)
+        .collect();
+    let chars = req.instruction.chars().count();
+    if chars > cfg.max_instruction_chars as usize {
+        return Err(ServerError::invalid(
+            "instruction",
+            format!(
+                "{chars} characters; at most {} are accepted",
+                cfg.max_instruction_chars
+            ),
+        ));
+    }
+    if let Some(n) = &req.negative_prompt {
+        if n.chars().count() > cfg.max_instruction_chars as usize {
+            return Err(ServerError::invalid("negative_prompt", "too long"));
+        }
+    }
+    let steps = req.steps.unwrap_or(cfg.default_steps);
+    if steps == 0 || steps > cfg.max_steps {
+        return Err(ServerError::invalid(
+            "steps",
+            format!("{steps} is outside 1..={}", cfg.max_steps),
+        ));
+    }
+    let text_guidance = finite_in("text_guidance", req.text_guidance.unwrap_or(7.5), 0.0, 50.0)?;
+    let image_guidance = finite_in(
+        "image_guidance",
+        req.image_guidance.unwrap_or(1.5),
+        0.0,
+        50.0,
+    )?;
+    let scheduler = if req.scheduler.trim().is_empty() {
+        None
+    } else {
+        Some(
+            req.scheduler
+                .parse::<SchedulerKind>()
+                .map_err(|e| ServerError::invalid("scheduler", e.to_string()))?,
+        )
+    };
+    let resolution = req.resolution.unwrap_or(cfg.default_resolution);
+    if !(64..=cfg.max_resolution).contains(&resolution) {
+        return Err(ServerError::invalid(
+            "resolution",
+            format!("{resolution} is outside 64..={}", cfg.max_resolution),
+        ));
+    }
+    let resize = match proto::ResizePolicy::try_from(req.resize) {
+        Ok(proto::ResizePolicy::Native) => ResizePolicy::Native,
+        Ok(_) => ResizePolicy::Paper,
+        Err(_) => {
+            return Err(ServerError::invalid(
+                "resize",
+                format!("unknown resize policy {}", req.resize),
+            ))
+        }
+    };
+    let variations = req.variations.unwrap_or(1);
+    if variations == 0 || variations > cfg.max_variations {
+        return Err(ServerError::invalid(
+            "variations",
+            format!("{variations} is outside 1..={}", cfg.max_variations),
+        ));
+    }
+    let output = match proto::OutputFormat::try_from(req.output_format) {
+        Ok(proto::OutputFormat::Jpeg) => {
+            let q = req.jpeg_quality.unwrap_or(92);
+            if !(1..=100).contains(&q) {
+                return Err(ServerError::invalid(
+                    "jpeg_quality",
+                    format!("{q} is outside 1..=100"),
+                ));
+            }
+            OutputFormat::Jpeg(q as u8)
+        }
+        Ok(proto::OutputFormat::Webp) => OutputFormat::Webp,
+        Ok(proto::OutputFormat::RawRgba) => OutputFormat::RawRgba,
+        Ok(_) => OutputFormat::Png,
+        Err(_) => {
+            return Err(ServerError::invalid(
+                "output_format",
+                format!("unknown format {}", req.output_format),
+            ))
+        }
+    };
+    let image = req
+        .image
+        .as_ref()
+        .ok_or_else(|| ServerError::invalid("image", "no image given"))?;
+    let input = InputImage::from_dynamic(decode_image("image", image, cfg)?);
+    // The working size must exist for this input.
+    img::target_size(input.width(), input.height(), resolution, resize)
+        .map_err(|e| ServerError::invalid("image", e.to_string()))?;
+    let mask = match &req.mask {
+        Some(m) if m.data.is_some() => {
+            let g = decode_image("mask", m, cfg)?.to_luma8();
+            if g.dimensions() != input.rgb.dimensions() {
+                return Err(ServerError::invalid(
+                    "mask",
+                    format!(
+                        "mask is {}×{}, the image is {}×{}",
+                        g.width(),
+                        g.height(),
+                        input.width(),
+                        input.height()
+                    ),
+                ));
+            }
+            Some(g)
+        }
+        _ => None,
+    };
+    let params = EditParams {
+        instruction: req.instruction.clone(),
+        negative_prompt: req.negative_prompt.clone().unwrap_or_default(),
+        steps: steps as usize,
+        text_guidance,
+        image_guidance,
+        scheduler,
+        seed: req.seed.unwrap_or_else(random_seed),
+        resolution,
+        resize,
+        keep_working_size: false,
+    };
+    params.validate().map_err(ServerError::from)?;
+    Ok(ValidJob {
+        request_id,
+        input,
+        mask,
+        params,
+        variations,
+        output,
+        preview_every: req.preview_every,
+    })
+}

@@ -1,0 +1,299 @@
+//! The thread that owns the model, fed by a bounded queue (the text-embeddings-inference shape).
+//!
+//! Handlers validate, then [`Queue::submit`]: a full queue is refused at once. The worker runs
+//! one edit at a time; after every denoising step it checks whether the job was cancelled, its
+//! client went away (the event receiver was dropped) or its deadline passed, so a job stops within
+//! one step and its slot is freed.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+
+use super::codec;
+use super::metrics::Metrics;
+use super::proto;
+use super::status::ServerError;
+use super::validate::ValidJob;
+use crate::pipeline::image::blend_masked;
+use crate::pipeline::{CancelToken, Control, EditPipeline, StepInfo};
+
+/// What a job reports back.
+#[derive(Debug)]
+pub enum JobEvent {
+    Started,
+    Progress {
+        step: u32,
+        total: u32,
+        variation: u32,
+        preview: Option<Vec<u8>>,
+    },
+    Done(Box<Result<proto::EditResponse, ServerError>>),
+}
+
+/// One queued edit.
+#[derive(Debug)]
+pub struct Job {
+    pub job: ValidJob,
+    pub events: mpsc::Sender<JobEvent>,
+    pub cancel: CancelToken,
+    pub deadline: Option<Instant>,
+    pub enqueued: Instant,
+}
+
+/// The sending side of the queue, shared by every handler.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    tx: mpsc::Sender<Job>,
+    capacity: usize,
+    waiting: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    accepting: Arc<AtomicBool>,
+    idle: Arc<Notify>,
+    metrics: Metrics,
+    step_estimate_ms: Arc<AtomicUsize>,
+}
+
+impl Queue {
+    /// Jobs waiting (not counting the one running).
+    pub fn depth(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Enqueues a job, or refuses at once when the queue is full or the server is draining.
+    /// Returns the job's position (jobs ahead of it).
+    pub fn submit(&self, job: Job) -> Result<usize, ServerError> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(ServerError::Unavailable(
+                "the server is shutting down".into(),
+            ));
+        }
+        let ahead = self.waiting.load(Ordering::SeqCst) + self.running.load(Ordering::SeqCst);
+        let steps = job.job.params.steps;
+        // Count the job before the worker can see it, so the counter never goes below zero.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let r = self.tx.try_send(job);
+        if r.is_err() {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        match r {
+            Ok(()) => {
+                self.metrics.queue_depth.set(self.depth() as i64);
+                Ok(ahead)
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let per_step = self.step_estimate_ms.load(Ordering::Relaxed).max(1) as u64;
+                let secs = (per_step * steps as u64 / 1000).clamp(1, 3600);
+                Err(ServerError::QueueFull {
+                    capacity: self.capacity,
+                    retry_after: Duration::from_secs(secs),
+                })
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(ServerError::Unavailable("the worker has stopped".into()))
+            }
+        }
+    }
+
+    /// Stops accepting new jobs (SIGTERM); queued and running ones go on.
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.depth() == 0 && self.running.load(Ordering::SeqCst) == 0
+    }
+
+    /// Waits until no job is queued or running.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.is_idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Starts the worker thread. `queue_capacity` jobs may wait beyond the one running.
+pub fn spawn(
+    pipeline: Arc<EditPipeline>,
+    queue_capacity: usize,
+    preview_size: u32,
+    metrics: Metrics,
+) -> Queue {
+    let (tx, mut rx) = mpsc::channel::<Job>(queue_capacity.max(1));
+    let queue = Queue {
+        tx,
+        capacity: queue_capacity.max(1),
+        waiting: Arc::new(AtomicUsize::new(0)),
+        running: Arc::new(AtomicUsize::new(0)),
+        accepting: Arc::new(AtomicBool::new(true)),
+        idle: Arc::new(Notify::new()),
+        metrics: metrics.clone(),
+        step_estimate_ms: Arc::new(AtomicUsize::new(1000)),
+    };
+    let q = queue.clone();
+    std::thread::Builder::new()
+        .name("ip2p-worker".into())
+        .spawn(move || {
+            while let Some(job) = rx.blocking_recv() {
+                q.running.fetch_add(1, Ordering::SeqCst);
+                q.waiting.fetch_sub(1, Ordering::SeqCst);
+                metrics.queue_depth.set(q.depth() as i64);
+                metrics.in_flight.inc();
+                run_job(&pipeline, job, preview_size, &metrics, &q.step_estimate_ms);
+                metrics.in_flight.dec();
+                q.running.fetch_sub(1, Ordering::SeqCst);
+                q.idle.notify_waiters();
+            }
+        })
+        .expect("spawning the worker thread");
+    queue
+}
+
+fn run_job(
+    pipe: &EditPipeline,
+    job: Job,
+    preview_size: u32,
+    metrics: &Metrics,
+    step_ms: &AtomicUsize,
+) {
+    let Job {
+        job,
+        events,
+        cancel,
+        deadline,
+        enqueued,
+    } = job;
+    let rid = job.request_id.clone();
+    let span = tracing::info_span!("edit", request_id = %rid);
+    let _g = span.enter();
+    let stop_reason = |events: &mpsc::Sender<JobEvent>| -> Option<ServerError> {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(ServerError::DeadlineExceeded)
+        } else if cancel.is_cancelled() || events.is_closed() {
+            Some(ServerError::Cancelled)
+        } else {
+            None
+        }
+    };
+    if let Some(e) = stop_reason(&events) {
+        tracing::info!(reason = e.outcome(), "dropped before starting");
+        let _ = events.try_send(JobEvent::Done(Box::new(Err(e))));
+        return;
+    }
+    let started = Instant::now();
+    let queue_time = started - enqueued;
+    let _ = events.try_send(JobEvent::Started);
+    tracing::info!(
+        steps = job.params.steps,
+        variations = job.variations,
+        w = job.input.width(),
+        h = job.input.height(),
+        "started"
+    );
+    let mut images = Vec::with_capacity(job.variations as usize);
+    let mut timings = proto::Timings {
+        queue_seconds: queue_time.as_secs_f64(),
+        ..Default::default()
+    };
+    let mut params_used = None;
+    let mut stopped: Option<ServerError> = None;
+    for v in 0..job.variations {
+        let mut params = job.params.clone();
+        params.seed = job.params.seed.wrapping_add(v as u64);
+        let mut last = Instant::now();
+        let mut progress = |i: &StepInfo<'_>| {
+            let now = Instant::now();
+            let dt = now - last;
+            last = now;
+            metrics.step_seconds.observe(dt.as_secs_f64());
+            step_ms.store(dt.as_millis() as usize, Ordering::Relaxed);
+            if let Some(e) = stop_reason(&events) {
+                stopped = Some(e);
+                return Control::Stop;
+            }
+            let preview = (job.preview_every > 0
+                && (i.step as u32).is_multiple_of(job.preview_every))
+            .then(|| codec::preview_png(i.latents, preview_size))
+            .flatten();
+            // Progress is best effort: a slow reader loses progress events, never the result.
+            let _ = events.try_send(JobEvent::Progress {
+                step: i.step as u32,
+                total: i.total as u32,
+                variation: v,
+                preview,
+            });
+            Control::Continue
+        };
+        let out = match pipe.edit(&job.input, &params, &mut progress) {
+            Ok(o) => o,
+            Err(crate::Error::Cancelled) => {
+                let e = stopped.take().unwrap_or(ServerError::Cancelled);
+                tracing::info!(reason = e.outcome(), "stopped");
+                let _ = events.try_send(JobEvent::Done(Box::new(Err(e))));
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "edit failed");
+                let _ = events.blocking_send(JobEvent::Done(Box::new(Err(e.into()))));
+                return;
+            }
+        };
+        let image = match &job.mask {
+            Some(mask) => blend_masked(
+                &job.input.restore_alpha(job.input.rgb.clone()),
+                &out.image,
+                mask,
+            ),
+            None => out.image.clone(),
+        };
+        match codec::encode(&image, job.output, out.seed) {
+            Ok(e) => images.push(e),
+            Err(e) => {
+                let _ = events.blocking_send(JobEvent::Done(Box::new(Err(e))));
+                return;
+            }
+        }
+        timings.encode_seconds += out.timings.encode.as_secs_f64();
+        timings.denoise_seconds += out.timings.denoise.as_secs_f64();
+        timings.decode_seconds += out.timings.decode.as_secs_f64();
+        params_used.get_or_insert(proto::EditParameters {
+            steps: job.params.steps as u32,
+            text_guidance: job.params.text_guidance as f32,
+            image_guidance: job.params.image_guidance as f32,
+            scheduler: out.scheduler.name().into(),
+            resolution: job.params.resolution,
+            resize: match job.params.resize {
+                crate::pipeline::ResizePolicy::Paper => proto::ResizePolicy::Paper as i32,
+                crate::pipeline::ResizePolicy::Native => proto::ResizePolicy::Native as i32,
+            },
+            working_width: out.working_size.0,
+            working_height: out.working_size.1,
+            truncated_tokens: out.truncated_tokens as u32,
+            seed: job.params.seed,
+            variations: job.variations,
+        });
+    }
+    timings.total_seconds = enqueued.elapsed().as_secs_f64();
+    metrics.edit_seconds.observe(timings.total_seconds);
+    tracing::info!(
+        total_s = timings.total_seconds,
+        queue_s = timings.queue_seconds,
+        "finished"
+    );
+    let resp = proto::EditResponse {
+        request_id: rid,
+        images,
+        parameters: params_used,
+        timings: Some(timings),
+    };
+    let _ = events.blocking_send(JobEvent::Done(Box::new(Ok(resp))));
+}

@@ -1,0 +1,816 @@
+//! The edit service, started for real on 127.0.0.1:0 with the tiny fixture model and called
+//! with real clients: tonic (gRPC), reqwest (gRPC-Web framing by hand, HTTP/JSON, SSE).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use candle_core::Device;
+use common::fixtures;
+use ip2p::loader::{self, LoadOptions, ModelDir};
+use ip2p::pipeline::EditPipeline;
+use ip2p::server::proto::image_editor_client::ImageEditorClient;
+use ip2p::server::proto::{self, edit_event::Event};
+use ip2p::server::{self, ServerConfig, ServerHandle};
+use prost::Message;
+use tonic::transport::Channel;
+
+fn pipeline() -> EditPipeline {
+    let dir = ModelDir::from_dir(&fixtures().join("tiny-ip2p")).expect("fixture");
+    EditPipeline::new(loader::load(&dir, &Device::Cpu, &LoadOptions::default()).expect("load"))
+        .expect("pipeline")
+}
+
+fn config() -> ServerConfig {
+    ServerConfig {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        drain_seconds: 30,
+        ..Default::default()
+    }
+}
+
+async fn start(cfg: ServerConfig) -> ServerHandle {
+    let h = server::start(cfg, pipeline(), "tiny-ip2p".into())
+        .await
+        .expect("server starts");
+    tokio::time::timeout(Duration::from_secs(60), h.ready())
+        .await
+        .expect("ready in time");
+    h
+}
+
+async fn client(h: &ServerHandle) -> ImageEditorClient<Channel> {
+    ImageEditorClient::connect(format!("http://{}", h.addr))
+        .await
+        .expect("connect")
+        .max_decoding_message_size(usize::MAX)
+}
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img =
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 150]));
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .expect("png");
+    out
+}
+
+fn request(steps: u32, seed: u64) -> proto::EditRequest {
+    proto::EditRequest {
+        image: Some(proto::Image {
+            data: Some(proto::image::Data::Encoded(png(64, 48))),
+        }),
+        instruction: "turn it into a watercolor".into(),
+        steps: Some(steps),
+        seed: Some(seed),
+        resolution: Some(64),
+        request_id: format!("test-{seed}"),
+        ..Default::default()
+    }
+}
+
+/// A request whose steps are slow enough to observe (tiny model at 256 px).
+fn slow_request(steps: u32, seed: u64) -> proto::EditRequest {
+    proto::EditRequest {
+        resolution: Some(256),
+        image: Some(proto::Image {
+            data: Some(proto::image::Data::Encoded(png(256, 256))),
+        }),
+        ..request(steps, seed)
+    }
+}
+
+fn grpc_web_frame(msg: &impl Message) -> Vec<u8> {
+    let body = msg.encode_to_vec();
+    let mut f = vec![0u8];
+    f.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    f.extend_from_slice(&body);
+    f
+}
+
+/// Splits a gRPC-Web response body into (messages, trailers).
+fn grpc_web_parse(mut body: &[u8]) -> (Vec<Vec<u8>>, String) {
+    let (mut msgs, mut trailers) = (Vec::new(), String::new());
+    while body.len() >= 5 {
+        let flag = body[0];
+        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        let data = &body[5..5 + len];
+        if flag & 0x80 != 0 {
+            trailers.push_str(&String::from_utf8_lossy(data));
+        } else {
+            msgs.push(data.to_vec());
+        }
+        body = &body[5 + len..];
+    }
+    (msgs, trailers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_three_doors_return_identical_bytes_equal_to_the_pipeline() {
+    let h = start(config()).await;
+    let req = request(3, 42);
+
+    let grpc = client(&h)
+        .await
+        .edit(req.clone())
+        .await
+        .expect("grpc edit")
+        .into_inner();
+    assert_eq!(grpc.request_id, "test-42");
+    assert_eq!(grpc.images.len(), 1);
+    let grpc_png = grpc.images[0].data.clone();
+    assert_eq!(grpc.images[0].seed, 42);
+    assert_eq!((grpc.images[0].width, grpc.images[0].height), (64, 48));
+
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://{}/ip2p.v1.ImageEditor/Edit", h.addr))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(grpc_web_frame(&req))
+        .send()
+        .await
+        .expect("grpc-web call");
+    assert_eq!(r.status(), 200);
+    let (msgs, trailers) = grpc_web_parse(&r.bytes().await.expect("body"));
+    assert!(trailers.contains("grpc-status:0"), "trailers: {trailers}");
+    let web = proto::EditResponse::decode(msgs[0].as_slice()).expect("decode");
+    assert_eq!(
+        web.images[0].data, grpc_png,
+        "gRPC-Web bytes differ from gRPC"
+    );
+
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = serde_json::json!({
+        "image": b64.encode(png(64, 48)),
+        "instruction": "turn it into a watercolor",
+        "steps": 3, "seed": 42, "resolution": 64, "request_id": "test-42",
+    });
+    let r = http
+        .post(format!("http://{}/v1/edit", h.addr))
+        .json(&body)
+        .send()
+        .await
+        .expect("http call");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ip2p-seed"], "42");
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert_eq!(
+        r.bytes().await.expect("body").to_vec(),
+        grpc_png,
+        "HTTP bytes differ from gRPC"
+    );
+
+    // Multipart too.
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(png(64, 48)).file_name("in.png"),
+        )
+        .text("instruction", "turn it into a watercolor")
+        .text("steps", "3")
+        .text("seed", "42")
+        .text("resolution", "64");
+    let r = http
+        .post(format!("http://{}/v1/edit", h.addr))
+        .multipart(form)
+        .send()
+        .await
+        .expect("multipart call");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.bytes().await.expect("body").to_vec(),
+        grpc_png,
+        "multipart bytes differ"
+    );
+
+    // The in-process pipeline with the same seed, encoded the same way.
+    let cfg = ServerConfig::default();
+    let job = ip2p::server::validate::validate(&req, &cfg).expect("valid");
+    let out = pipeline()
+        .edit(&job.input, &job.params, &mut ip2p::pipeline::NoProgress)
+        .expect("edit");
+    let direct = ip2p::server::codec::encode(&out.image, job.output, 42).expect("encode");
+    assert_eq!(
+        direct.data, grpc_png,
+        "served bytes differ from the in-process pipeline"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_events_arrive_in_order_and_end_with_the_unary_result() {
+    let h = start(config()).await;
+    let mut c = client(&h).await;
+    let mut req = request(4, 7);
+    req.preview_every = 2;
+    let mut stream = c
+        .edit_stream(req.clone())
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut kinds = Vec::new();
+    let mut steps = Vec::new();
+    let mut previews = 0;
+    let mut result = None;
+    while let Some(ev) = stream.message().await.expect("event") {
+        match ev.event.expect("event kind") {
+            Event::Queued(_) => kinds.push("queued"),
+            Event::Started(_) => kinds.push("started"),
+            Event::Progress(p) => {
+                kinds.push("progress");
+                steps.push(p.step);
+                assert_eq!(p.total, 4);
+                if let Some(b) = p.preview {
+                    image::load_from_memory(&b).expect("preview is a PNG");
+                    previews += 1;
+                }
+            }
+            Event::Result(r) => {
+                kinds.push("result");
+                result = Some(r);
+            }
+        }
+    }
+    assert_eq!(
+        kinds,
+        ["queued", "started", "progress", "progress", "progress", "progress", "result"]
+    );
+    assert_eq!(steps, [1, 2, 3, 4]);
+    assert_eq!(previews, 2, "a preview every 2 steps");
+    let unary = c.edit(req).await.expect("unary").into_inner();
+    assert_eq!(result.expect("result").images, unary.images);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_stream_frees_the_worker_within_a_step() {
+    let h = start(config()).await;
+    let mut c = client(&h).await;
+    let mut a = c
+        .edit_stream(slow_request(1000, 1))
+        .await
+        .expect("stream a")
+        .into_inner();
+    // Wait for two steps to measure a step's time.
+    let mut times = Vec::new();
+    while let Some(ev) = a.message().await.expect("event") {
+        if let Some(Event::Progress(p)) = ev.event {
+            times.push(Instant::now());
+            if p.step == 3 {
+                break;
+            }
+        }
+    }
+    let step = times[2] - times[1];
+    // B waits behind A.
+    let mut b = c
+        .edit_stream(request(2, 2))
+        .await
+        .expect("stream b")
+        .into_inner();
+    match b.message().await.expect("event").and_then(|e| e.event) {
+        Some(Event::Queued(q)) => assert_eq!(q.position, 1, "one job ahead"),
+        other => panic!("expected queued, got {other:?}"),
+    }
+    let dropped = Instant::now();
+    drop(a);
+    loop {
+        match b.message().await.expect("event").and_then(|e| e.event) {
+            Some(Event::Started(_)) => break,
+            Some(_) => continue,
+            None => panic!("stream b ended before starting"),
+        }
+    }
+    let waited = dropped.elapsed();
+    assert!(
+        waited <= step * 3 + Duration::from_millis(200),
+        "B started {waited:?} after A was dropped; one step takes {step:?}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_refused_at_once_and_deadlines_stop_jobs() {
+    let h = start(ServerConfig {
+        queue_capacity: 1,
+        ..config()
+    })
+    .await;
+    let mut c = client(&h).await;
+    let mut running = c
+        .edit_stream(slow_request(1000, 1))
+        .await
+        .expect("a")
+        .into_inner();
+    loop {
+        if let Some(Event::Started(_)) = running
+            .message()
+            .await
+            .expect("event")
+            .and_then(|e| e.event)
+        {
+            break;
+        }
+    }
+    let mut waiting = c.edit_stream(request(2, 2)).await.expect("b").into_inner();
+    let _ = waiting.message().await;
+    // Warm the connection path, then time the refusal.
+    let t = Instant::now();
+    let err = c.edit(request(2, 3)).await.expect_err("queue is full");
+    let took = t.elapsed();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(took < Duration::from_millis(50), "refusal took {took:?}");
+    let details = tonic_types::StatusExt::get_error_details(&err);
+    assert!(details.retry_info().is_some(), "a retry hint is given");
+    drop(running);
+    drop(waiting);
+    tokio::time::timeout(Duration::from_secs(30), h.state.queue.wait_idle())
+        .await
+        .expect("queue drains");
+
+    // A deadline that passes mid-edit: DEADLINE_EXCEEDED, and the job stops.
+    // Through gRPC-Web, whose client does not enforce the deadline itself (tonic's would give
+    // up locally at the same instant), so the status seen is the server's.
+    let t = Instant::now();
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/ip2p.v1.ImageEditor/Edit", h.addr))
+        .header("content-type", "application/grpc-web+proto")
+        .header("grpc-timeout", "400m")
+        .body(grpc_web_frame(&slow_request(1000, 4)))
+        .send()
+        .await
+        .expect("call");
+    let status = r
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap_or("").to_owned())
+        .unwrap_or_else(String::new);
+    let body = r.bytes().await.expect("body");
+    let (_, trailers) = grpc_web_parse(&body);
+    assert!(
+        status == "4" || trailers.contains("grpc-status:4"),
+        "expected DEADLINE_EXCEEDED, got status {status:?} trailers {trailers:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the deadline was honoured late: {:?}",
+        t.elapsed()
+    );
+    tokio::time::timeout(Duration::from_secs(10), h.state.queue.wait_idle())
+        .await
+        .expect("the job stopped");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    let m = h.state.metrics.render();
+    assert!(m.contains("outcome=\"deadline\""), "{m}");
+    h.shutdown().await;
+}
+
+fn with(f: impl FnOnce(&mut proto::EditRequest)) -> proto::EditRequest {
+    let mut r = request(2, 9);
+    f(&mut r);
+    r
+}
+
+fn huge_png_header() -> Vec<u8> {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in data {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&50_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&50_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    for chunk in [
+        &ihdr[..],
+        &b"IDAT\x78\x9c\x03\x00\x00\x00\x00\x01"[..],
+        &b"IEND"[..],
+    ] {
+        png.extend_from_slice(&((chunk.len() - 4) as u32).to_be_bytes());
+        png.extend_from_slice(chunk);
+        png.extend_from_slice(&crc32(chunk).to_be_bytes());
+    }
+    png
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_clear_statuses_and_the_server_keeps_serving() {
+    let h = start(config()).await;
+    let mut c = client(&h).await;
+    let enc = |b: Vec<u8>| {
+        Some(proto::Image {
+            data: Some(proto::image::Data::Encoded(b)),
+        })
+    };
+    let cases: Vec<(&str, proto::EditRequest, &str)> = vec![
+        (
+            "corrupt bytes",
+            with(|r| r.image = enc(b"not an image at all".to_vec())),
+            "image",
+        ),
+        (
+            "50k x 50k header",
+            with(|r| r.image = enc(huge_png_header())),
+            "image",
+        ),
+        ("empty message", proto::EditRequest::default(), "image"),
+        (
+            "10 000 characters",
+            with(|r| r.instruction = "a".repeat(10_000)),
+            "instruction",
+        ),
+        (
+            "NaN guidance",
+            with(|r| r.text_guidance = Some(f32::NAN)),
+            "text_guidance",
+        ),
+        (
+            "negative guidance",
+            with(|r| r.image_guidance = Some(-1.0)),
+            "image_guidance",
+        ),
+        ("steps 0", with(|r| r.steps = Some(0)), "steps"),
+        ("steps 100 000", with(|r| r.steps = Some(100_000)), "steps"),
+        (
+            "mask of the wrong size",
+            with(|r| {
+                r.mask = Some(proto::Image {
+                    data: Some(proto::image::Data::Raw(proto::RawImage {
+                        pixels: vec![255; 10 * 10],
+                        width: 10,
+                        height: 10,
+                        format: proto::PixelFormat::Gray8 as i32,
+                    })),
+                })
+            }),
+            "mask",
+        ),
+        (
+            "unknown scheduler",
+            with(|r| r.scheduler = "plms".into()),
+            "scheduler",
+        ),
+        (
+            "too many variations",
+            with(|r| r.variations = Some(100)),
+            "variations",
+        ),
+        (
+            "raw buffer too short",
+            with(|r| {
+                r.image = Some(proto::Image {
+                    data: Some(proto::image::Data::Raw(proto::RawImage {
+                        pixels: vec![0; 5],
+                        width: 64,
+                        height: 64,
+                        format: proto::PixelFormat::Rgba8 as i32,
+                    })),
+                })
+            }),
+            "image.raw.pixels",
+        ),
+    ];
+    for (what, req, field) in cases {
+        let err = c.edit(req).await.expect_err(what);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+        let details = tonic_types::StatusExt::get_error_details(&err);
+        let br = details
+            .bad_request()
+            .unwrap_or_else(|| panic!("{what}: no BadRequest details"));
+        assert_eq!(br.field_violations[0].field, field, "{what}");
+    }
+    // HTTP: NaN in a form field, and an unknown content type.
+    let http = reqwest::Client::new();
+    let form = reqwest::multipart::Form::new()
+        .part("image", reqwest::multipart::Part::bytes(png(64, 48)))
+        .text("instruction", "x")
+        .text("text_guidance", "NaN");
+    let r = http
+        .post(format!("http://{}/v1/edit", h.addr))
+        .multipart(form)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    let j: serde_json::Value = r.json().await.expect("json error");
+    assert_eq!(j["error"]["field"], "text_guidance");
+    let r = http
+        .post(format!("http://{}/v1/edit", h.addr))
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+
+    // Still serving.
+    let ok = c
+        .edit(request(1, 5))
+        .await
+        .expect("a good request after the bad ones");
+    assert_eq!(ok.into_inner().images.len(), 1);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_guard_every_door_but_health() {
+    let h = start(ServerConfig {
+        token: Some("s3cret".into()),
+        ..config()
+    })
+    .await;
+    let mut c = client(&h).await;
+    let err = c.edit(request(1, 1)).await.expect_err("no token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let mut req = tonic::Request::new(request(1, 1));
+    req.metadata_mut()
+        .insert("authorization", "Bearer wrong".parse().expect("header"));
+    assert_eq!(
+        c.edit(req).await.expect_err("wrong").code(),
+        tonic::Code::Unauthenticated
+    );
+    let mut req = tonic::Request::new(request(1, 1));
+    req.metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().expect("header"));
+    assert!(c.edit(req).await.is_ok());
+
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/info", h.addr);
+    assert_eq!(http.get(&url).send().await.expect("send").status(), 401);
+    assert_eq!(
+        http.get(&url)
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("http://{}/healthz", h.addr))
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        200
+    );
+    // gRPC-Web without the token.
+    let r = http
+        .post(format!("http://{}/ip2p.v1.ImageEditor/GetInfo", h.addr))
+        .header("content-type", "application/grpc-web+proto")
+        .body(grpc_web_frame(&proto::GetInfoRequest {}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        r.headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap_or("")),
+        Some("16")
+    );
+    // Health over gRPC needs no token.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        Channel::from_shared(format!("http://{}", h.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let s = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "ip2p.v1.ImageEditor".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        s.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_origin_passes_preflight_and_completes_a_grpc_web_call() {
+    let h = start(config()).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/ip2p.v1.ImageEditor/Edit", h.addr);
+    let origin = "https://plugin.example";
+    let pre = http
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,x-grpc-web,x-user-agent,authorization",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert!(pre.status().is_success(), "{}", pre.status());
+    assert!(pre.headers().contains_key("access-control-allow-origin"));
+    let r = http
+        .post(&url)
+        .header("origin", origin)
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(grpc_web_frame(&request(2, 11)))
+        .send()
+        .await
+        .expect("call");
+    assert!(r.headers().contains_key("access-control-allow-origin"));
+    let expose = r
+        .headers()
+        .get("access-control-expose-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    assert!(expose.contains("grpc-status"), "{expose}");
+    let (msgs, trailers) = grpc_web_parse(&r.bytes().await.expect("body"));
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let resp = proto::EditResponse::decode(msgs[0].as_slice()).expect("decode");
+    assert_eq!(resp.images[0].seed, 11);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sse_stream_and_info() {
+    let h = start(config()).await;
+    let http = reqwest::Client::new();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let r = http
+        .post(format!("http://{}/v1/edit/stream", h.addr))
+        .json(&serde_json::json!({
+            "image": b64.encode(png(64, 48)), "instruction": "make it night",
+            "steps": 3, "seed": 5, "resolution": 64, "preview_every": 1,
+        }))
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.expect("events");
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(
+        names,
+        ["queued", "started", "progress", "progress", "progress", "result"],
+        "{text}"
+    );
+    let info: serde_json::Value = http
+        .get(format!("http://{}/v1/info", h.addr))
+        .send()
+        .await
+        .expect("info")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(info["limits"]["max_steps"], 1000);
+    assert!(info["schedulers"].as_array().is_some_and(|s| s.len() == 5));
+    let metrics = http
+        .get(format!("http://{}/metrics", h.addr))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("ip2p_requests_total{door=\"http\",outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ip2p_step_seconds_bucket"));
+    h.shutdown().await;
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_with_cancels_and_bad_inputs_then_shutdown_mid_run() {
+    let h = start(ServerConfig {
+        queue_capacity: 16,
+        ..config()
+    })
+    .await;
+    let addr = h.addr;
+    let rss_before = rss_kib();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for client_id in 0..16u64 {
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = ImageEditorClient::connect(format!("http://{addr}"))
+                .await
+                .expect("connect");
+            let mut outcomes = Vec::new();
+            for i in 0..13u64 {
+                let n = client_id * 13 + i;
+                if n >= 200 {
+                    break;
+                }
+                let outcome = match n % 5 {
+                    // A bad request.
+                    0 => c
+                        .edit(with(|r| r.steps = Some(0)))
+                        .await
+                        .map(|_| "ok")
+                        .unwrap_or_else(|e| code(&e)),
+                    // A cancel: start a stream, read an event, drop it.
+                    1 => match c.edit_stream(request(3, n)).await {
+                        Ok(s) => {
+                            let mut s = s.into_inner();
+                            let _ = s.message().await;
+                            "cancelled"
+                        }
+                        Err(e) => code(&e),
+                    },
+                    _ => c
+                        .edit(request(1, n))
+                        .await
+                        .map(|_| "ok")
+                        .unwrap_or_else(|e| code(&e)),
+                };
+                outcomes.push(outcome);
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            outcomes
+        }));
+    }
+    // Shut down mid-run: in-flight edits finish, later ones are refused cleanly.
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 150 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let state = h.state.clone();
+    let shutdown = tokio::spawn(h.shutdown());
+    let mut all = Vec::new();
+    for t in tasks {
+        let outcomes = tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("no client hangs")
+            .expect("client task");
+        all.extend(outcomes);
+    }
+    tokio::time::timeout(Duration::from_secs(60), shutdown)
+        .await
+        .expect("shutdown completes")
+        .expect("shutdown task");
+    assert_eq!(all.len(), 200);
+    for o in &all {
+        assert!(
+            [
+                "ok",
+                "cancelled",
+                "InvalidArgument",
+                "ResourceExhausted",
+                "Unavailable"
+            ]
+            .contains(o),
+            "unexpected outcome {o}"
+        );
+    }
+    let ok = all.iter().filter(|o| **o == "ok").count();
+    assert!(ok > 50, "only {ok} edits succeeded: {all:?}");
+    let invalid = all.iter().filter(|o| **o == "InvalidArgument").count();
+    assert!(
+        invalid >= 30,
+        "bad requests before the shutdown are refused as invalid ({invalid})"
+    );
+    assert!(state.queue.is_idle(), "every job finished or stopped");
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert!(grown < 512 * 1024, "RSS grew by {grown} KiB");
+}
+
+fn code(e: &tonic::Status) -> &'static str {
+    match e.code() {
+        tonic::Code::InvalidArgument => "InvalidArgument",
+        tonic::Code::ResourceExhausted => "ResourceExhausted",
+        tonic::Code::Unavailable => "Unavailable",
+        tonic::Code::Cancelled => "cancelled",
+        _ => "other",
+    }
+}
