@@ -219,15 +219,14 @@ fn hub_ids_resolve_through_the_hugging_face_cache_offline() {
     );
 }
 
-#[test]
-fn serve_drains_in_flight_edits_on_sigterm() {
-    use ip2p::server::proto;
+/// Starts `ip2p serve` on a free loopback port; returns the child and its address.
+fn spawn_server(extra: &[&str]) -> (std::process::Child, String) {
     use std::io::BufRead;
-
     let mut child = ip2p()
         .args(["serve", "--model"])
         .arg(fixtures().join("tiny-ip2p"))
         .args(["--addr", "127.0.0.1:0", "--no-warmup"])
+        .args(extra)
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -249,6 +248,59 @@ fn serve_drains_in_flight_edits_on_sigterm() {
     };
     // Keep draining stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+#[test]
+fn edit_through_the_server_equals_the_in_process_edit() {
+    let (mut child, addr) = spawn_server(&["--token", "t0k"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let input = tmp.path().join("in.png");
+    write_png(&input, 72, 56);
+    let run = |extra: &[&str], out: &std::path::Path| {
+        let o = ip2p()
+            .arg("edit")
+            .arg(&input)
+            .arg("add a rainbow")
+            .arg("-o")
+            .arg(out)
+            .args(["--steps", "3", "--resolution", "64", "--seed", "77"])
+            .args(extra)
+            .output()
+            .expect("run");
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let local = tmp.path().join("local.png");
+    let model = fixtures().join("tiny-ip2p");
+    let (ok, log) = run(&["--model", model.to_str().expect("utf8")], &local);
+    assert!(ok, "{log}");
+    let remote = tmp.path().join("remote.png");
+    let url = format!("http://{addr}");
+    let (ok, log) = run(&["--server", &url, "--token", "t0k"], &remote);
+    assert!(ok, "{log}");
+    assert!(log.contains("seed 77"), "{log}");
+    assert_eq!(
+        image::open(&local).expect("local").to_rgb8(),
+        image::open(&remote).expect("remote").to_rgb8(),
+        "the server's edit differs from the in-process edit"
+    );
+    let (ok, log) = run(
+        &["--server", &url, "--token", "wrong"],
+        &tmp.path().join("x.png"),
+    );
+    assert!(!ok && log.to_lowercase().contains("token"), "{log}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn serve_drains_in_flight_edits_on_sigterm() {
+    use ip2p::server::proto;
+
+    let (mut child, addr) = spawn_server(&[]);
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {

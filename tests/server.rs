@@ -814,3 +814,115 @@ fn code(e: &tonic::Status) -> &'static str {
         _ => "other",
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn photoshop_flow_raw_rgba_with_a_selection_and_variations() {
+    let h = start(config()).await;
+    let mut c = client(&h).await;
+    let (w, hgt) = (40u32, 30u32);
+    let rgba: Vec<u8> = (0..w * hgt)
+        .flat_map(|i| [(i % 255) as u8, 80, 160, if i % 2 == 0 { 255 } else { 128 }])
+        .collect();
+    // Select the right half.
+    let mask: Vec<u8> = (0..w * hgt)
+        .map(|i| if i % w >= w / 2 { 255 } else { 0 })
+        .collect();
+    let req = proto::EditRequest {
+        image: Some(proto::Image {
+            data: Some(proto::image::Data::Raw(proto::RawImage {
+                pixels: rgba.clone(),
+                width: w,
+                height: hgt,
+                format: proto::PixelFormat::Rgba8 as i32,
+            })),
+        }),
+        mask: Some(proto::Image {
+            data: Some(proto::image::Data::Raw(proto::RawImage {
+                pixels: mask,
+                width: w,
+                height: hgt,
+                format: proto::PixelFormat::Gray8 as i32,
+            })),
+        }),
+        instruction: "make it red".into(),
+        steps: Some(2),
+        seed: Some(100),
+        resolution: Some(64),
+        variations: Some(2),
+        output_format: proto::OutputFormat::RawRgba as i32,
+        ..Default::default()
+    };
+    let r = c.edit(req).await.expect("edit").into_inner();
+    assert_eq!(r.images.len(), 2);
+    assert_eq!(r.images[0].seed, 100);
+    assert_eq!(r.images[1].seed, 101);
+    assert_ne!(r.images[0].data, r.images[1].data, "variations differ");
+    for img in &r.images {
+        assert_eq!((img.width, img.height), (w, hgt));
+        assert_eq!(img.data.len() as u32, w * hgt * 4);
+        for y in 0..hgt {
+            for x in 0..w {
+                let i = ((y * w + x) * 4) as usize;
+                // Alpha is the input's everywhere.
+                assert_eq!(img.data[i + 3], rgba[i + 3]);
+                if x < w / 2 {
+                    // Outside the selection the input is untouched.
+                    assert_eq!(
+                        &img.data[i..i + 3],
+                        &rgba[i..i + 3],
+                        "pixel ({x},{y}) changed outside the mask"
+                    );
+                }
+            }
+        }
+    }
+    let changed = (0..(w * hgt) as usize)
+        .filter(|p| (p % w as usize) >= (w / 2) as usize)
+        .any(|p| r.images[0].data[p * 4..p * 4 + 3] != rgba[p * 4..p * 4 + 3]);
+    assert!(changed, "the selection was edited");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_grpc_and_http() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let (cert_path, key_path) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+    let h = start(ServerConfig {
+        tls_cert: Some(cert_path),
+        tls_key: Some(key_path),
+        ..config()
+    })
+    .await;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem()))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://localhost:{}", h.addr.port()))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("TLS connect");
+    let mut c = ImageEditorClient::new(channel);
+    let info = c
+        .get_info(proto::GetInfoRequest {})
+        .await
+        .expect("info over TLS")
+        .into_inner();
+    assert_eq!(info.model, "tiny-ip2p");
+    let r = c
+        .edit(request(1, 3))
+        .await
+        .expect("edit over TLS")
+        .into_inner();
+    assert_eq!(r.images.len(), 1);
+    // A plaintext client is not served.
+    let plain = ImageEditorClient::connect(format!("http://{}", h.addr)).await;
+    if let Ok(mut p) = plain {
+        assert!(p.get_info(proto::GetInfoRequest {}).await.is_err());
+    }
+    h.shutdown().await;
+}
