@@ -14,16 +14,21 @@ use ip2p::server::proto::image_editor_client::ImageEditorClient;
 use ip2p::server::{self, proto, ServerConfig};
 
 fn pipeline() -> EditPipeline {
-    let dir = ModelDir::from_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-ip2p"))
-        .expect("fixture model");
-    EditPipeline::new(loader::load(&dir, &Device::Cpu, &LoadOptions::default()).expect("load")).expect("pipeline")
+    let dir = ModelDir::from_dir(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-ip2p"),
+    )
+    .expect("fixture model");
+    EditPipeline::new(loader::load(&dir, &Device::Cpu, &LoadOptions::default()).expect("load"))
+        .expect("pipeline")
 }
 
 fn request(seed: u64) -> proto::EditRequest {
     let mut png = Vec::new();
-    image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 9])))
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .expect("png");
+    image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([x as u8 * 4, y as u8 * 4, 9])
+    }))
+    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+    .expect("png");
     proto::EditRequest {
         image: Some(proto::Image {
             data: Some(proto::image::Data::Encoded(png)),
@@ -73,7 +78,9 @@ async fn main() {
     .await
     .expect("server");
     h.ready().await;
-    let mut c = ImageEditorClient::connect(format!("http://{}", h.addr)).await.expect("connect");
+    let mut c = ImageEditorClient::connect(format!("http://{}", h.addr))
+        .await
+        .expect("connect");
     let mut remote = Vec::new();
     for i in 0..n + 3 {
         let t = Instant::now();
@@ -101,7 +108,9 @@ async fn main() {
         for k in 0..clients {
             let addr = h.addr;
             tasks.push(tokio::spawn(async move {
-                let mut c = ImageEditorClient::connect(format!("http://{addr}")).await.expect("connect");
+                let mut c = ImageEditorClient::connect(format!("http://{addr}"))
+                    .await
+                    .expect("connect");
                 for i in 0..per {
                     c.edit(request((k * 1000 + i) as u64)).await.expect("edit");
                 }

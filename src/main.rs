@@ -1,6 +1,5 @@
 //! `ip2p`: edit images from written instructions.
 
-use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -103,17 +102,6 @@ struct EditArgs {
     token: Option<String>,
 }
 
-fn random_seed() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish() >> 11
-}
-
 fn save(image: &image::DynamicImage, path: &Path) -> Result<()> {
     let ext = path
         .extension()
@@ -150,7 +138,7 @@ fn edit(a: EditArgs) -> Result<()> {
     if a.server.is_some() {
         return edit_remote(a);
     }
-    let seed = a.seed.unwrap_or_else(random_seed);
+    let seed = a.seed.unwrap_or_else(ip2p::pipeline::random_seed);
     let params = EditParams {
         instruction: a.instruction.clone(),
         negative_prompt: a.negative.clone(),
@@ -241,7 +229,7 @@ fn edit_remote(a: EditArgs) -> Result<()> {
             ResizePolicy::Native => proto::ResizePolicy::Native as i32,
         },
         output_format: proto::OutputFormat::Png as i32,
-        request_id: format!("cli-{:x}", random_seed()),
+        request_id: format!("cli-{:x}", ip2p::pipeline::random_seed()),
         ..Default::default()
     };
     let rt = tokio::runtime::Builder::new_current_thread()

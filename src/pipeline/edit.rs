@@ -13,9 +13,7 @@ use super::guidance::{dual_guidance, dual_guidance_enabled};
 use super::image::{self as img, InputImage, ResizePolicy};
 use super::{Control, Progress, StepInfo};
 use crate::loader::Components;
-use crate::schedulers::{
-    self, div_s_pub as div_s, NoiseSource, Scheduler, SchedulerKind, SeededNoise,
-};
+use crate::schedulers::{div_s_pub as div_s, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
 use crate::{Error, Result};
 
 /// Everything a caller chooses about one edit.
@@ -142,10 +140,7 @@ impl EditPipeline {
         kind: Option<SchedulerKind>,
         steps: usize,
     ) -> Result<(SchedulerKind, Box<dyn Scheduler>)> {
-        let kind = kind
-            .or_else(|| self.c.scheduler.kind())
-            .unwrap_or(SchedulerKind::EulerAncestral);
-        Ok((kind, schedulers::build(kind, &self.c.scheduler, steps)?))
+        super::scheduler_for(&self.c, kind, steps)
     }
 
     /// CLIP encoding `[1, 77, D]` of `text`, and how many tokens were truncated.

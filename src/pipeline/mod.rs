@@ -47,6 +47,35 @@ impl<F: FnMut(&StepInfo<'_>) -> Control> Progress for F {
     }
 }
 
+/// A random 53-bit seed (exactly representable as a JSON number), for callers that give none.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() >> 11
+}
+
+/// The scheduler asked for, or the model's own (Euler ancestral when it names none of ours),
+/// configured from the model's `scheduler_config.json`.
+pub fn scheduler_for(
+    c: &crate::loader::Components,
+    kind: Option<crate::schedulers::SchedulerKind>,
+    steps: usize,
+) -> crate::Result<(
+    crate::schedulers::SchedulerKind,
+    Box<dyn crate::schedulers::Scheduler>,
+)> {
+    let kind = kind
+        .or_else(|| c.scheduler.kind())
+        .unwrap_or(crate::schedulers::SchedulerKind::EulerAncestral);
+    Ok((kind, crate::schedulers::build(kind, &c.scheduler, steps)?))
+}
+
 /// A callback that never stops anything.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoProgress;

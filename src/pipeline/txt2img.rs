@@ -9,7 +9,7 @@ use super::guidance::cfg;
 use super::image as img;
 use super::{Control, Progress, StepInfo};
 use crate::loader::Components;
-use crate::schedulers::{self, NoiseSource, Scheduler, SchedulerKind};
+use crate::schedulers::{NoiseSource, Scheduler, SchedulerKind};
 use crate::{Error, Result};
 
 /// Parameters of a text-to-image render.
@@ -78,10 +78,7 @@ impl Txt2ImgPipeline {
         kind: Option<SchedulerKind>,
         steps: usize,
     ) -> Result<Box<dyn Scheduler>> {
-        let kind = kind
-            .or_else(|| self.c.scheduler.kind())
-            .unwrap_or(SchedulerKind::EulerAncestral);
-        schedulers::build(kind, &self.c.scheduler, steps)
+        Ok(super::scheduler_for(&self.c, kind, steps)?.1)
     }
 
     /// Renders every prompt from one shared draw of `noise`: returns `[B, H, W, 3]` in `[0, 1]`.

@@ -110,19 +110,6 @@ fn finite_in(field: &str, v: f32, lo: f32, hi: f32) -> Result<f64, ServerError> 
     Ok(v as f64)
 }
 
-/// Draws a random 53-bit seed (exactly representable in JSON numbers).
-pub fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish() >> 11
-}
-
 /// Checks every field and decodes the images (CPU work: call it off the async runtime).
 pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob, ServerError> {
     let request_id: String = req
@@ -248,7 +235,7 @@ pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob
         text_guidance,
         image_guidance,
         scheduler,
-        seed: req.seed.unwrap_or_else(random_seed),
+        seed: req.seed.unwrap_or_else(crate::pipeline::random_seed),
         resolution,
         resize,
         keep_working_size: false,
