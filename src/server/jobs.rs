@@ -26,6 +26,8 @@ impl Drop for CancelOnDrop {
 /// What a door needs to submit a request.
 pub struct Submitted {
     pub events: mpsc::Receiver<JobEvent>,
+    /// When the client stops waiting; the worker stops the job then too.
+    pub deadline: Option<Instant>,
     pub position: usize,
     pub cancel: CancelToken,
     pub request_id: String,
@@ -69,6 +71,7 @@ pub async fn submit(
     tracing::info!(door, request_id = %request_id, position, "queued");
     Ok(Submitted {
         events: rx,
+        deadline,
         position,
         cancel,
         request_id,
@@ -83,9 +86,12 @@ pub async fn wait_result(
 ) -> Result<proto::EditResponse, ServerError> {
     let _guard = CancelOnDrop(s.cancel.clone());
     let r = loop {
-        match s.events.recv().await {
+        match recv_until(&mut s.events, s.deadline).await {
             Some(JobEvent::Done(r)) => break *r,
             Some(_) => continue,
+            None if s.deadline.is_some_and(|d| Instant::now() >= d) => {
+                break Err(ServerError::DeadlineExceeded)
+            }
             None => break Err(ServerError::Internal("the worker dropped the job".into())),
         }
     };
@@ -107,6 +113,7 @@ pub fn events(
         rx: mpsc::Receiver<JobEvent>,
         _guard: CancelOnDrop,
         queued: Option<proto::EditEvent>,
+        deadline: Option<Instant>,
         done: bool,
         state: Arc<AppState>,
         door: &'static str,
@@ -117,6 +124,7 @@ pub fn events(
             position: s.position as u32,
         }))),
         rx: s.events,
+        deadline: s.deadline,
         done: false,
         state,
         door,
@@ -128,7 +136,7 @@ pub fn events(
         if let Some(q) = st.queued.take() {
             return Some((Ok(q), st));
         }
-        let item = match st.rx.recv().await {
+        let item = match recv_until(&mut st.rx, st.deadline).await {
             Some(JobEvent::Started) => {
                 Ok(event(proto::edit_event::Event::Started(proto::Started {})))
             }
@@ -154,6 +162,11 @@ pub fn events(
                 );
                 (*r).map(|resp| event(proto::edit_event::Event::Result(resp)))
             }
+            None if st.deadline.is_some_and(|d| Instant::now() >= d) => {
+                st.done = true;
+                st.state.metrics.record(st.door, "deadline");
+                Err(ServerError::DeadlineExceeded)
+            }
             None => {
                 st.done = true;
                 Err(ServerError::Internal("the worker dropped the job".into()))
@@ -161,6 +174,21 @@ pub fn events(
         };
         Some((item, st))
     })
+}
+
+/// The next event, or `None` when the channel closed or the deadline passed (whichever first):
+/// a job waiting in the queue is answered at its deadline, not when the worker reaches it.
+async fn recv_until(
+    rx: &mut mpsc::Receiver<JobEvent>,
+    deadline: Option<Instant>,
+) -> Option<JobEvent> {
+    match deadline {
+        None => rx.recv().await,
+        Some(d) => tokio::time::timeout_at(d.into(), rx.recv())
+            .await
+            .ok()
+            .flatten(),
+    }
 }
 
 fn event(e: proto::edit_event::Event) -> proto::EditEvent {
