@@ -11,6 +11,7 @@
 
 #![doc = include_str!("../README.md")]
 
+pub mod bench;
 pub mod device;
 pub mod error;
 pub mod loader;

@@ -29,6 +29,28 @@ enum Command {
     Edit(EditArgs),
     /// Serve edits over gRPC, gRPC-Web and HTTP on one port.
     Serve(ServeArgs),
+    /// Time the networks at full SD 1.5 shapes with random weights (JSON lines).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// A folder of full-size configs (unet/, vae/, text_encoder/).
+    #[arg(
+        long,
+        env = "IP2P_BENCH_SHAPES",
+        default_value = "../shared/fixtures/sd15-shapes"
+    )]
+    shapes: PathBuf,
+    /// Image sides to time the UNet and VAE at.
+    #[arg(long, env = "IP2P_BENCH_RES", default_values_t = [256usize, 512], num_args = 1..)]
+    res: Vec<usize>,
+    /// Timed runs after one warm-up; the median is printed.
+    #[arg(long, env = "IP2P_BENCH_REPS", default_value_t = 3)]
+    reps: usize,
+    /// Only these parts: text, unet, vae (comma-separated).
+    #[arg(long, env = "IP2P_BENCH_ONLY", value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -338,6 +360,12 @@ fn run() -> Result<()> {
     match cli.command {
         Command::Edit(a) => edit(a),
         Command::Serve(a) => serve(a),
+        Command::Bench(a) => Ok(ip2p::bench::run(&ip2p::bench::BenchOptions {
+            shapes: a.shapes,
+            resolutions: a.res,
+            reps: a.reps,
+            only: a.only,
+        })?),
     }
 }
 

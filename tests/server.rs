@@ -942,3 +942,70 @@ async fn tls_serves_grpc_and_http() {
     }
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_service_and_oversized_messages_are_refused() {
+    let _serial = SERIAL.lock().await;
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let h = start(ServerConfig {
+        max_message_bytes: 64 * 1024,
+        ..config()
+    })
+    .await;
+    let channel = Channel::from_shared(format!("http://{}", h.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut refl = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let msg = resp.message().await.expect("answer").expect("one answer");
+    let names: Vec<String> = match msg.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected {other:?}"),
+    };
+    assert!(
+        names.contains(&"ip2p.v1.ImageEditor".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+
+    // A message over --max-message-bytes is refused on both doors, and the server goes on.
+    let mut c = client(&h).await;
+    let big = with(|r| r.negative_prompt = Some("x".repeat(100 * 1024)));
+    let err = c.edit(big).await.expect_err("too large");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{err:?}"
+    );
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/edit", h.addr))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 100 * 1024])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 413);
+    assert!(c.edit(request(1, 1)).await.is_ok());
+    h.shutdown().await;
+}

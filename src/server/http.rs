@@ -180,20 +180,28 @@ fn parse_num<T: std::str::FromStr>(field: &str, v: &str) -> Result<T, ServerErro
 
 /// Reads a multipart form: `image` and `mask` as files (raw pixels with `image_format`,
 /// `image_width`, `image_height`), the other fields as text.
-async fn from_multipart(mut mp: Multipart) -> Result<proto::EditRequest, ServerError> {
+async fn from_multipart(
+    mut mp: Multipart,
+    limit: usize,
+) -> Result<proto::EditRequest, ServerError> {
     let mut j = EditJson::default();
     let (mut image, mut mask) = (None::<Vec<u8>>, None::<Vec<u8>>);
     let mut raw_meta: std::collections::HashMap<String, String> = Default::default();
-    while let Some(field) = mp
-        .next_field()
-        .await
-        .map_err(|e| ServerError::invalid("body", format!("bad multipart body: {e}")))?
-    {
+    while let Some(field) = mp.next_field().await.map_err(|e| {
+        body_error(
+            e.status(),
+            format!("bad multipart body: {}", e.body_text()),
+            limit,
+        )
+    })? {
         let name = field.name().unwrap_or("").to_owned();
-        let bytes = field
-            .bytes()
-            .await
-            .map_err(|e| ServerError::invalid("body", format!("reading `{name}`: {e}")))?;
+        let bytes = field.bytes().await.map_err(|e| {
+            body_error(
+                e.status(),
+                format!("reading `{name}`: {}", e.body_text()),
+                limit,
+            )
+        })?;
         let text = || String::from_utf8_lossy(&bytes).into_owned();
         match name.as_str() {
             "image" => image = Some(bytes.to_vec()),
@@ -246,8 +254,16 @@ async fn from_multipart(mut mp: Multipart) -> Result<proto::EditRequest, ServerE
     Ok(req)
 }
 
+fn body_error(status: StatusCode, text: String, limit: usize) -> ServerError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ServerError::TooLarge { limit }
+    } else {
+        ServerError::invalid("body", text)
+    }
+}
+
 /// Parses either body kind into a protobuf request.
-async fn parse_request(req: Request) -> Result<proto::EditRequest, ServerError> {
+async fn parse_request(req: Request, limit: usize) -> Result<proto::EditRequest, ServerError> {
     let ct = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -257,12 +273,12 @@ async fn parse_request(req: Request) -> Result<proto::EditRequest, ServerError> 
     if ct.starts_with("multipart/form-data") {
         let mp = Multipart::from_request(req, &())
             .await
-            .map_err(|e| ServerError::invalid("body", e.body_text()))?;
-        from_multipart(mp).await
+            .map_err(|e| body_error(e.status(), e.body_text(), limit))?;
+        from_multipart(mp, limit).await
     } else if ct.starts_with("application/json") || ct.is_empty() {
         let bytes = Bytes::from_request(req, &())
             .await
-            .map_err(|e| ServerError::invalid("body", e.body_text()))?;
+            .map_err(|e| body_error(e.status(), e.body_text(), limit))?;
         if bytes.is_empty() {
             return Err(ServerError::invalid("body", "empty request"));
         }
@@ -329,7 +345,7 @@ fn header_value(v: impl ToString) -> HeaderValue {
 async fn edit(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let headers = req.headers().clone();
     let run = async {
-        let preq = parse_request(req)
+        let preq = parse_request(req, state.config.max_message_bytes)
             .await
             .inspect_err(|e| state.metrics.record("http", e.outcome()))?;
         let s = submit(&state, preq, deadline_of(&headers), "http").await?;
@@ -392,7 +408,7 @@ fn sse_event(ev: Result<proto::EditEvent, ServerError>) -> Event {
 
 async fn edit_stream(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let headers = req.headers().clone();
-    let preq = match parse_request(req).await {
+    let preq = match parse_request(req, state.config.max_message_bytes).await {
         Ok(p) => p,
         Err(e) => {
             state.metrics.record("http", e.outcome());

@@ -12,6 +12,9 @@ pub enum ServerError {
     /// A field of the request is unusable.
     #[error("invalid {field}: {message}")]
     Invalid { field: String, message: String },
+    /// The request body is larger than the configured limit.
+    #[error("the request is larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
     /// The queue is full; try again later.
     #[error("the edit queue is full ({capacity} waiting); retry in about {retry_after:?}")]
     QueueFull {
@@ -48,6 +51,7 @@ impl ServerError {
         match self {
             ServerError::Invalid { .. } => "invalid",
             ServerError::QueueFull { .. } => "queue_full",
+            ServerError::TooLarge { .. } => "too_large",
             ServerError::DeadlineExceeded => "deadline",
             ServerError::Cancelled => "cancelled",
             ServerError::Unauthenticated => "unauthenticated",
@@ -70,6 +74,7 @@ impl ServerError {
                 msg,
                 ErrorDetails::with_retry_info(Some(*retry_after)),
             ),
+            ServerError::TooLarge { .. } => tonic::Status::resource_exhausted(msg),
             ServerError::DeadlineExceeded => tonic::Status::deadline_exceeded(msg),
             ServerError::Cancelled => tonic::Status::cancelled(msg),
             ServerError::Unauthenticated => tonic::Status::unauthenticated(msg),
@@ -82,6 +87,7 @@ impl ServerError {
         match self {
             ServerError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ServerError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ServerError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ServerError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             // 499 (client closed request) as nginx uses it.
             ServerError::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
