@@ -4,6 +4,7 @@
 //! `config.json`), a constructor taking a [`candle_nn::VarBuilder`], and a plain `forward`.
 
 pub mod clip;
+pub mod kernels;
 pub mod nn;
 pub mod resnet;
 pub mod tokenizer;

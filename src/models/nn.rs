@@ -89,13 +89,18 @@ impl Module for LayerNorm {
     }
 }
 
-/// Group normalisation over `[B, C, ...]`, statistics in f32.
+/// Group normalisation over `[B, C, ...]`.
+///
+/// On CPU in f32, when no gradient is being recorded, a fused kernel computes it (and the SiLU
+/// that usually follows) in one parallel pass per group with f64 statistics; otherwise it is
+/// built from differentiable tensor ops.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
     groups: usize,
     eps: f64,
+    fused: Option<std::sync::Arc<FusedGroupNorm>>,
 }
 
 impl GroupNorm {
@@ -105,22 +110,135 @@ impl GroupNorm {
                 "GroupNorm: {channels} channels are not divisible by {groups} groups"
             );
         }
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
+        let fused =
+            if weight.device().is_cpu() && weight.dtype() == DType::F32 && !weight.is_variable() {
+                Some(std::sync::Arc::new(FusedGroupNorm {
+                    gamma: weight.to_vec1::<f32>()?,
+                    beta: bias.to_vec1::<f32>()?,
+                    groups,
+                    eps,
+                }))
+            } else {
+                None
+            };
         Ok(Self {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
+            weight,
+            bias,
             groups,
             eps,
+            fused,
         })
+    }
+
+    fn fused_for(&self, x: &Tensor) -> Option<&FusedGroupNorm> {
+        self.fused
+            .as_deref()
+            .filter(|_| x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op())
     }
 
     /// GroupNorm followed by SiLU, the pair every ResNet block uses.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(f) = self.fused_for(x) {
+            return x.contiguous()?.apply_op1_no_bwd(&FusedOp {
+                norm: f,
+                silu: true,
+            });
+        }
         candle_nn::ops::silu(&self.forward(x)?)
+    }
+}
+
+/// The fused CPU GroupNorm kernel's parameters.
+#[derive(Debug)]
+pub struct FusedGroupNorm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    groups: usize,
+    eps: f64,
+}
+
+struct FusedOp<'a> {
+    norm: &'a FusedGroupNorm,
+    silu: bool,
+}
+
+impl candle_core::CustomOp1 for FusedOp<'_> {
+    fn name(&self) -> &'static str {
+        "fused-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("fused group norm: f32 only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fused group norm: contiguous input only");
+        };
+        let x = &data[start..end];
+        let dims = layout.dims();
+        if dims.len() < 2 {
+            candle_core::bail!("fused group norm: expected [B, C, ...]");
+        }
+        let c = dims[1];
+        let hw: usize = dims[2..].iter().product();
+        let g = self.norm.groups;
+        let cpg = c / g;
+        let n = cpg * hw;
+        let (gamma, beta, eps, silu) =
+            (&self.norm.gamma, &self.norm.beta, self.norm.eps, self.silu);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .enumerate()
+            .for_each(|(idx, (o, xi))| {
+                let gi = idx % g;
+                let mean = xi.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+                let var = xi
+                    .iter()
+                    .map(|&v| {
+                        let d = v as f64 - mean;
+                        d * d
+                    })
+                    .sum::<f64>()
+                    / n as f64;
+                let rstd = 1.0 / (var + eps).sqrt();
+                for ch in 0..cpg {
+                    let ci = gi * cpg + ch;
+                    let scale = gamma[ci] as f64 * rstd;
+                    let shift = (beta[ci] as f64 - mean * scale) as f32;
+                    let scale = scale as f32;
+                    let (oc, xc) = (&mut o[ch * hw..(ch + 1) * hw], &xi[ch * hw..(ch + 1) * hw]);
+                    if silu {
+                        for (ov, &xv) in oc.iter_mut().zip(xc) {
+                            let y = xv * scale + shift;
+                            *ov = y / (1.0 + (-y).exp());
+                        }
+                    } else {
+                        for (ov, &xv) in oc.iter_mut().zip(xc) {
+                            *ov = xv * scale + shift;
+                        }
+                    }
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(f) = self.fused_for(x) {
+            return x.contiguous()?.apply_op1_no_bwd(&FusedOp {
+                norm: f,
+                silu: false,
+            });
+        }
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
@@ -140,9 +258,14 @@ impl Module for GroupNorm {
 }
 
 /// A 2-D convolution with optional stride and padding.
+///
+/// 3×3 stride-1 convolutions with CPU f32 weights that are not being trained use the
+/// shifted-GEMM kernel in [`super::kernels`], which keeps only its repacked copy of the weights
+/// (inputs always share the weights' device and dtype, and inference inputs record no gradient).
 #[derive(Debug, Clone)]
-pub struct Conv2d {
-    inner: candle_nn::Conv2d,
+pub enum Conv2d {
+    Candle(candle_nn::Conv2d),
+    Shifted(std::sync::Arc<super::kernels::Conv3x3>),
 }
 
 impl Conv2d {
@@ -156,6 +279,22 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
         let bias = vb.get(out_c, "bias")?;
+        if kernel == 3
+            && stride == 1
+            && padding == 1
+            && weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+            && !weight.is_variable()
+        {
+            return Ok(Self::Shifted(std::sync::Arc::new(
+                super::kernels::Conv3x3::new(
+                    &weight.flatten_all()?.to_vec1::<f32>()?,
+                    &bias.to_vec1::<f32>()?,
+                    out_c,
+                    in_c,
+                ),
+            )));
+        }
         let cfg = candle_nn::Conv2dConfig {
             padding,
             stride,
@@ -163,19 +302,27 @@ impl Conv2d {
             groups: 1,
             cudnn_fwd_algo: None,
         };
-        Ok(Self {
-            inner: candle_nn::Conv2d::new(weight, Some(bias), cfg),
-        })
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+        Ok(Self::Candle(candle_nn::Conv2d::new(
+            weight,
+            Some(bias),
+            cfg,
+        )))
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(x)
+        match self {
+            Self::Candle(c) => c.forward(x),
+            Self::Shifted(k) => {
+                if x.track_op() {
+                    candle_core::bail!(
+                        "conv3x3 inference kernel: load trainable weights as variables"
+                    );
+                }
+                x.contiguous()?.apply_op1_no_bwd(k.as_ref())
+            }
+        }
     }
 }
 
@@ -252,4 +399,35 @@ pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     };
     let x = x.index_select(&idx(h, ih)?, 2)?;
     x.index_select(&idx(w, iw)?, 3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn fused_group_norm_matches_the_tensor_op_form() -> Result<()> {
+        let dev = Device::Cpu;
+        let c = 64;
+        let mut m = std::collections::HashMap::new();
+        m.insert("weight".to_owned(), Tensor::randn(1f32, 0.3, c, &dev)?);
+        m.insert("bias".to_owned(), Tensor::randn(0f32, 0.3, c, &dev)?);
+        let vb = VarBuilder::from_tensors(m, DType::F32, &dev);
+        let gn = GroupNorm::new(vb, 32, c, 1e-6)?;
+        assert!(gn.fused.is_some());
+        let plain = GroupNorm {
+            fused: None,
+            ..gn.clone()
+        };
+        let x = (Tensor::randn(0f32, 2.0, (2, c, 9, 7), &dev)? + 3.0)?;
+        for (a, b) in [
+            (gn.forward(&x)?, plain.forward(&x)?),
+            (gn.forward_silu(&x)?, plain.forward_silu(&x)?),
+        ] {
+            let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(d < 1e-5, "fused and plain group norm differ by {d}");
+        }
+        Ok(())
+    }
 }
