@@ -167,7 +167,8 @@ pub async fn start(
         config.queue_capacity,
         config.preview_size,
         metrics.clone(),
-    );
+    )
+    .map_err(|e| Error::io("ip2p-worker thread", e))?;
     let config = Arc::new(config);
     let state = Arc::new(AppState {
         config: config.clone(),

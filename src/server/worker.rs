@@ -127,7 +127,7 @@ pub fn spawn(
     queue_capacity: usize,
     preview_size: u32,
     metrics: Metrics,
-) -> Queue {
+) -> std::io::Result<Queue> {
     let (tx, mut rx) = mpsc::channel::<Job>(queue_capacity.max(1));
     let queue = Queue {
         tx,
@@ -153,9 +153,8 @@ pub fn spawn(
                 q.running.fetch_sub(1, Ordering::SeqCst);
                 q.idle.notify_waiters();
             }
-        })
-        .expect("spawning the worker thread");
-    queue
+        })?;
+    Ok(queue)
 }
 
 fn run_job(

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Runs `ip2p bench` and ../shared/bench/bench_diffusers.py back to back on this machine and
+prints ours/theirs for each figure (lower is better; the target is <= 0.8).
+
+    python3 -m venv /tmp/ref && /tmp/ref/bin/pip install torch diffusers transformers
+    cargo build --release
+    python3 tools/bench_compare.py --python /tmp/ref/bin/python --res 256 512 --reps 3
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(cmd):
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    rows = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+            print("  ", line, file=sys.stderr, flush=True)
+    return rows
+
+
+def key(r):
+    return (r["component"], r.get("res"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--python", default=sys.executable, help="a Python with torch + diffusers")
+    ap.add_argument("--ip2p", default=os.path.join(ROOT, "target/release/ip2p"))
+    ap.add_argument("--shared", default=os.path.join(ROOT, "../shared"))
+    ap.add_argument("--res", nargs="+", default=["256", "512"])
+    ap.add_argument("--reps", default="3")
+    ap.add_argument("--only", default="text,unet,vae")
+    a = ap.parse_args()
+    ours = run([a.ip2p, "bench", "--shapes", os.path.join(a.shared, "fixtures/sd15-shapes"),
+                "--res", *a.res, "--reps", a.reps, "--only", a.only])
+    theirs = run([a.python, os.path.join(a.shared, "bench/bench_diffusers.py"),
+                  "--res", *map(str, a.res), "--reps", a.reps, "--only", a.only])
+    t = {key(r): r["s"] for r in theirs if "s" in r}
+    print(f"{'figure':28} {'res':>5} {'ours s':>9} {'diffusers s':>12} {'ours/theirs':>12}")
+    for r in ours:
+        if "s" not in r:
+            continue
+        k = key(r)
+        if k in t:
+            print(f"{k[0]:28} {str(k[1] or ''):>5} {r['s']:9.3f} {t[k]:12.3f} {r['s'] / t[k]:12.2f}")
+    rss = [r for r in ours if r["component"] == "peak_rss"]
+    if rss:
+        print(f"peak RSS (ours, whole run): {rss[0]['bytes'] / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
