@@ -79,7 +79,7 @@ fn random_seed_is_reported() {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .expect("a seed in the output");
-    let _ = seed;
+    assert!(seed < 1 << 53, "seeds fit a JSON number exactly: {seed}");
     assert!(s.contains("scheduler ddim"), "{s}");
 }
 

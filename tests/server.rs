@@ -363,9 +363,9 @@ async fn a_full_queue_is_refused_at_once_and_deadlines_stop_jobs() {
         status == "4" || trailers.contains("grpc-status:4"),
         "expected DEADLINE_EXCEEDED, got status {status:?} trailers {trailers:?}"
     );
-    // The job had 1000 steps (minutes of work): it stopped at its deadline instead.
+    // The 400 ms deadline is answered by the waiting handler, not after 1000 steps of work.
     assert!(
-        t.elapsed() < Duration::from_secs(20),
+        t.elapsed() < Duration::from_secs(5),
         "the deadline was honoured late: {:?}",
         t.elapsed()
     );

@@ -13,7 +13,7 @@ use super::guidance::{dual_guidance, dual_guidance_enabled};
 use super::image::{self as img, InputImage, ResizePolicy};
 use super::{Control, Progress, StepInfo};
 use crate::loader::Components;
-use crate::schedulers::{div_s_pub as div_s, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
+use crate::schedulers::{div_s, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
 use crate::{Error, Result};
 
 /// Everything a caller chooses about one edit.

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use crate::schedulers::mul_s_pub as mul_s;
+use crate::schedulers::mul_s;
 use crate::Result;
 
 /// Whether dual guidance is on, as diffusers decides it: `s_T > 1` and `s_I ≥ 1`.

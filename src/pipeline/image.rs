@@ -90,6 +90,11 @@ impl InputImage {
 
 /// Decodes encoded bytes (PNG, JPEG, WebP, ...), applying EXIF orientation and `limits`.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<InputImage> {
+    Ok(InputImage::from_dynamic(decode_dynamic(bytes, limits)?))
+}
+
+/// [`decode`] without splitting off the alpha channel.
+pub fn decode_dynamic(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage> {
     if bytes.is_empty() {
         return Err(Error::Image("empty image data".into()));
     }
@@ -117,7 +122,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<InputImage> {
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
-    Ok(InputImage::from_dynamic(img))
+    Ok(img)
 }
 
 /// Rejects sizes outside the limits (zero, too many pixels, a side too long).
@@ -272,7 +277,7 @@ pub fn blend_masked(
     edited: &DynamicImage,
     mask: &GrayImage,
 ) -> DynamicImage {
-    let (w, h) = original.dimensions_wh();
+    let (w, h) = (original.width(), original.height());
     let edited = if (edited.width(), edited.height()) == (w, h) {
         edited.to_rgba8()
     } else {
@@ -289,16 +294,6 @@ pub fn blend_masked(
         DynamicImage::ImageRgba8(out)
     } else {
         DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(out).to_rgb8())
-    }
-}
-
-trait Dims {
-    fn dimensions_wh(&self) -> (u32, u32);
-}
-
-impl Dims for DynamicImage {
-    fn dimensions_wh(&self) -> (u32, u32) {
-        (self.width(), self.height())
     }
 }
 

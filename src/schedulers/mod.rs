@@ -242,22 +242,13 @@ pub(crate) fn scalar(v: f32, like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::new(v, like.device())?.to_dtype(like.dtype())?)
 }
 
-/// `t * s` with `s` rounded to f32 first.
-pub(crate) fn mul_s(t: &Tensor, s: f32) -> Result<Tensor> {
+/// `t * s` with `s` rounded to f32 first, as PyTorch multiplies by a Python float.
+pub fn mul_s(t: &Tensor, s: f32) -> Result<Tensor> {
     Ok(t.broadcast_mul(&scalar(s, t)?)?)
 }
 
-/// `t / s` as a true division (not a multiplication by the reciprocal).
-pub(crate) fn div_s(t: &Tensor, s: f32) -> Result<Tensor> {
+/// `t / s` as a true division (not a multiplication by the reciprocal), as PyTorch divides
+/// by a Python float.
+pub fn div_s(t: &Tensor, s: f32) -> Result<Tensor> {
     Ok(t.broadcast_div(&scalar(s, t)?)?)
-}
-
-/// `t * s` with `s` rounded to f32 first, as PyTorch multiplies by a Python float.
-pub fn mul_s_pub(t: &Tensor, s: f32) -> Result<Tensor> {
-    mul_s(t, s)
-}
-
-/// `t / s` as a true division, as PyTorch divides by a Python float.
-pub fn div_s_pub(t: &Tensor, s: f32) -> Result<Tensor> {
-    div_s(t, s)
 }

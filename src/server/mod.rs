@@ -180,9 +180,7 @@ pub async fn start(
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_not_serving::<ImageEditorServer<grpc::Service>>()
-        .await;
+    set_health(&health_reporter, false).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -231,12 +229,7 @@ pub async fn start(
                 }
             }
             state.ready.store(true, Ordering::SeqCst);
-            reporter
-                .set_serving::<ImageEditorServer<grpc::Service>>()
-                .await;
-            reporter
-                .set_service_status("", tonic_health::ServingStatus::Serving)
-                .await;
+            set_health(&reporter, true).await;
         });
     }
 
@@ -254,12 +247,7 @@ pub async fn start(
                 }
                 tracing::info!("shutting down: draining in-flight edits");
                 state.ready.store(false, Ordering::SeqCst);
-                health_reporter
-                    .set_not_serving::<ImageEditorServer<grpc::Service>>()
-                    .await;
-                health_reporter
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
+                set_health(&health_reporter, false).await;
                 queue.stop_accepting();
                 if tokio::time::timeout(drain, queue.wait_idle())
                     .await
@@ -280,6 +268,23 @@ pub async fn start(
     })
 }
 
+/// Sets both health entries a probe may ask for: `ip2p.v1.ImageEditor` and the server as a
+/// whole (`""`, which tonic-health otherwise reports SERVING from the start).
+async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    reporter
+        .set_service_status(
+            <ImageEditorServer<grpc::Service> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    reporter.set_service_status("", status).await;
+}
+
 /// One tiny edit, so the first real request does not pay for lazy initialisation.
 fn warm_up(pipeline: &EditPipeline) -> Result<()> {
     let input = crate::pipeline::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(
@@ -293,4 +298,42 @@ fn warm_up(pipeline: &EditPipeline) -> Result<()> {
     };
     pipeline.edit(&input, &params, &mut crate::pipeline::NoProgress)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::pb::HealthCheckRequest;
+
+    async fn status(svc: &tonic_health::server::HealthService, name: &str) -> i32 {
+        svc.check(tonic::Request::new(HealthCheckRequest {
+            service: name.into(),
+        }))
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+    }
+
+    #[tokio::test]
+    async fn health_is_not_serving_until_ready_for_every_name() {
+        let (reporter, _) = tonic_health::server::health_reporter();
+        let svc = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        super::set_health(&reporter, false).await;
+        for name in ["", "ip2p.v1.ImageEditor"] {
+            assert_eq!(
+                status(&svc, name).await,
+                ServingStatus::NotServing as i32,
+                "{name:?}"
+            );
+        }
+        super::set_health(&reporter, true).await;
+        for name in ["", "ip2p.v1.ImageEditor"] {
+            assert_eq!(
+                status(&svc, name).await,
+                ServingStatus::Serving as i32,
+                "{name:?}"
+            );
+        }
+    }
 }

@@ -52,9 +52,7 @@ fn decode_image(
             if bytes.is_empty() {
                 return Err(ServerError::invalid(field, "empty image data"));
             }
-            let input =
-                img::decode(bytes, &lim).map_err(|e| ServerError::invalid(field, e.to_string()))?;
-            Ok(input.restore_alpha(input.rgb.clone()))
+            img::decode_dynamic(bytes, &lim).map_err(|e| ServerError::invalid(field, e.to_string()))
         }
         Some(proto::image::Data::Raw(raw)) => {
             let (w, h) = (raw.width, raw.height);
