@@ -2,8 +2,8 @@
 //!
 //! Runs every case in `../shared/fixtures/parity/` and, when `IP2P_PARITY_DIR` names another
 //! directory of cases in the same formats, those too. One line per case:
-//! `parity <file>: ok (max abs err …)` or the failure. Kinds that belong to other parts of the
-//! project (`clip`, `train_step`) are skipped, loudly.
+//! `parity <file>: ok (max abs err …)` or the failure. Kinds not implemented yet
+//! (`train_step`) are skipped, loudly.
 
 mod common;
 
@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{fixtures, Case, Checks};
 use ip2p::loader::{self, Components, LoadOptions, ModelDir};
 use ip2p::models::ClipTokenizer;
+use ip2p::pipeline::clip_score::{ClipScorer, Similarities};
 use ip2p::pipeline::{
     image as img, Control, EditPipeline, StepInfo, Txt2ImgParams, Txt2ImgPipeline,
 };
@@ -233,6 +234,8 @@ fn txt2img_pair(case: &Case, models: &mut Models) -> R<Outcome> {
         guidance_scale: case.meta_f64("guidance_scale").ok_or("no guidance_scale")?,
         negative_prompt: case.meta_str("negative_prompt").unwrap_or_default(),
         scheduler: Some(kind),
+        // The reference pipeline has no Prompt-to-Prompt; a case may still ask for it.
+        p2p_threshold: case.meta_f64("p2p_threshold").unwrap_or(0.0),
     };
     let mut noise = replay(case)?;
     let outs = pipe
@@ -256,6 +259,32 @@ fn txt2img_pair(case: &Case, models: &mut Models) -> R<Outcome> {
     Ok(Outcome::Ok(checks))
 }
 
+/// CLIP image and text towers and the four filter similarities.
+fn clip(case: &Case) -> R<Outcome> {
+    let dir = fixtures().join(model_for(case, "tiny-clip"));
+    let scorer = ClipScorer::from_dir(&dir, &Device::Cpu).map_err(e)?;
+    let model = scorer.model();
+    let image = model
+        .image_embeds(case.t("pixel_values")?)
+        .map_err(e)?;
+    let text = model.text_embeds(case.t("input_ids")?).map_err(e)?;
+    let mut checks = Checks::default();
+    checks.within(case, "image_embeds", &image)?;
+    checks.within(case, "text_embeds", &text)?;
+    let sims = Similarities::from_embeds(&image, &text).map_err(e)?;
+    let got = Tensor::new(&sims.to_array(), &Device::Cpu).map_err(e)?;
+    checks.within(case, "similarities", &got)?;
+    // The tokenizer must produce the recorded ids from the captions too.
+    if let Some(caps) = case.meta.get("captions").and_then(|v| v.as_array()) {
+        let caps: Vec<&str> = caps.iter().filter_map(|c| c.as_str()).collect();
+        let ids = scorer.input_ids(&caps).map_err(e)?;
+        let want = case.t("input_ids")?.to_dtype(DType::F32).map_err(e)?;
+        let ids = ids.to_dtype(DType::F32).map_err(e)?;
+        checks.bound("input_ids_u8 (from captions)", &ids, &want, 0.0)?;
+    }
+    Ok(Outcome::Ok(checks))
+}
+
 fn run_case(path: &Path, models: &mut Models) -> R<Outcome> {
     let name = path
         .file_name()
@@ -269,9 +298,7 @@ fn run_case(path: &Path, models: &mut Models) -> R<Outcome> {
         "components" => components(&case, models),
         "ip2p" => ip2p(&case, models),
         "txt2img_pair" => txt2img_pair(&case, models),
-        "clip" => Ok(Outcome::Skipped(
-            "kind `clip` belongs to dataset-gen (CLIP filter), not run here".into(),
-        )),
+        "clip" => clip(&case),
         "train_step" => Ok(Outcome::Skipped(
             "kind `train_step` belongs to training, not run here".into(),
         )),

@@ -1,7 +1,7 @@
 //! Hub ids (`timbrooks/instruct-pix2pix`) through the Hugging Face cache (`HF_HOME`,
 //! `HF_HUB_CACHE`), downloading missing files unless offline (`HF_HUB_OFFLINE=1`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
@@ -67,6 +67,28 @@ fn weight_files(fp16: bool) -> Vec<String> {
 
 /// Returns the snapshot folder of `repo_id` holding a complete diffusers layout.
 pub fn resolve_hub(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
+    let required: Vec<&str> = CONFIG_FILES
+        .iter()
+        .copied()
+        .filter(|f| !f.contains("special_tokens"))
+        .collect();
+    let mut optional: Vec<String> = vec!["tokenizer/special_tokens_map.json".into()];
+    optional.extend(weight_files(opts.fp16));
+    let optional: Vec<&str> = optional.iter().map(String::as_str).collect();
+    resolve_hub_files(repo_id, opts, &required, &optional)
+}
+
+/// Returns the snapshot folder of `repo_id` after making sure the `required` files are cached
+/// (downloading them unless offline); `optional` files are fetched when the repository has them.
+pub fn resolve_hub_files(
+    repo_id: &str,
+    opts: &HubOptions,
+    required: &[&str],
+    optional: &[&str],
+) -> Result<PathBuf> {
+    let Some(first) = required.first() else {
+        return Err(Error::Hub("no files asked for".into()));
+    };
     let revision = opts.revision.clone().unwrap_or_else(|| "main".into());
     let cache = hf_hub::Cache::from_env();
     let repo = hf_hub::Repo::with_revision(
@@ -77,48 +99,49 @@ pub fn resolve_hub(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
     let cached = cache.repo(repo.clone());
     let offline = opts.offline || env_offline();
 
-    let mut index = cached.get("model_index.json");
     if !offline {
         let api = hf_hub::api::sync::ApiBuilder::from_env()
             .with_progress(true)
             .build()
             .map_err(|e| Error::Hub(e.to_string()))?;
         let remote = api.repo(repo);
-        let mut wanted: Vec<String> = CONFIG_FILES.iter().map(|s| s.to_string()).collect();
-        wanted.extend(weight_files(opts.fp16));
-        for f in &wanted {
+        for (f, needed) in required
+            .iter()
+            .map(|f| (*f, true))
+            .chain(optional.iter().map(|f| (*f, false)))
+        {
             if cached.get(f).is_some() {
                 continue;
             }
             match remote.get(f) {
                 Ok(_) => {}
                 // Weight variants and optional tokenizer files may legitimately be absent.
-                Err(e) if f.ends_with(".safetensors") || f.contains("special_tokens") => {
+                Err(e) if !needed => {
                     tracing::debug!(file = %f, error = %e, "not on the hub");
                 }
                 Err(e) => return Err(Error::Hub(format!("{repo_id}: downloading {f}: {e}"))),
             }
         }
-        index = cached.get("model_index.json");
     }
-    let index = index.ok_or_else(|| {
+    let anchor = cached.get(first).ok_or_else(|| {
         if offline {
             Error::Hub(format!(
                 "{repo_id} (revision {revision}) is not in the Hugging Face cache and the hub is offline \
                  (HF_HUB_OFFLINE); download it once with a network, or pass a local folder"
             ))
         } else {
-            Error::Hub(format!("{repo_id}: model_index.json could not be fetched"))
+            Error::Hub(format!("{repo_id}: {first} could not be fetched"))
         }
     })?;
-    let root = index
-        .parent()
-        .map(PathBuf::from)
-        .ok_or_else(|| Error::Hub("cache path has no parent".into()))?;
-    for f in CONFIG_FILES
-        .iter()
-        .filter(|f| !f.contains("special_tokens"))
-    {
+    // `anchor` is `<snapshot>/<first>`: walk up as many levels as `first` has components.
+    let mut root = anchor.clone();
+    for _ in Path::new(first).components() {
+        root = root
+            .parent()
+            .map(PathBuf::from)
+            .ok_or_else(|| Error::Hub("cache path has no parent".into()))?;
+    }
+    for f in required {
         if !root.join(f).is_file() {
             return Err(Error::Hub(format!(
                 "{repo_id}: {f} is missing from the cached snapshot {}{}",

@@ -2,7 +2,7 @@
 //! to the compute dtype), legacy key names (handled by the models), and hub ids through the
 //! Hugging Face cache.
 
-mod hub;
+pub(crate) mod hub;
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
-pub use self::hub::{resolve_hub, HubOptions};
+pub use self::hub::{resolve_hub, resolve_hub_files, HubOptions};
 use crate::models::{
     AutoencoderKL, ClipTextConfig, ClipTextModel, ClipTokenizer, UNet2DConditionModel, UNetConfig,
     VaeConfig,

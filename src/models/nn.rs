@@ -341,6 +341,24 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax_last_dim(x)
 }
 
+/// What may be done to the attention logits (before the softmax) of one attention call.
+///
+/// Prompt-to-Prompt uses this to keep two renders' layouts aligned: batch item `j` attends with
+/// the logits of item `logits_from[j]` (and its own values).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogitControl<'a> {
+    /// `u32 [B]`: for every batch item, the item whose logits it uses.
+    pub logits_from: Option<&'a Tensor>,
+    /// Inspection hook: the final logits `[B, H, Nq, Nk]` of every call are pushed here.
+    pub record: Option<&'a std::cell::RefCell<Vec<Tensor>>>,
+}
+
+impl LogitControl<'_> {
+    pub fn is_active(&self) -> bool {
+        self.logits_from.is_some() || self.record.is_some()
+    }
+}
+
 /// Multi-head scaled dot-product attention.
 ///
 /// `q: [B, Nq, H·d]`, `k, v: [B, Nk, H·d]` → `[B, Nq, H·d]`. `mask`, when given, is added to
@@ -352,7 +370,18 @@ pub fn attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    attention_blocked(q, k, v, heads, mask, ATTENTION_BLOCK_ELEMS)
+    attention_blocked(q, k, v, heads, mask, ATTENTION_BLOCK_ELEMS, LogitControl::default())
+}
+
+/// [`attention`] with the logits steered by `ctl`.
+pub fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    ctl: LogitControl,
+) -> Result<Tensor> {
+    attention_blocked(q, k, v, heads, None, ATTENTION_BLOCK_ELEMS, ctl)
 }
 
 /// [`attention`] with scores materialised `block_elems` per batch·head at a time.
@@ -363,6 +392,7 @@ pub fn attention_blocked(
     heads: usize,
     mask: Option<&Tensor>,
     block_elems: usize,
+    ctl: LogitControl,
 ) -> Result<Tensor> {
     let (b, nq, inner) = q.dims3()?;
     let nk = k.dim(1)?;
@@ -378,6 +408,11 @@ pub fn attention_blocked(
     let k = split(k, nk)?;
     let v = split(v, nk)?;
     let kt = k.t()?;
+    if let Some(from) = ctl.logits_from {
+        if from.dims1()? != b {
+            candle_core::bail!("attention: logits_from has {} entries for a batch of {b}", from.dims1()?);
+        }
+    }
     // Scores are materialised a block of queries at a time (each row's softmax is complete
     // within its block, so only rounding differs): at 512 px the full [B·H, 4096, 4096] matrix would be
     // 1.6 GB per call.
@@ -387,9 +422,20 @@ pub fn attention_blocked(
         if let Some(mask) = mask {
             logits = logits.broadcast_add(mask)?;
         }
+        if let Some(from) = ctl.logits_from {
+            let (_, n, m) = logits.dims3()?;
+            logits = logits
+                .reshape((b, heads * n * m))?
+                .index_select(from, 0)?
+                .reshape((b * heads, n, m))?;
+        }
+        if let Some(rec) = ctl.record {
+            let (_, n, m) = logits.dims3()?;
+            rec.borrow_mut().push(logits.reshape((b, heads, n, m))?);
+        }
         softmax_last_dim(&logits)?.matmul(&v)
     };
-    let out = if nq <= rows || mask.is_some() {
+    let out = if nq <= rows || mask.is_some() || ctl.record.is_some() {
         block(&q)?
     } else {
         let mut parts = Vec::with_capacity(nq.div_ceil(rows));
@@ -445,9 +491,9 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (2, 37, 16), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (2, 29, 16), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, 29, 16), &dev)?;
-        let whole = attention_blocked(&q, &k, &v, 4, None, usize::MAX)?;
+        let whole = attention_blocked(&q, &k, &v, 4, None, usize::MAX, LogitControl::default())?;
         for block in [29, 100, 29 * 5] {
-            let parts = attention_blocked(&q, &k, &v, 4, None, block)?;
+            let parts = attention_blocked(&q, &k, &v, 4, None, block, LogitControl::default())?;
             let d = (parts - &whole)?
                 .abs()?
                 .flatten_all()?
@@ -456,6 +502,43 @@ mod tests {
             // Only rounding: gemm tiles a different row count differently.
             assert!(d < 1e-6, "block {block}: differs by {d}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn logits_from_gives_an_item_the_attention_weights_of_another() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 9, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 7, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 7, 8), &dev)?;
+        let from = Tensor::new(&[0u32, 0], &dev)?;
+        let rec = std::cell::RefCell::new(Vec::new());
+        let ctl = LogitControl {
+            logits_from: Some(&from),
+            record: Some(&rec),
+        };
+        let out = attention_blocked(&q, &k, &v, 2, None, 3 * 7, ctl)?;
+        let logits = rec.borrow()[0].clone();
+        let d0 = (logits.get(0)? - logits.get(1)?)?.abs()?.flatten_all()?.max(0)?;
+        assert_eq!(d0.to_scalar::<f32>()?, 0.0);
+        // Item 1 = softmax(q0 k0ᵀ) v1, computed by hand per head.
+        let (qh, kh, vh) = (q.get(0)?.reshape((9, 2, 4))?, k.get(0)?.reshape((7, 2, 4))?, v.get(1)?.reshape((7, 2, 4))?);
+        for h in 0..2 {
+            let qh = qh.narrow(1, h, 1)?.squeeze(1)?;
+            let kh = kh.narrow(1, h, 1)?.squeeze(1)?;
+            let vh = vh.narrow(1, h, 1)?.squeeze(1)?;
+            let p = candle_nn::ops::softmax_last_dim(&(qh.matmul(&kh.t()?)? * 0.5)?)?;
+            let want = p.matmul(&vh)?;
+            let got = out.get(1)?.reshape((9, 2, 4))?.narrow(1, h, 1)?.squeeze(1)?;
+            let d = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(d < 1e-6, "head {h}: {d}");
+        }
+        // Without the control item 1 attends with its own logits.
+        let plain = attention(&q, &k, &v, 2, None)?;
+        let d = (plain.get(1)? - out.get(1)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(d > 1e-3);
+        let d = (plain.get(0)? - out.get(0)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(d < 1e-6);
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use super::guidance::cfg;
 use super::image as img;
 use super::{Control, Progress, StepInfo};
 use crate::loader::Components;
+use crate::models::unet::Cond;
 use crate::schedulers::{NoiseSource, Scheduler, SchedulerKind};
 use crate::{Error, Result};
 
@@ -21,6 +22,10 @@ pub struct Txt2ImgParams {
     pub guidance_scale: f64,
     pub negative_prompt: String,
     pub scheduler: Option<SchedulerKind>,
+    /// Prompt-to-Prompt threshold `p` in `[0, 1]`: at step `i` of `N`, while
+    /// `p > i / (N − 1)`, every image's self-attention uses the logits of the first prompt's
+    /// image (InstructPix2Pix's data generation). `0` turns it off.
+    pub p2p_threshold: f64,
 }
 
 impl Default for Txt2ImgParams {
@@ -32,6 +37,7 @@ impl Default for Txt2ImgParams {
             guidance_scale: 7.5,
             negative_prompt: String::new(),
             scheduler: None,
+            p2p_threshold: 0.0,
         }
     }
 }
@@ -93,6 +99,12 @@ impl Txt2ImgPipeline {
         if prompts.is_empty() {
             return Err(Error::invalid("prompts", "at least one prompt is needed"));
         }
+        if !(0.0..=1.0).contains(&p.p2p_threshold) {
+            return Err(Error::invalid(
+                "p2p_threshold",
+                format!("must be within [0, 1], got {}", p.p2p_threshold),
+            ));
+        }
         let sf = self.c.vae.scale_factor() as u32;
         if !p.width.is_multiple_of(sf)
             || !p.height.is_multiple_of(sf)
@@ -128,6 +140,11 @@ impl Txt2ImgPipeline {
         let mut latents = (init * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
+        // Prompt-to-Prompt: the batch is [uncond × b, cond × b] (or [cond × b]); every item
+        // takes the self-attention logits of the first item of its half.
+        let groups = if guided { 2 } else { 1 };
+        let from: Vec<u32> = (0..groups * b).map(|j| ((j / b) * b) as u32).collect();
+        let from = Tensor::new(from.as_slice(), dev)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let model_in = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
@@ -136,7 +153,11 @@ impl Txt2ImgPipeline {
             };
             let scaled = scheduler.scale_model_input(&model_in, i)?;
             let t_tensor = Tensor::new(t as f32, dev)?;
-            let eps = self.c.unet.forward(&scaled, &t_tensor, &context)?;
+            let mut cond = Cond::text(&context);
+            if p2p_active(p.p2p_threshold, i, total) && b > 1 {
+                cond.self_attn.logits_from = Some(&from);
+            }
+            let eps = self.c.unet.forward_cond(&scaled, &t_tensor, cond)?;
             let eps = if guided {
                 cfg(
                     &eps.narrow(0, b, b)?,
@@ -161,5 +182,33 @@ impl Txt2ImgPipeline {
         (0..b)
             .map(|k| img::to_unit_hwc(&decoded.narrow(0, k, 1)?))
             .collect()
+    }
+}
+
+/// Whether Prompt-to-Prompt attention replacement is on at step `i` of `total`: while
+/// `p > i / (total − 1)` (the InstructPix2Pix data-generation schedule).
+pub fn p2p_active(p: f64, i: usize, total: usize) -> bool {
+    let frac = if total > 1 {
+        i as f64 / (total - 1) as f64
+    } else {
+        0.0
+    };
+    p > frac
+}
+
+#[cfg(test)]
+mod tests {
+    use super::p2p_active;
+
+    #[test]
+    fn p2p_schedule_follows_the_threshold() {
+        // 11 steps: fractions 0, 0.1, ..., 1.
+        let on = |p: f64| (0..11).filter(|&i| p2p_active(p, i, 11)).count();
+        assert_eq!(on(0.0), 0);
+        assert_eq!(on(0.05), 1);
+        assert_eq!(on(0.55), 6);
+        assert_eq!(on(1.0), 10);
+        assert!(p2p_active(0.5, 0, 1));
+        assert!(!p2p_active(0.0, 0, 1));
     }
 }

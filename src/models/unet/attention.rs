@@ -4,7 +4,26 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::models::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::models::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear, LogitControl};
+
+/// What a UNet call is conditioned on: the text context, and any control of its
+/// self-attention (Prompt-to-Prompt).
+#[derive(Debug, Clone, Copy)]
+pub struct Cond<'a> {
+    /// `[B, T, cross_attention_dim]`.
+    pub context: &'a Tensor,
+    /// Applied in every self-attention layer (`attn1`).
+    pub self_attn: LogitControl<'a>,
+}
+
+impl<'a> Cond<'a> {
+    pub fn text(context: &'a Tensor) -> Self {
+        Self {
+            context,
+            self_attn: LogitControl::default(),
+        }
+    }
+}
 
 /// diffusers' `Attention` (no biases on q/k/v, bias on the output projection).
 #[derive(Debug, Clone)]
@@ -35,12 +54,17 @@ impl Attention {
     }
 
     /// `x: [B, N, C]`; `context: [B, M, C']` for cross-attention, `None` for self-attention.
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        ctl: LogitControl,
+    ) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let o = nn::attention(&q, &k, &v, self.heads, None)?;
+        let o = nn::attention_with(&q, &k, &v, self.heads, ctl)?;
         self.to_out.forward(&o)
     }
 }
@@ -104,18 +128,20 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cond: Cond) -> Result<Tensor> {
         let n = self.norm1.forward(x)?;
         let a = if self.only_cross_attention {
-            self.attn1.forward(&n, Some(context))?
+            self.attn1
+                .forward(&n, Some(cond.context), LogitControl::default())?
         } else {
-            self.attn1.forward(&n, None)?
+            self.attn1.forward(&n, None, cond.self_attn)?
         };
         let x = (a + x)?;
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + x)?;
+        let x = (self.attn2.forward(
+            &self.norm2.forward(&x)?,
+            Some(cond.context),
+            LogitControl::default(),
+        )? + x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
 }
@@ -183,7 +209,7 @@ impl Transformer2D {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, cond: Cond) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let hs = self.norm.forward(x)?;
         let to_tokens = |t: Tensor| -> Result<Tensor> {
@@ -195,7 +221,7 @@ impl Transformer2D {
             Proj::Linear(p) => p.forward(&to_tokens(hs)?)?,
         };
         for blk in &self.blocks {
-            hs = blk.forward(&hs, context)?;
+            hs = blk.forward(&hs, cond)?;
         }
         let to_map = |t: Tensor| -> Result<Tensor> {
             let ch = t.dim(2)?;

@@ -3,7 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{Transformer2D, TransformerSpec};
+use super::attention::{Cond, Transformer2D, TransformerSpec};
 use crate::models::nn::{upsample_nearest, Conv2d};
 use crate::models::resnet::ResnetBlock2D;
 
@@ -75,14 +75,14 @@ impl DownBlock {
         &self,
         x: &Tensor,
         temb: &Tensor,
-        context: &Tensor,
+        cond: Cond,
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for (j, r) in self.resnets.iter().enumerate() {
             x = r.forward(&x, Some(temb))?;
             if let Some(a) = self.attentions.get(j) {
-                x = a.forward(&x, context)?;
+                x = a.forward(&x, cond)?;
             }
             skips.push(x.clone());
         }
@@ -119,10 +119,10 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, cond: Cond) -> Result<Tensor> {
         let mut x = self.resnets[0].forward(x, Some(temb))?;
         for (a, r) in self.attentions.iter().zip(&self.resnets[1..]) {
-            x = a.forward(&x, context)?;
+            x = a.forward(&x, cond)?;
             x = r.forward(&x, Some(temb))?;
         }
         Ok(x)
@@ -195,7 +195,7 @@ impl UpBlock {
         &self,
         x: &Tensor,
         temb: &Tensor,
-        context: &Tensor,
+        cond: Cond,
         skips: &mut Vec<Tensor>,
         upsample_to: Option<(usize, usize)>,
     ) -> Result<Tensor> {
@@ -207,7 +207,7 @@ impl UpBlock {
             x = Tensor::cat(&[&x, &skip], 1)?;
             x = r.forward(&x, Some(temb))?;
             if let Some(a) = self.attentions.get(j) {
-                x = a.forward(&x, context)?;
+                x = a.forward(&x, cond)?;
             }
         }
         if let Some(u) = &self.upsample {

@@ -12,6 +12,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+pub use self::attention::Cond;
 use self::attention::TransformerSpec;
 use self::blocks::{DownBlock, MidBlock, ResnetSpec, UpBlock};
 use self::embeddings::{timestep_embedding, timesteps_to_vec, TimestepMlp};
@@ -268,6 +269,11 @@ impl UNet2DConditionModel {
     /// `sample: [B, in_channels, h, w]`, `timestep`: a scalar or one per sample `[B]`,
     /// `context: [B, T, cross_attention_dim]` → predicted noise `[B, out_channels, h, w]`.
     pub fn forward(&self, sample: &Tensor, timestep: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_cond(sample, timestep, Cond::text(context))
+    }
+
+    /// [`Self::forward`] with control over the self-attention layers (Prompt-to-Prompt).
+    pub fn forward_cond(&self, sample: &Tensor, timestep: &Tensor, cond: Cond) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
         let mut ts = timesteps_to_vec(timestep)?;
         if ts.len() == 1 && b > 1 {
@@ -298,9 +304,9 @@ impl UNet2DConditionModel {
         let mut x = self.conv_in.forward(&sample)?;
         let mut skips = vec![x.clone()];
         for d in &self.down {
-            x = d.forward(&x, &temb, context, &mut skips)?;
+            x = d.forward(&x, &temb, cond, &mut skips)?;
         }
-        x = self.mid.forward(&x, &temb, context)?;
+        x = self.mid.forward(&x, &temb, cond)?;
         let n = self.up.len();
         for (i, u) in self.up.iter().enumerate() {
             let remaining = skips.len().saturating_sub(u.num_resnets());
@@ -310,7 +316,7 @@ impl UNet2DConditionModel {
             } else {
                 None
             };
-            x = u.forward(&x, &temb, context, &mut skips, upsample_to)?;
+            x = u.forward(&x, &temb, cond, &mut skips, upsample_to)?;
         }
         self.conv_out.forward(&self.norm_out.forward_silu(&x)?)
     }
