@@ -1,0 +1,173 @@
+//! A scripted OpenAI-compatible chat endpoint on loopback, for tests and benchmarks.
+//!
+//! The reply depends on markers in the caption (the last user message), so concurrent requests
+//! behave deterministically:
+//! - `[malformed]`: a reply that is not JSON;
+//! - `[429]`: the first attempt gets `429` with `Retry-After: 1`, later ones a good reply;
+//! - `[500]`: the first attempt gets `500`, later ones a good reply;
+//! - `[fail]`: always `500`;
+//! - `[slow]`: the first attempt answers only after the configured delay;
+//! - `[same]`: the edited caption equals the caption; `[empty]`: an empty instruction;
+//! - anything else: "make it snowy" → "<caption>, covered in snow".
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use tokio::sync::oneshot;
+
+#[derive(Debug, Default)]
+struct MockState {
+    attempts: Mutex<HashMap<String, Vec<Instant>>>,
+    requests: Mutex<Vec<serde_json::Value>>,
+    slow: Duration,
+}
+
+/// The running mock; stops when dropped.
+#[derive(Debug)]
+pub struct MockLlm {
+    pub addr: SocketAddr,
+    state: Arc<MockState>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl MockLlm {
+    /// Starts on `127.0.0.1:0` in the current tokio runtime.
+    pub async fn start(slow: Duration) -> std::io::Result<Self> {
+        let state = Arc::new(MockState {
+            slow,
+            ..Default::default()
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            state,
+            stop: Some(tx),
+        })
+    }
+
+    /// The base URL to configure a client with.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// When each attempt for the caption containing `needle` arrived.
+    pub fn attempts(&self, needle: &str) -> Vec<Instant> {
+        let map = self.state.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|(k, _)| k.contains(needle))
+            .flat_map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Every request body received.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        self.state
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for MockLlm {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn completion(content: &str) -> Response {
+    Json(serde_json::json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "mock",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop",
+            "logprobs": null
+        }],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    }))
+    .into_response()
+}
+
+fn error(status: StatusCode, headers: &[(&'static str, &'static str)]) -> Response {
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.insert(*k, axum::http::HeaderValue::from_static(v));
+    }
+    let body = serde_json::json!({"error": {"message": "scripted", "type": "server_error", "param": null, "code": null}});
+    (status, h, Json(body)).into_response()
+}
+
+async fn chat(State(state): State<Arc<MockState>>, Json(body): Json<serde_json::Value>) -> Response {
+    let caption = body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let attempt = {
+        let mut map = state.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        let v = map.entry(caption.clone()).or_default();
+        v.push(Instant::now());
+        v.len()
+    };
+    state
+        .requests
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(body);
+    let good = |c: &str| {
+        serde_json::json!({"instruction": "make it snowy", "edited_caption": format!("{c}, covered in snow")})
+            .to_string()
+    };
+    if caption.contains("[malformed]") {
+        return completion("{\"instruction\": \"make it snowy\", \"edited_caption\": ");
+    }
+    if caption.contains("[fail]") {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, &[]);
+    }
+    if caption.contains("[429]") && attempt == 1 {
+        return error(StatusCode::TOO_MANY_REQUESTS, &[("retry-after", "1")]);
+    }
+    if caption.contains("[500]") && attempt == 1 {
+        return error(StatusCode::BAD_GATEWAY, &[]);
+    }
+    if caption.contains("[slow]") && attempt == 1 {
+        tokio::time::sleep(state.slow).await;
+    }
+    if caption.contains("[same]") {
+        return completion(
+            &serde_json::json!({"instruction": "keep it", "edited_caption": caption}).to_string(),
+        );
+    }
+    if caption.contains("[empty]") {
+        return completion(
+            &serde_json::json!({"instruction": "", "edited_caption": "x"}).to_string(),
+        );
+    }
+    completion(&good(&caption))
+}

@@ -1,0 +1,562 @@
+//! A run over one shard: captions → (LLM) triples → (SD + CLIP) rows → Parquet parts.
+//!
+//! Work is cut into *parts* of `items_per_part` consecutive items of the shard. A part is the
+//! unit of commit: its Parquet file is written atomically, then a line in the shard's ledger
+//! says it is done. Every sample is a function of the run seed and the item's index, so a part
+//! redone after a crash is identical to the one that was lost; a part file without a ledger
+//! line is simply overwritten. The text stage logs every LLM answer as it arrives, so a resume
+//! never asks twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use futures::StreamExt;
+use ip2p::loader::{self, HubOptions, LoadOptions, ModelDir};
+use ip2p::pipeline::clip_score::ClipScorer;
+use ip2p::pipeline::Txt2ImgPipeline;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fsutil::{commit_file, JsonlLog, Lock};
+use crate::input::{read_inputs, shard_items, InputStats, Item, Triple};
+use crate::llm::{EditWriter, LlmConfig, Reject};
+use crate::output::write_part;
+use crate::render::{ImageConfig, ItemResult, PairGenerator};
+use crate::retry::RetryCounts;
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub inputs: Vec<PathBuf>,
+    pub caption_column: Option<String>,
+    /// Use only the first `limit` items of the input (after de-duplication).
+    pub limit: Option<usize>,
+    pub out: PathBuf,
+    pub shard: usize,
+    pub num_shards: usize,
+    pub items_per_part: usize,
+    /// `None`: every input must already be a triple.
+    pub llm: Option<LlmConfig>,
+    pub llm_concurrency: usize,
+    /// A Stable Diffusion 1.x folder or hub id.
+    pub model: String,
+    /// A CLIP folder or hub id.
+    pub clip: String,
+    pub hub: HubOptions,
+    pub device: Device,
+    pub image: ImageConfig,
+    /// Progress bars (on a terminal) instead of log lines.
+    pub progress_bars: bool,
+}
+
+/// What a rerun must agree on, stored beside the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Identity {
+    num_shards: usize,
+    items_per_part: usize,
+    model: String,
+    clip: String,
+    image: ImageConfig,
+}
+
+/// One committed part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartEntry {
+    pub part: usize,
+    pub file: String,
+    pub items: Vec<usize>,
+    pub rows: usize,
+    pub rendered: usize,
+    pub passed: usize,
+}
+
+/// One text-stage answer (the `input`/`edit`/`output` fields follow the paper's format, so the
+/// log can be fed back as an input).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TextEntry {
+    index: usize,
+    input: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    edit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reject: Option<Reject>,
+}
+
+impl TextEntry {
+    fn outcome(&self) -> std::result::Result<Triple, Reject> {
+        match (&self.edit, &self.output, self.reject) {
+            (Some(e), Some(o), None) => Ok(Triple {
+                input: self.input.clone(),
+                edit: e.clone(),
+                output: o.clone(),
+            }),
+            (_, _, r) => Err(r.unwrap_or(Reject::InvalidJson)),
+        }
+    }
+}
+
+/// Counts of the text stage.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TextSummary {
+    /// Items that came as triples.
+    pub given: usize,
+    /// Answers reused from an earlier (interrupted) run.
+    pub cached: usize,
+    /// LLM requests made in this run.
+    pub requested: usize,
+    pub ok: usize,
+    pub rejected: BTreeMap<String, usize>,
+    pub retries: RetryCounts,
+    pub seconds: f64,
+    pub captions_per_second: f64,
+}
+
+/// Counts of the image stage.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ImageSummary {
+    pub parts_written: usize,
+    pub parts_already_done: usize,
+    pub triples: usize,
+    pub samples_rendered: usize,
+    pub samples_passed: usize,
+    pub rows: usize,
+    pub filtered: BTreeMap<String, usize>,
+    pub render_seconds: f64,
+    pub clip_seconds: f64,
+    pub encode_seconds: f64,
+    pub write_seconds: f64,
+    pub pairs_per_second: f64,
+}
+
+/// The run's summary (also written to `summary/shard-…json`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub shard: usize,
+    pub num_shards: usize,
+    pub inputs: InputStats,
+    pub items_total: usize,
+    pub items_in_shard: usize,
+    pub text: TextSummary,
+    pub images: ImageSummary,
+    pub dataset_rows: usize,
+    pub dataset_parts: usize,
+    pub seconds: f64,
+}
+
+fn shard_tag(shard: usize, n: usize) -> String {
+    format!("shard-{shard:05}-of-{n:05}")
+}
+
+/// File name of part `part` of a shard.
+pub fn part_name(shard: usize, n: usize, part: usize) -> String {
+    format!("{}-part-{part:05}.parquet", shard_tag(shard, n))
+}
+
+fn mkdir(p: &Path) -> Result<()> {
+    std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))
+}
+
+/// Messages from the image worker.
+enum Event {
+    Part(PartEntry, Box<ItemResult>, Duration),
+}
+
+/// Loads SD and CLIP and returns a pair generator.
+pub fn load_generator(cfg: &RunConfig) -> Result<PairGenerator> {
+    let dir = ModelDir::open(&cfg.model, &cfg.hub)?;
+    let c = loader::load(&dir, &cfg.device, &LoadOptions::default())?;
+    let pipe = Txt2ImgPipeline::new(c)?;
+    let clip = ClipScorer::open(&cfg.clip, &cfg.hub, &cfg.device)?;
+    Ok(PairGenerator::new(pipe, clip, cfg.image.clone()))
+}
+
+fn check_config(cfg: &RunConfig) -> Result<()> {
+    if cfg.num_shards == 0 || cfg.shard >= cfg.num_shards {
+        return Err(Error::Config(format!(
+            "--shard {} is not below --num-shards {}",
+            cfg.shard, cfg.num_shards
+        )));
+    }
+    let im = &cfg.image;
+    let finite = [im.guidance_min, im.guidance_max, im.p2p_min, im.p2p_max]
+        .iter()
+        .all(|v| v.is_finite());
+    if !finite || im.guidance_min > im.guidance_max || im.p2p_min > im.p2p_max {
+        return Err(Error::Config(
+            "guidance and p2p ranges must be finite with min ≤ max".into(),
+        ));
+    }
+    if !(0.0..=1.0).contains(&im.p2p_min) || !(0.0..=1.0).contains(&im.p2p_max) {
+        return Err(Error::Config("p2p thresholds must lie in [0, 1]".into()));
+    }
+    if im.samples == 0 || im.keep == 0 || im.steps == 0 || cfg.items_per_part == 0 {
+        return Err(Error::Config(
+            "samples, keep, steps and items per part must be positive".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs (or resumes) one shard.
+pub async fn run(cfg: RunConfig) -> Result<Summary> {
+    check_config(&cfg)?;
+    let started = Instant::now();
+    let (mut items, inputs) = read_inputs(&cfg.inputs, cfg.caption_column.as_deref())?;
+    if let Some(n) = cfg.limit {
+        items.truncate(n);
+    }
+    let items_total = items.len();
+    let items = shard_items(&items, cfg.shard, cfg.num_shards);
+    let tag = shard_tag(cfg.shard, cfg.num_shards);
+    let (data_dir, ledger_dir, summary_dir) = (
+        cfg.out.join("data"),
+        cfg.out.join("ledger"),
+        cfg.out.join("summary"),
+    );
+    for d in [&data_dir, &ledger_dir, &summary_dir] {
+        mkdir(d)?;
+    }
+    let _lock = Lock::acquire(&ledger_dir.join(format!("{tag}.lock")))?;
+
+    // The run's identity: a resume with other settings would mix two datasets.
+    let identity = Identity {
+        num_shards: cfg.num_shards,
+        items_per_part: cfg.items_per_part,
+        model: cfg.model.clone(),
+        clip: cfg.clip.clone(),
+        image: cfg.image.clone(),
+    };
+    let id_path = ledger_dir.join(format!("{tag}.settings.json"));
+    if id_path.is_file() {
+        let text = std::fs::read_to_string(&id_path).map_err(|e| Error::io(&id_path, e))?;
+        let old: Identity = serde_json::from_str(&text).map_err(|e| Error::Input {
+            path: id_path.clone(),
+            message: e.to_string(),
+        })?;
+        if old != identity {
+            return Err(Error::Config(format!(
+                "{} was started with other settings ({}); resume with the same settings or use a new --out",
+                cfg.out.display(),
+                id_path.display()
+            )));
+        }
+    } else {
+        let json = serde_json::to_vec_pretty(&identity)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        commit_file(&id_path, |f| {
+            use std::io::Write;
+            f.write_all(&json).map_err(|e| Error::io(&id_path, e))
+        })?;
+    }
+
+    let (mut parts_log, done): (JsonlLog, Vec<PartEntry>) =
+        JsonlLog::open(&ledger_dir.join(format!("{tag}.parts.jsonl")))?;
+    let (mut text_log, text_done): (JsonlLog, Vec<TextEntry>) =
+        JsonlLog::open(&ledger_dir.join(format!("{tag}.text.jsonl")))?;
+    let done_parts: HashSet<usize> = done.iter().map(|p| p.part).collect();
+    let mut text_cache: HashMap<usize, TextEntry> =
+        text_done.into_iter().map(|t| (t.index, t)).collect();
+
+    let mut summary = Summary {
+        shard: cfg.shard,
+        num_shards: cfg.num_shards,
+        inputs,
+        items_total,
+        items_in_shard: items.len(),
+        ..Default::default()
+    };
+    let parts: Vec<(usize, Vec<Item>)> = items
+        .chunks(cfg.items_per_part)
+        .enumerate()
+        .map(|(k, c)| (k, c.to_vec()))
+        .collect();
+    let todo: Vec<(usize, Vec<Item>)> = parts
+        .into_iter()
+        .filter(|(k, _)| !done_parts.contains(k))
+        .collect();
+    summary.images.parts_already_done = done_parts.len();
+
+    let needs_llm = todo
+        .iter()
+        .flat_map(|(_, it)| it)
+        .filter(|it| it.triple.is_none() && !text_cache.contains_key(&it.index))
+        .count();
+    let writer = match (&cfg.llm, needs_llm) {
+        (_, 0) => None,
+        (Some(l), _) => Some(EditWriter::new(l.clone())?),
+        (None, n) => {
+            return Err(Error::Config(format!(
+                "{n} captions need an edit written: configure the LLM (--llm-model, --llm-base-url)"
+            )))
+        }
+    };
+
+    let bars = Bars::new(cfg.progress_bars, needs_llm, todo.iter().map(|p| p.1.len()).sum());
+
+    // The image worker: one thread owns the models; parts arrive over a bounded channel.
+    let (job_tx, mut job_rx) = tokio::sync::mpsc::channel::<(usize, Vec<(Item, std::result::Result<Triple, Reject>)>)>(1);
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let worker_cfg = cfg.clone();
+    let worker_tag = (cfg.shard, cfg.num_shards);
+    let worker = (!todo.is_empty()).then(|| {
+        std::thread::Builder::new()
+            .name("dataset-gen-images".into())
+            .spawn(move || -> Result<()> {
+                let gen = load_generator(&worker_cfg)?;
+                while let Some((k, batch)) = job_rx.blocking_recv() {
+                    let mut agg = ItemResult::default();
+                    let mut rows = Vec::new();
+                    for (item, outcome) in &batch {
+                        let Ok(triple) = outcome else { continue };
+                        let r = gen.generate(item.index, triple)?;
+                        agg.rendered += r.rendered;
+                        agg.passed += r.passed;
+                        agg.filtered.extend(r.filtered);
+                        agg.render_time += r.render_time;
+                        agg.clip_time += r.clip_time;
+                        agg.encode_time += r.encode_time;
+                        rows.extend(r.rows);
+                    }
+                    let name = part_name(worker_tag.0, worker_tag.1, k);
+                    let t = Instant::now();
+                    write_part(&worker_cfg.out.join("data").join(&name), &rows)?;
+                    let entry = PartEntry {
+                        part: k,
+                        file: format!("data/{name}"),
+                        items: batch.iter().map(|(i, _)| i.index).collect(),
+                        rows: rows.len(),
+                        rendered: agg.rendered,
+                        passed: agg.passed,
+                    };
+                    agg.rows = rows;
+                    if ev_tx.send(Event::Part(entry, Box::new(agg), t.elapsed())).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| Error::Worker(e.to_string()))
+    });
+    let worker = worker.transpose()?;
+
+    // The text stage, in item order (answers are awaited concurrently but consumed in order).
+    let text_started = Instant::now();
+    let writer_ref = writer.as_ref();
+    let mut answers = futures::stream::iter(todo.iter().flat_map(|(k, its)| {
+        its.iter().map(move |it| (*k, it.clone()))
+    }))
+    .map(|(k, it)| {
+        let cached = text_cache.remove(&it.index);
+        async move {
+            if let Some(t) = it.triple.clone() {
+                return (k, it, Ok(t), Source::Given);
+            }
+            if let Some(c) = cached {
+                return (k, it, c.outcome(), Source::Cached);
+            }
+            match writer_ref {
+                Some(w) => {
+                    let r = w.write(&it.caption).await;
+                    (k, it, r, Source::Asked)
+                }
+                None => (k, it, Err(Reject::RequestFailed), Source::Asked),
+            }
+        }
+    })
+    .buffered(cfg.llm_concurrency.max(1));
+
+    let mut current: Option<(usize, Vec<(Item, std::result::Result<Triple, Reject>)>)> = None;
+    let expected: HashMap<usize, usize> = todo.iter().map(|(k, its)| (*k, its.len())).collect();
+    let mut send_failed = false;
+    let handle_events = |summary: &mut Summary, parts_log: &mut JsonlLog, ev: Event| -> Result<()> {
+        let Event::Part(entry, agg, write) = ev;
+        parts_log.append(&entry)?;
+        let im = &mut summary.images;
+        im.parts_written += 1;
+        im.triples += entry.items.len();
+        im.samples_rendered += agg.rendered;
+        im.samples_passed += agg.passed;
+        im.rows += entry.rows;
+        for r in &agg.filtered {
+            *im.filtered.entry(r.as_str().to_owned()).or_default() += 1;
+        }
+        im.render_seconds += agg.render_time.as_secs_f64();
+        im.clip_seconds += agg.clip_time.as_secs_f64();
+        im.encode_seconds += agg.encode_time.as_secs_f64();
+        im.write_seconds += write.as_secs_f64();
+        bars.part_done(&entry);
+        Ok(())
+    };
+    while let Some((k, it, outcome, source)) = answers.next().await {
+        match source {
+            Source::Given => summary.text.given += 1,
+            Source::Cached => summary.text.cached += 1,
+            Source::Asked => {
+                summary.text.requested += 1;
+                text_log.append(&TextEntry {
+                    index: it.index,
+                    input: it.caption.clone(),
+                    edit: outcome.as_ref().ok().map(|t| t.edit.clone()),
+                    output: outcome.as_ref().ok().map(|t| t.output.clone()),
+                    reject: outcome.as_ref().err().copied(),
+                })?;
+                bars.text_done();
+            }
+        }
+        match &outcome {
+            Ok(_) if source != Source::Given => summary.text.ok += 1,
+            Ok(_) => {}
+            Err(r) => *summary.text.rejected.entry(r.as_str().to_owned()).or_default() += 1,
+        }
+        let cur = current.get_or_insert_with(|| (k, Vec::new()));
+        cur.1.push((it, outcome));
+        if cur.1.len() == expected.get(&k).copied().unwrap_or(0) {
+            let job = current.take().ok_or_else(|| Error::Worker("no part".into()))?;
+            // Apply finished parts while waiting for room in the queue.
+            let mut job = Some(job);
+            while let Some(j) = job.take() {
+                match job_tx.try_send(j) {
+                    Ok(()) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(j)) => {
+                        match ev_rx.recv().await {
+                            Some(ev) => handle_events(&mut summary, &mut parts_log, ev)?,
+                            None => {
+                                send_failed = true;
+                                break;
+                            }
+                        }
+                        job = Some(j);
+                    }
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                        send_failed = true;
+                        break;
+                    }
+                }
+            }
+            if send_failed {
+                break;
+            }
+        }
+        while let Ok(ev) = ev_rx.try_recv() {
+            handle_events(&mut summary, &mut parts_log, ev)?;
+        }
+    }
+    drop(answers);
+    summary.text.seconds = text_started.elapsed().as_secs_f64();
+    if let Some(w) = &writer {
+        summary.text.retries = w.stats().snapshot();
+    }
+    if summary.text.requested > 0 && summary.text.seconds > 0.0 {
+        summary.text.captions_per_second = summary.text.requested as f64 / summary.text.seconds;
+    }
+    drop(job_tx);
+    while let Some(ev) = ev_rx.recv().await {
+        handle_events(&mut summary, &mut parts_log, ev)?;
+    }
+    if let Some(w) = worker {
+        let r = tokio::task::spawn_blocking(move || w.join())
+            .await
+            .map_err(|e| Error::Worker(e.to_string()))?;
+        match r {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::Worker("the image thread panicked".into())),
+        }
+    }
+    bars.finish();
+    let im = &mut summary.images;
+    let busy = im.render_seconds + im.clip_seconds;
+    if busy > 0.0 {
+        im.pairs_per_second = im.samples_rendered as f64 / busy;
+    }
+    let (_, all_parts): (JsonlLog, Vec<PartEntry>) =
+        JsonlLog::open(&ledger_dir.join(format!("{tag}.parts.jsonl")))?;
+    summary.dataset_parts = all_parts.len();
+    summary.dataset_rows = all_parts.iter().map(|p| p.rows).sum();
+    summary.seconds = started.elapsed().as_secs_f64();
+    let path = summary_dir.join(format!("{tag}.json"));
+    let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
+    commit_file(&path, |f| {
+        use std::io::Write;
+        f.write_all(&json).map_err(|e| Error::io(&path, e))
+    })?;
+    Ok(summary)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Given,
+    Cached,
+    Asked,
+}
+
+/// Progress: bars on a terminal, log lines elsewhere.
+struct Bars {
+    text: Option<indicatif::ProgressBar>,
+    items: Option<indicatif::ProgressBar>,
+    started: Instant,
+    items_done: std::cell::Cell<usize>,
+    items_total: usize,
+}
+
+impl Bars {
+    fn new(bars: bool, text_total: usize, items_total: usize) -> Self {
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix:>8} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let make = |n: usize, prefix: &'static str| {
+            let b = indicatif::ProgressBar::new(n as u64).with_style(style.clone());
+            b.set_prefix(prefix);
+            b
+        };
+        let (text, items) = if bars {
+            let mp = indicatif::MultiProgress::new();
+            (
+                (text_total > 0).then(|| mp.add(make(text_total, "text"))),
+                Some(mp.add(make(items_total, "triples"))),
+            )
+        } else {
+            (None, None)
+        };
+        Self {
+            text,
+            items,
+            started: Instant::now(),
+            items_done: std::cell::Cell::new(0),
+            items_total,
+        }
+    }
+
+    fn text_done(&self) {
+        if let Some(b) = &self.text {
+            b.inc(1);
+        }
+    }
+
+    fn part_done(&self, e: &PartEntry) {
+        self.items_done.set(self.items_done.get() + e.items.len());
+        match &self.items {
+            Some(b) => b.inc(e.items.len() as u64),
+            None => tracing::info!(
+                part = e.part,
+                rows = e.rows,
+                rendered = e.rendered,
+                passed = e.passed,
+                done = self.items_done.get(),
+                of = self.items_total,
+                elapsed_s = self.started.elapsed().as_secs(),
+                "part committed"
+            ),
+        }
+    }
+
+    fn finish(&self) {
+        for b in [&self.text, &self.items].into_iter().flatten() {
+            b.finish();
+        }
+    }
+}
