@@ -54,19 +54,21 @@ fn hf_features() -> String {
 /// The Arrow schema of a shard.
 pub fn schema() -> Arc<Schema> {
     let img = DataType::Struct(image_fields());
+    // Nullable like the fields `datasets` derives from its features: it applies the features
+    // metadata only where the Arrow fields match exactly.
     let fields = vec![
-        Field::new("original_prompt", DataType::Utf8, false),
-        Field::new("original_image", img.clone(), false),
-        Field::new("edit_prompt", DataType::Utf8, false),
-        Field::new("edited_prompt", DataType::Utf8, false),
-        Field::new("edited_image", img, false),
-        Field::new("seed", DataType::Int64, false),
-        Field::new("guidance_scale", DataType::Float64, false),
-        Field::new("p2p_threshold", DataType::Float64, false),
-        Field::new("clip_sim_0", DataType::Float32, false),
-        Field::new("clip_sim_1", DataType::Float32, false),
-        Field::new("clip_sim_dir", DataType::Float32, false),
-        Field::new("clip_sim_image", DataType::Float32, false),
+        Field::new("original_prompt", DataType::Utf8, true),
+        Field::new("original_image", img.clone(), true),
+        Field::new("edit_prompt", DataType::Utf8, true),
+        Field::new("edited_prompt", DataType::Utf8, true),
+        Field::new("edited_image", img, true),
+        Field::new("seed", DataType::Int64, true),
+        Field::new("guidance_scale", DataType::Float64, true),
+        Field::new("p2p_threshold", DataType::Float64, true),
+        Field::new("clip_sim_0", DataType::Float32, true),
+        Field::new("clip_sim_1", DataType::Float32, true),
+        Field::new("clip_sim_dir", DataType::Float32, true),
+        Field::new("clip_sim_image", DataType::Float32, true),
     ];
     let meta = HashMap::from([("huggingface".to_owned(), hf_features())]);
     Arc::new(Schema::new_with_metadata(fields, meta))
