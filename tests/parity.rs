@@ -264,9 +264,7 @@ fn clip(case: &Case) -> R<Outcome> {
     let dir = fixtures().join(model_for(case, "tiny-clip"));
     let scorer = ClipScorer::from_dir(&dir, &Device::Cpu).map_err(e)?;
     let model = scorer.model();
-    let image = model
-        .image_embeds(case.t("pixel_values")?)
-        .map_err(e)?;
+    let image = model.image_embeds(case.t("pixel_values")?).map_err(e)?;
     let text = model.text_embeds(case.t("input_ids")?).map_err(e)?;
     let mut checks = Checks::default();
     checks.within(case, "image_embeds", &image)?;

@@ -21,6 +21,13 @@ use tonic::transport::Channel;
 /// worker threads for the machine's cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A plain HTTP client. The workspace builds reqwest with rustls but without a bundled crypto
+/// provider (dataset-gen chooses ring), so one is installed before the first client.
+fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 fn pipeline() -> EditPipeline {
     let dir = ModelDir::from_dir(&fixtures().join("tiny-ip2p")).expect("fixture");
     EditPipeline::new(loader::load(&dir, &Device::Cpu, &LoadOptions::default()).expect("load"))
@@ -130,7 +137,7 @@ async fn the_three_doors_return_identical_bytes_equal_to_the_pipeline() {
     assert_eq!(grpc.images[0].seed, 42);
     assert_eq!((grpc.images[0].width, grpc.images[0].height), (64, 48));
 
-    let http = reqwest::Client::new();
+    let http = http_client();
     let r = http
         .post(format!("http://{}/ip2p.v1.ImageEditor/Edit", h.addr))
         .header("content-type", "application/grpc-web+proto")
@@ -344,7 +351,7 @@ async fn a_full_queue_is_refused_at_once_and_deadlines_stop_jobs() {
     // Through gRPC-Web, whose client does not enforce the deadline itself (tonic's would give
     // up locally at the same instant), so the status seen is the server's.
     let t = Instant::now();
-    let r = reqwest::Client::new()
+    let r = http_client()
         .post(format!("http://{}/ip2p.v1.ImageEditor/Edit", h.addr))
         .header("content-type", "application/grpc-web+proto")
         .header("grpc-timeout", "400m")
@@ -504,7 +511,7 @@ async fn bad_inputs_get_clear_statuses_and_the_server_keeps_serving() {
         assert_eq!(br.field_violations[0].field, field, "{what}");
     }
     // HTTP: NaN in a form field, and an unknown content type.
-    let http = reqwest::Client::new();
+    let http = http_client();
     let form = reqwest::multipart::Form::new()
         .part("image", reqwest::multipart::Part::bytes(png(64, 48)))
         .text("instruction", "x")
@@ -559,7 +566,7 @@ async fn tokens_guard_every_door_but_health() {
         .insert("authorization", "Bearer s3cret".parse().expect("header"));
     assert!(c.edit(req).await.is_ok());
 
-    let http = reqwest::Client::new();
+    let http = http_client();
     let url = format!("http://{}/v1/info", h.addr);
     assert_eq!(http.get(&url).send().await.expect("send").status(), 401);
     assert_eq!(
@@ -619,7 +626,7 @@ async fn tokens_guard_every_door_but_health() {
 async fn a_browser_origin_passes_preflight_and_completes_a_grpc_web_call() {
     let _serial = SERIAL.lock().await;
     let h = start(config()).await;
-    let http = reqwest::Client::new();
+    let http = http_client();
     let url = format!("http://{}/ip2p.v1.ImageEditor/Edit", h.addr);
     let origin = "https://plugin.example";
     let pre = http
@@ -663,7 +670,7 @@ async fn a_browser_origin_passes_preflight_and_completes_a_grpc_web_call() {
 async fn http_sse_stream_and_info() {
     let _serial = SERIAL.lock().await;
     let h = start(config()).await;
-    let http = reqwest::Client::new();
+    let http = http_client();
     let b64 = base64::engine::general_purpose::STANDARD;
     let r = http
         .post(format!("http://{}/v1/edit/stream", h.addr))
@@ -998,7 +1005,7 @@ async fn reflection_lists_the_service_and_oversized_messages_are_refused() {
         ),
         "{err:?}"
     );
-    let r = reqwest::Client::new()
+    let r = http_client()
         .post(format!("http://{}/v1/edit", h.addr))
         .header("content-type", "application/json")
         .body(vec![b' '; 100 * 1024])

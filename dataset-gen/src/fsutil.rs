@@ -152,7 +152,10 @@ mod tests {
             log.append(&2u32)?;
         }
         // A crash in the middle of writing the third line.
-        let mut f = OpenOptions::new().append(true).open(&p).map_err(|e| Error::io(&p, e))?;
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
         f.write_all(b"3").map_err(|e| Error::io(&p, e))?;
         drop(f);
         let (mut log, prev) = JsonlLog::open::<u32>(&p)?;

@@ -70,7 +70,10 @@ pub fn dedupe_key(s: &str) -> String {
 
 /// Reads every input file, in order, de-duplicating captions (a triple is a duplicate only of
 /// the same caption with the same edit).
-pub fn read_inputs(paths: &[impl AsRef<Path>], caption_column: Option<&str>) -> Result<(Vec<Item>, InputStats)> {
+pub fn read_inputs(
+    paths: &[impl AsRef<Path>],
+    caption_column: Option<&str>,
+) -> Result<(Vec<Item>, InputStats)> {
     let mut stats = InputStats::default();
     let mut seen = HashSet::new();
     let mut items = Vec::new();
@@ -143,8 +146,13 @@ fn read_lines(path: &Path) -> Result<Vec<Raw>> {
     Ok(out)
 }
 
-fn pick<'a>(obj: &'a serde_json::Map<String, serde_json::Value>, names: &[&str]) -> Option<&'a str> {
-    names.iter().find_map(|n| obj.get(*n).and_then(|v| v.as_str()))
+fn pick<'a>(
+    obj: &'a serde_json::Map<String, serde_json::Value>,
+    names: &[&str],
+) -> Option<&'a str> {
+    names
+        .iter()
+        .find_map(|n| obj.get(*n).and_then(|v| v.as_str()))
 }
 
 fn read_jsonl(path: &Path, caption_column: Option<&str>) -> Result<Vec<Raw>> {
@@ -270,7 +278,8 @@ mod tests {
     fn reads_lines_jsonl_and_triples_with_dedupe() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
         let txt = dir.path().join("c.txt");
-        std::fs::write(&txt, "a red car\n\n  A  red car \nthe sea\n").map_err(|e| Error::io(&txt, e))?;
+        std::fs::write(&txt, "a red car\n\n  A  red car \nthe sea\n")
+            .map_err(|e| Error::io(&txt, e))?;
         let jl = dir.path().join("t.jsonl");
         std::fs::write(
             &jl,
@@ -292,7 +301,10 @@ mod tests {
         let caps: Vec<&str> = items.iter().map(|i| i.caption.as_str()).collect();
         assert_eq!(caps, ["a red car", "the sea", "a cat", "a cat", "a bridge"]);
         assert!(items[2].triple.is_some() && items[4].triple.is_none());
-        assert_eq!(items.iter().map(|i| i.index).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        assert_eq!(
+            items.iter().map(|i| i.index).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
         let s0 = shard_items(&items, 0, 2);
         let s1 = shard_items(&items, 1, 2);
         assert_eq!(s0.len() + s1.len(), items.len());

@@ -85,7 +85,11 @@ pub fn answer_schema() -> serde_json::Value {
 }
 
 /// Checks an answer's text against the caption it was asked for.
-pub fn validate(caption: &str, content: &str, max_chars: usize) -> std::result::Result<Triple, Reject> {
+pub fn validate(
+    caption: &str,
+    content: &str,
+    max_chars: usize,
+) -> std::result::Result<Triple, Reject> {
     let mut s = content.trim();
     // Some local servers wrap JSON in a Markdown fence even in JSON mode.
     if let Some(inner) = s.strip_prefix("```") {
@@ -262,17 +266,28 @@ mod tests {
         assert_eq!(t.edit, "make it night");
         let fenced = format!("```json\n{ok}\n```");
         assert!(validate("a street", &fenced, 100).is_ok());
-        assert_eq!(validate("a street", "{not json", 100), Err(Reject::InvalidJson));
+        assert_eq!(
+            validate("a street", "{not json", 100),
+            Err(Reject::InvalidJson)
+        );
         assert_eq!(
             validate("a street", r#"{"instruction": "x"}"#, 100),
             Err(Reject::InvalidJson)
         );
         assert_eq!(
-            validate("a street", r#"{"instruction": " ", "edited_caption": "y"}"#, 100),
+            validate(
+                "a street",
+                r#"{"instruction": " ", "edited_caption": "y"}"#,
+                100
+            ),
             Err(Reject::EmptyField)
         );
         assert_eq!(
-            validate("A  Street", r#"{"instruction": "x", "edited_caption": "a street"}"#, 100),
+            validate(
+                "A  Street",
+                r#"{"instruction": "x", "edited_caption": "a street"}"#,
+                100
+            ),
             Err(Reject::Unchanged)
         );
         assert_eq!(validate("a street", ok, 10), Err(Reject::TooLong));

@@ -19,7 +19,12 @@ use ip2p::loader::HubOptions;
 struct Args {
     /// Captions or triples: text lines, JSONL (`caption`/`text`, or the paper's `input`, `edit`,
     /// `output`) or Parquet. Repeat or separate with commas.
-    #[arg(long, env = "DATASET_GEN_INPUT", required = true, value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "DATASET_GEN_INPUT",
+        required = true,
+        value_delimiter = ','
+    )]
     input: Vec<PathBuf>,
     /// The caption column/field (default: the first of caption, input, text, TEXT, prompt, original_prompt).
     #[arg(long, env = "DATASET_GEN_CAPTION_COLUMN")]
@@ -41,7 +46,11 @@ struct Args {
     items_per_part: usize,
 
     /// OpenAI-compatible endpoint (hosted API, llama.cpp, vLLM, ...).
-    #[arg(long, env = "DATASET_GEN_LLM_BASE_URL", default_value = "https://api.openai.com/v1")]
+    #[arg(
+        long,
+        env = "DATASET_GEN_LLM_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
     llm_base_url: String,
     #[arg(long, env = "DATASET_GEN_LLM_MODEL", default_value = "gpt-4o-mini")]
     llm_model: String,
@@ -70,10 +79,18 @@ struct Args {
     no_json_schema: bool,
 
     /// Stable Diffusion 1.x folder or hub id.
-    #[arg(long, env = "DATASET_GEN_MODEL", default_value = "runwayml/stable-diffusion-v1-5")]
+    #[arg(
+        long,
+        env = "DATASET_GEN_MODEL",
+        default_value = "runwayml/stable-diffusion-v1-5"
+    )]
     model: String,
     /// CLIP folder or hub id.
-    #[arg(long, env = "DATASET_GEN_CLIP", default_value = "openai/clip-vit-large-patch14")]
+    #[arg(
+        long,
+        env = "DATASET_GEN_CLIP",
+        default_value = "openai/clip-vit-large-patch14"
+    )]
     clip: String,
     /// Never download (also HF_HUB_OFFLINE=1).
     #[arg(long, env = "DATASET_GEN_OFFLINE")]
@@ -105,13 +122,28 @@ struct Args {
     #[arg(long, env = "DATASET_GEN_NEGATIVE_PROMPT", default_value = "")]
     negative_prompt: String,
     /// Minimum cos(image₀, image₁).
-    #[arg(long, env = "DATASET_GEN_MIN_IMAGE_IMAGE", default_value_t = 0.75, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "DATASET_GEN_MIN_IMAGE_IMAGE",
+        default_value_t = 0.75,
+        allow_negative_numbers = true
+    )]
     min_image_image: f32,
     /// Minimum cos(image₁ − image₀, caption₁ − caption₀).
-    #[arg(long, env = "DATASET_GEN_MIN_DIRECTION", default_value_t = 0.2, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "DATASET_GEN_MIN_DIRECTION",
+        default_value_t = 0.2,
+        allow_negative_numbers = true
+    )]
     min_direction: f32,
     /// Minimum cos(imageₖ, captionₖ).
-    #[arg(long, env = "DATASET_GEN_MIN_IMAGE_TEXT", default_value_t = 0.2, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "DATASET_GEN_MIN_IMAGE_TEXT",
+        default_value_t = 0.2,
+        allow_negative_numbers = true
+    )]
     min_image_text: f32,
     /// Run seed: with an item's index it fixes every sample.
     #[arg(long, env = "DATASET_GEN_SEED", default_value_t = 0)]

@@ -71,7 +71,11 @@ impl MockLlm {
 
     /// When each attempt for the caption containing `needle` arrived.
     pub fn attempts(&self, needle: &str) -> Vec<Instant> {
-        let map = self.state.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self
+            .state
+            .attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         map.iter()
             .filter(|(k, _)| k.contains(needle))
             .flat_map(|(_, v)| v.clone())
@@ -122,7 +126,10 @@ fn error(status: StatusCode, headers: &[(&'static str, &'static str)]) -> Respon
     (status, h, Json(body)).into_response()
 }
 
-async fn chat(State(state): State<Arc<MockState>>, Json(body): Json<serde_json::Value>) -> Response {
+async fn chat(
+    State(state): State<Arc<MockState>>,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
     let caption = body["messages"]
         .as_array()
         .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use arrow_array::builder::{BinaryBuilder, StringBuilder};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Float64Type, Int64Type};
-use arrow_array::{ArrayRef, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray, StructArray};
+use arrow_array::{
+    ArrayRef, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray, StructArray,
+};
 use arrow_schema::{DataType, Field, Fields, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -98,16 +100,24 @@ pub fn batch(rows: &[Row]) -> Result<RecordBatch> {
     let strings = |f: fn(&Row) -> &str| -> ArrayRef {
         Arc::new(StringArray::from_iter_values(rows.iter().map(f)))
     };
-    let f32s = |f: fn(&Row) -> f32| -> ArrayRef { Arc::new(Float32Array::from_iter_values(rows.iter().map(f))) };
+    let f32s = |f: fn(&Row) -> f32| -> ArrayRef {
+        Arc::new(Float32Array::from_iter_values(rows.iter().map(f)))
+    };
     let cols: Vec<ArrayRef> = vec![
         strings(|r| &r.triple.input),
         image_column(rows, 0)?,
         strings(|r| &r.triple.edit),
         strings(|r| &r.triple.output),
         image_column(rows, 1)?,
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| i64::from(r.spec.seed)))),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.spec.guidance_scale))),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.spec.p2p_threshold))),
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|r| i64::from(r.spec.seed)),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.spec.guidance_scale),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.spec.p2p_threshold),
+        )),
         f32s(|r| r.sims.image0_caption0),
         f32s(|r| r.sims.image1_caption1),
         f32s(|r| r.sims.direction),
@@ -131,6 +141,9 @@ pub fn write_part(path: &Path, rows: &[Row]) -> Result<()> {
     })
 }
 
+/// An image column read back: PNG bytes and paths.
+type ImageColumn = (Vec<Vec<u8>>, Vec<Option<String>>);
+
 /// A row read back from a shard.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredRow {
@@ -152,9 +165,15 @@ pub struct StoredRow {
 /// Reads a shard back, column by column (by name, so any column order works).
 pub fn read_part(path: &Path) -> Result<Vec<StoredRow>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
     let mut out = Vec::new();
-    let missing = |c: &str| Error::Parquet(format!("{}: column {c} missing or of the wrong type", path.display()));
+    let missing = |c: &str| {
+        Error::Parquet(format!(
+            "{}: column {c} missing or of the wrong type",
+            path.display()
+        ))
+    };
     for b in reader {
         let b = b?;
         let col = |n: &str| b.column_by_name(n).ok_or_else(|| missing(n));
@@ -163,28 +182,58 @@ pub fn read_part(path: &Path) -> Result<Vec<StoredRow>> {
             let a = c.as_string_opt::<i32>().ok_or_else(|| missing(n))?;
             Ok(a.iter().map(|v| v.unwrap_or_default().to_owned()).collect())
         };
-        let img = |n: &str| -> Result<(Vec<Vec<u8>>, Vec<Option<String>>)> {
+        let img = |n: &str| -> Result<ImageColumn> {
             let c = col(n)?;
             let st = c.as_struct_opt().ok_or_else(|| missing(n))?;
-            let bytes = st.column_by_name("bytes").and_then(|c| c.as_binary_opt::<i32>()).ok_or_else(|| missing(n))?;
-            let paths = st.column_by_name("path").and_then(|c| c.as_string_opt::<i32>()).ok_or_else(|| missing(n))?;
+            let bytes = st
+                .column_by_name("bytes")
+                .and_then(|c| c.as_binary_opt::<i32>())
+                .ok_or_else(|| missing(n))?;
+            let paths = st
+                .column_by_name("path")
+                .and_then(|c| c.as_string_opt::<i32>())
+                .ok_or_else(|| missing(n))?;
             Ok((
-                bytes.iter().map(|v| v.unwrap_or_default().to_vec()).collect(),
+                bytes
+                    .iter()
+                    .map(|v| v.unwrap_or_default().to_vec())
+                    .collect(),
                 paths.iter().map(|v| v.map(str::to_owned)).collect(),
             ))
         };
         let f64s = |n: &str| -> Result<Vec<f64>> {
-            Ok(col(n)?.as_primitive_opt::<Float64Type>().ok_or_else(|| missing(n))?.values().to_vec())
+            Ok(col(n)?
+                .as_primitive_opt::<Float64Type>()
+                .ok_or_else(|| missing(n))?
+                .values()
+                .to_vec())
         };
         let f32s = |n: &str| -> Result<Vec<f32>> {
-            Ok(col(n)?.as_primitive_opt::<Float32Type>().ok_or_else(|| missing(n))?.values().to_vec())
+            Ok(col(n)?
+                .as_primitive_opt::<Float32Type>()
+                .ok_or_else(|| missing(n))?
+                .values()
+                .to_vec())
         };
-        let seeds = col("seed")?.as_primitive_opt::<Int64Type>().ok_or_else(|| missing("seed"))?.values().to_vec();
-        let (op, ei, ep) = (s("original_prompt")?, s("edit_prompt")?, s("edited_prompt")?);
+        let seeds = col("seed")?
+            .as_primitive_opt::<Int64Type>()
+            .ok_or_else(|| missing("seed"))?
+            .values()
+            .to_vec();
+        let (op, ei, ep) = (
+            s("original_prompt")?,
+            s("edit_prompt")?,
+            s("edited_prompt")?,
+        );
         let (oi, opath) = img("original_image")?;
         let (di, _) = img("edited_image")?;
         let (g, p) = (f64s("guidance_scale")?, f64s("p2p_threshold")?);
-        let (c0, c1, cd, ci) = (f32s("clip_sim_0")?, f32s("clip_sim_1")?, f32s("clip_sim_dir")?, f32s("clip_sim_image")?);
+        let (c0, c1, cd, ci) = (
+            f32s("clip_sim_0")?,
+            f32s("clip_sim_1")?,
+            f32s("clip_sim_dir")?,
+            f32s("clip_sim_image")?,
+        );
         for i in 0..b.num_rows() {
             out.push(StoredRow {
                 original_prompt: op[i].clone(),

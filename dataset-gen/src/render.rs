@@ -217,7 +217,10 @@ impl PairGenerator {
             &mut noise,
             &mut NoProgress,
         )?;
-        Ok([img::unit_hwc_to_rgb(&out[0])?, img::unit_hwc_to_rgb(&out[1])?])
+        Ok([
+            img::unit_hwc_to_rgb(&out[0])?,
+            img::unit_hwc_to_rgb(&out[1])?,
+        ])
     }
 
     /// All samples of one triple, filtered; the best `keep` become rows.
@@ -307,9 +310,18 @@ mod tests {
             m(&mut s);
             f.check(&s)
         };
-        assert_eq!(bad(|s| s.image0_image1 = 0.7), Err(FilterReason::ImageImage));
+        assert_eq!(
+            bad(|s| s.image0_image1 = 0.7),
+            Err(FilterReason::ImageImage)
+        );
         assert_eq!(bad(|s| s.direction = 0.1), Err(FilterReason::Direction));
-        assert_eq!(bad(|s| s.image0_caption0 = 0.1), Err(FilterReason::Image0Caption0));
-        assert_eq!(bad(|s| s.image1_caption1 = f32::NAN), Err(FilterReason::Image1Caption1));
+        assert_eq!(
+            bad(|s| s.image0_caption0 = 0.1),
+            Err(FilterReason::Image0Caption0)
+        );
+        assert_eq!(
+            bad(|s| s.image1_caption1 = f32::NAN),
+            Err(FilterReason::Image1Caption1)
+        );
     }
 }

@@ -177,11 +177,8 @@ impl tower::Service<HttpRequestFactory> for RetryService {
                     Err(_) => {
                         if last_try {
                             return Err(OpenAIError::Boxed(
-                                format!(
-                                    "no answer from {url} within {:?}",
-                                    policy.attempt_timeout
-                                )
-                                .into(),
+                                format!("no answer from {url} within {:?}", policy.attempt_timeout)
+                                    .into(),
                             ));
                         }
                         stats.timeout.fetch_add(1, Ordering::Relaxed);
@@ -228,7 +225,10 @@ mod tests {
         let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
         h.insert(RETRY_AFTER, HeaderValue::from_str(&later).expect("header"));
         let d = retry_after(&h).expect("a date");
-        assert!(d > Duration::from_secs(27) && d <= Duration::from_secs(30), "{d:?}");
+        assert!(
+            d > Duration::from_secs(27) && d <= Duration::from_secs(30),
+            "{d:?}"
+        );
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
     }

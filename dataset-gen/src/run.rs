@@ -51,6 +51,11 @@ pub struct RunConfig {
     pub progress_bars: bool,
 }
 
+/// A text-stage result: the triple, or why there is none.
+type TextOutcome = std::result::Result<Triple, Reject>;
+/// A part's number and its items with their text outcomes.
+type PartJob = (usize, Vec<(Item, TextOutcome)>);
+
 /// What a rerun must agree on, stored beside the ledger.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Identity {
@@ -87,7 +92,7 @@ struct TextEntry {
 }
 
 impl TextEntry {
-    fn outcome(&self) -> std::result::Result<Triple, Reject> {
+    fn outcome(&self) -> TextOutcome {
         match (&self.edit, &self.output, self.reject) {
             (Some(e), Some(o), None) => Ok(Triple {
                 input: self.input.clone(),
@@ -245,8 +250,8 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
             )));
         }
     } else {
-        let json = serde_json::to_vec_pretty(&identity)
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&identity).map_err(|e| Error::Config(e.to_string()))?;
         commit_file(&id_path, |f| {
             use std::io::Write;
             f.write_all(&json).map_err(|e| Error::io(&id_path, e))
@@ -295,10 +300,14 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
         }
     };
 
-    let bars = Bars::new(cfg.progress_bars, needs_llm, todo.iter().map(|p| p.1.len()).sum());
+    let bars = Bars::new(
+        cfg.progress_bars,
+        needs_llm,
+        todo.iter().map(|p| p.1.len()).sum(),
+    );
 
     // The image worker: one thread owns the models; parts arrive over a bounded channel.
-    let (job_tx, mut job_rx) = tokio::sync::mpsc::channel::<(usize, Vec<(Item, std::result::Result<Triple, Reject>)>)>(1);
+    let (job_tx, mut job_rx) = tokio::sync::mpsc::channel::<PartJob>(1);
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let worker_cfg = cfg.clone();
     let worker_tag = (cfg.shard, cfg.num_shards);
@@ -333,7 +342,10 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
                         passed: agg.passed,
                     };
                     agg.rows = rows;
-                    if ev_tx.send(Event::Part(entry, Box::new(agg), t.elapsed())).is_err() {
+                    if ev_tx
+                        .send(Event::Part(entry, Box::new(agg), t.elapsed()))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -346,9 +358,10 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
     // The text stage, in item order (answers are awaited concurrently but consumed in order).
     let text_started = Instant::now();
     let writer_ref = writer.as_ref();
-    let mut answers = futures::stream::iter(todo.iter().flat_map(|(k, its)| {
-        its.iter().map(move |it| (*k, it.clone()))
-    }))
+    let mut answers = futures::stream::iter(
+        todo.iter()
+            .flat_map(|(k, its)| its.iter().map(move |it| (*k, it.clone()))),
+    )
     .map(|(k, it)| {
         let cached = text_cache.remove(&it.index);
         async move {
@@ -369,28 +382,29 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
     })
     .buffered(cfg.llm_concurrency.max(1));
 
-    let mut current: Option<(usize, Vec<(Item, std::result::Result<Triple, Reject>)>)> = None;
+    let mut current: Option<PartJob> = None;
     let expected: HashMap<usize, usize> = todo.iter().map(|(k, its)| (*k, its.len())).collect();
     let mut send_failed = false;
-    let handle_events = |summary: &mut Summary, parts_log: &mut JsonlLog, ev: Event| -> Result<()> {
-        let Event::Part(entry, agg, write) = ev;
-        parts_log.append(&entry)?;
-        let im = &mut summary.images;
-        im.parts_written += 1;
-        im.triples += entry.items.len();
-        im.samples_rendered += agg.rendered;
-        im.samples_passed += agg.passed;
-        im.rows += entry.rows;
-        for r in &agg.filtered {
-            *im.filtered.entry(r.as_str().to_owned()).or_default() += 1;
-        }
-        im.render_seconds += agg.render_time.as_secs_f64();
-        im.clip_seconds += agg.clip_time.as_secs_f64();
-        im.encode_seconds += agg.encode_time.as_secs_f64();
-        im.write_seconds += write.as_secs_f64();
-        bars.part_done(&entry);
-        Ok(())
-    };
+    let handle_events =
+        |summary: &mut Summary, parts_log: &mut JsonlLog, ev: Event| -> Result<()> {
+            let Event::Part(entry, agg, write) = ev;
+            parts_log.append(&entry)?;
+            let im = &mut summary.images;
+            im.parts_written += 1;
+            im.triples += entry.items.len();
+            im.samples_rendered += agg.rendered;
+            im.samples_passed += agg.passed;
+            im.rows += entry.rows;
+            for r in &agg.filtered {
+                *im.filtered.entry(r.as_str().to_owned()).or_default() += 1;
+            }
+            im.render_seconds += agg.render_time.as_secs_f64();
+            im.clip_seconds += agg.clip_time.as_secs_f64();
+            im.encode_seconds += agg.encode_time.as_secs_f64();
+            im.write_seconds += write.as_secs_f64();
+            bars.part_done(&entry);
+            Ok(())
+        };
     while let Some((k, it, outcome, source)) = answers.next().await {
         match source {
             Source::Given => summary.text.given += 1,
@@ -410,12 +424,20 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
         match &outcome {
             Ok(_) if source != Source::Given => summary.text.ok += 1,
             Ok(_) => {}
-            Err(r) => *summary.text.rejected.entry(r.as_str().to_owned()).or_default() += 1,
+            Err(r) => {
+                *summary
+                    .text
+                    .rejected
+                    .entry(r.as_str().to_owned())
+                    .or_default() += 1
+            }
         }
         let cur = current.get_or_insert_with(|| (k, Vec::new()));
         cur.1.push((it, outcome));
         if cur.1.len() == expected.get(&k).copied().unwrap_or(0) {
-            let job = current.take().ok_or_else(|| Error::Worker("no part".into()))?;
+            let job = current
+                .take()
+                .ok_or_else(|| Error::Worker("no part".into()))?;
             // Apply finished parts while waiting for room in the queue.
             let mut job = Some(job);
             while let Some(j) = job.take() {

@@ -33,9 +33,29 @@ fn command(input: &Path, out: &Path) -> Command {
         .arg("--clip")
         .arg(fixtures().join("tiny-clip"))
         .args([
-            "--width", "64", "--height", "64", "--steps", "6", "--samples", "3", "--keep", "2",
-            "--items-per-part", "1", "--seed", "7", "--min-image-image", "-1", "--min-direction",
-            "-1", "--min-image-text", "-1", "--offline", "--device", "cpu",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "6",
+            "--samples",
+            "3",
+            "--keep",
+            "2",
+            "--items-per-part",
+            "1",
+            "--seed",
+            "7",
+            "--min-image-image",
+            "-1",
+            "--min-direction",
+            "-1",
+            "--min-image-text",
+            "-1",
+            "--offline",
+            "--device",
+            "cpu",
         ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -79,7 +99,11 @@ fn a_killed_run_resumes_to_the_uninterrupted_dataset() {
     assert!(done_at_kill < 8, "the run was already complete");
 
     let out = command(&input, &cut).output().expect("resume");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let a = all_rows(&whole);
     let b = all_rows(&cut);
@@ -88,7 +112,11 @@ fn a_killed_run_resumes_to_the_uninterrupted_dataset() {
     let names = |p: &Path| -> Vec<String> {
         part_files(p)
             .iter()
-            .map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+            .map(|f| {
+                f.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
             .collect()
     };
     assert_eq!(names(&whole), names(&cut));
@@ -111,7 +139,9 @@ async fn shards_partition_the_work() {
     let input = dir.path().join("t.jsonl");
     triples(&input, 5);
     let one = dir.path().join("one");
-    run(run_config(vec![input.clone()], &one)).await.expect("one shard");
+    run(run_config(vec![input.clone()], &one))
+        .await
+        .expect("one shard");
     let split = dir.path().join("split");
     let mut counts = Vec::new();
     for shard in 0..2 {

@@ -89,14 +89,24 @@ async fn captions_become_a_filtered_parquet_dataset() {
             assert_eq!(r.edited_prompt, "a bowl of pears");
         } else {
             assert_eq!(r.edit_prompt, "make it snowy");
-            assert_eq!(r.edited_prompt, format!("{}, covered in snow", r.original_prompt));
+            assert_eq!(
+                r.edited_prompt,
+                format!("{}, covered in snow", r.original_prompt)
+            );
         }
-        let a = image::load_from_memory(&r.original_image).expect("png").to_rgb8();
-        let b = image::load_from_memory(&r.edited_image).expect("png").to_rgb8();
+        let a = image::load_from_memory(&r.original_image)
+            .expect("png")
+            .to_rgb8();
+        let b = image::load_from_memory(&r.edited_image)
+            .expect("png")
+            .to_rgb8();
         assert_eq!(a.dimensions(), (64, 64));
         assert_eq!(b.dimensions(), (64, 64));
         assert_ne!(a, b);
-        assert!(r.original_path.as_deref().is_some_and(|p| p.ends_with("_0.png")));
+        assert!(r
+            .original_path
+            .as_deref()
+            .is_some_and(|p| p.ends_with("_0.png")));
         assert!((7.5..15.0).contains(&r.guidance_scale));
         assert!((0.1..0.9).contains(&r.p2p_threshold));
         assert!(r.seed >= 0 && r.seed <= i64::from(u32::MAX));
@@ -122,13 +132,19 @@ async fn captions_become_a_filtered_parquet_dataset() {
 
     // A rerun finds everything done: no LLM call, no render, same files.
     let before = mock.requests().len();
-    let files: Vec<Vec<u8>> = part_files(&out).iter().map(|p| std::fs::read(p).expect("read")).collect();
+    let files: Vec<Vec<u8>> = part_files(&out)
+        .iter()
+        .map(|p| std::fs::read(p).expect("read"))
+        .collect();
     let s2 = run(cfg.clone()).await.expect("rerun");
     assert_eq!(mock.requests().len(), before);
     assert_eq!(s2.images.parts_written, 0);
     assert_eq!(s2.images.parts_already_done, 4);
     assert_eq!(s2.dataset_rows, 10);
-    let again: Vec<Vec<u8>> = part_files(&out).iter().map(|p| std::fs::read(p).expect("read")).collect();
+    let again: Vec<Vec<u8>> = part_files(&out)
+        .iter()
+        .map(|p| std::fs::read(p).expect("read"))
+        .collect();
     assert_eq!(files, again);
 
     // Other settings in the same folder are refused.

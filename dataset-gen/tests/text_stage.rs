@@ -54,7 +54,10 @@ async fn answers_are_validated_and_transient_failures_retried() {
     let t = mock.attempts("[429]");
     assert_eq!(t.len(), 2);
     let waited = t[1] - t[0];
-    assert!(waited >= Duration::from_millis(950), "retried after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(950),
+        "retried after {waited:?}"
+    );
     assert_eq!(mock.attempts("[500]").len(), 2);
     assert_eq!(mock.attempts("[slow]").len(), 2);
     // A permanent failure: the first attempt and max_retries more, then given up.
@@ -72,7 +75,13 @@ async fn answers_are_validated_and_transient_failures_retried() {
     let reqs = mock.requests();
     let r = reqs
         .iter()
-        .find(|r| r["messages"].as_array().and_then(|m| m.last()).map(|m| m["content"] == "a quiet harbour") == Some(true))
+        .find(|r| {
+            r["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .map(|m| m["content"] == "a quiet harbour")
+                == Some(true)
+        })
         .expect("request seen");
     assert_eq!(r["model"], "mock");
     assert!((r["temperature"].as_f64().expect("temperature") - 0.7).abs() < 1e-6);
@@ -98,10 +107,7 @@ async fn over_long_captions_are_not_sent() {
     let mut cfg = config(mock.base_url());
     cfg.max_chars = 20;
     let w = EditWriter::new(cfg).expect("writer");
-    assert_eq!(
-        w.write(&"x".repeat(21)).await,
-        Err(Reject::CaptionTooLong)
-    );
+    assert_eq!(w.write(&"x".repeat(21)).await, Err(Reject::CaptionTooLong));
     assert!(mock.requests().is_empty());
     // The answer's edited caption ("<caption>, covered in snow") is over the limit too.
     assert_eq!(w.write("a short one").await, Err(Reject::TooLong));

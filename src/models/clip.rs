@@ -280,8 +280,10 @@ impl ClipVisionModel {
             .reshape((c.hidden_size, c.num_channels * p * p))?;
         let class_embedding = emb.get(c.hidden_size, "class_embedding")?;
         let grid = c.image_size / p;
-        let position_embedding =
-            emb.get((grid * grid + 1, c.hidden_size), "position_embedding.weight")?;
+        let position_embedding = emb.get(
+            (grid * grid + 1, c.hidden_size),
+            "position_embedding.weight",
+        )?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| EncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), c.into()))
             .collect::<Result<Vec<_>>>()?;
@@ -383,10 +385,15 @@ impl ClipModel {
                 // transformers' legacy rule: the first position of the highest id.
                 row.iter()
                     .enumerate()
-                    .fold((0, i64::MIN), |best, (j, &v)| if v > best.1 { (j, v) } else { best })
+                    .fold(
+                        (0, i64::MIN),
+                        |best, (j, &v)| if v > best.1 { (j, v) } else { best },
+                    )
                     .0
             } else {
-                row.iter().position(|&v| v == i64::from(eos)).unwrap_or(row.len() - 1)
+                row.iter()
+                    .position(|&v| v == i64::from(eos))
+                    .unwrap_or(row.len() - 1)
             };
             pooled.push(hidden.get(i)?.get(pos)?);
         }
@@ -395,7 +402,11 @@ impl ClipModel {
 
     /// `pixel_values: [B, 3, S, S]` → projected, L2-normalised image embeddings.
     pub fn image_embeds(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        l2_normalize(&self.visual_projection.forward(&self.vision.forward(pixel_values)?)?)
+        l2_normalize(
+            &self
+                .visual_projection
+                .forward(&self.vision.forward(pixel_values)?)?,
+        )
     }
 
     pub fn vision(&self) -> &ClipVisionModel {

@@ -11,7 +11,9 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 
-pub use clip::{ClipConfig, ClipModel, ClipTextConfig, ClipTextModel, ClipVisionConfig, ClipVisionModel};
+pub use clip::{
+    ClipConfig, ClipModel, ClipTextConfig, ClipTextModel, ClipVisionConfig, ClipVisionModel,
+};
 pub use tokenizer::{ClipTokenizer, Tokenized};
 pub use unet::{UNet2DConditionModel, UNetConfig};
 pub use vae::{AutoencoderKL, VaeConfig};

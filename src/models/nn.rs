@@ -370,7 +370,15 @@ pub fn attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    attention_blocked(q, k, v, heads, mask, ATTENTION_BLOCK_ELEMS, LogitControl::default())
+    attention_blocked(
+        q,
+        k,
+        v,
+        heads,
+        mask,
+        ATTENTION_BLOCK_ELEMS,
+        LogitControl::default(),
+    )
 }
 
 /// [`attention`] with the logits steered by `ctl`.
@@ -410,7 +418,10 @@ pub fn attention_blocked(
     let kt = k.t()?;
     if let Some(from) = ctl.logits_from {
         if from.dims1()? != b {
-            candle_core::bail!("attention: logits_from has {} entries for a batch of {b}", from.dims1()?);
+            candle_core::bail!(
+                "attention: logits_from has {} entries for a batch of {b}",
+                from.dims1()?
+            );
         }
     }
     // Scores are materialised a block of queries at a time (each row's softmax is complete
@@ -519,25 +530,48 @@ mod tests {
         };
         let out = attention_blocked(&q, &k, &v, 2, None, 3 * 7, ctl)?;
         let logits = rec.borrow()[0].clone();
-        let d0 = (logits.get(0)? - logits.get(1)?)?.abs()?.flatten_all()?.max(0)?;
+        let d0 = (logits.get(0)? - logits.get(1)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?;
         assert_eq!(d0.to_scalar::<f32>()?, 0.0);
         // Item 1 = softmax(q0 k0ᵀ) v1, computed by hand per head.
-        let (qh, kh, vh) = (q.get(0)?.reshape((9, 2, 4))?, k.get(0)?.reshape((7, 2, 4))?, v.get(1)?.reshape((7, 2, 4))?);
+        let (qh, kh, vh) = (
+            q.get(0)?.reshape((9, 2, 4))?,
+            k.get(0)?.reshape((7, 2, 4))?,
+            v.get(1)?.reshape((7, 2, 4))?,
+        );
         for h in 0..2 {
             let qh = qh.narrow(1, h, 1)?.squeeze(1)?;
             let kh = kh.narrow(1, h, 1)?.squeeze(1)?;
             let vh = vh.narrow(1, h, 1)?.squeeze(1)?;
             let p = candle_nn::ops::softmax_last_dim(&(qh.matmul(&kh.t()?)? * 0.5)?)?;
             let want = p.matmul(&vh)?;
-            let got = out.get(1)?.reshape((9, 2, 4))?.narrow(1, h, 1)?.squeeze(1)?;
-            let d = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let got = out
+                .get(1)?
+                .reshape((9, 2, 4))?
+                .narrow(1, h, 1)?
+                .squeeze(1)?;
+            let d = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
             assert!(d < 1e-6, "head {h}: {d}");
         }
         // Without the control item 1 attends with its own logits.
         let plain = attention(&q, &k, &v, 2, None)?;
-        let d = (plain.get(1)? - out.get(1)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let d = (plain.get(1)? - out.get(1)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert!(d > 1e-3);
-        let d = (plain.get(0)? - out.get(0)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let d = (plain.get(0)? - out.get(0)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-6);
         Ok(())
     }

@@ -99,7 +99,7 @@ fn default_mean() -> [f32; 3] {
     [0.481_454_66, 0.457_827_5, 0.408_210_73]
 }
 fn default_std() -> [f32; 3] {
-    [0.268_629_54, 0.261_302_58, 0.275_777_1]
+    [0.268_629_54, 0.261_302_6, 0.275_777_1]
 }
 
 impl Default for ClipPreprocess {
@@ -253,11 +253,7 @@ impl ClipScorer {
     }
 
     /// The four similarities of an image pair and its captions.
-    pub fn score_pair(
-        &self,
-        images: [&RgbImage; 2],
-        captions: [&str; 2],
-    ) -> Result<Similarities> {
+    pub fn score_pair(&self, images: [&RgbImage; 2], captions: [&str; 2]) -> Result<Similarities> {
         let image = self.model.image_embeds(&self.pixel_values(&images)?)?;
         let text = self.model.text_embeds(&self.input_ids(&captions)?)?;
         Similarities::from_embeds(&image, &text)
