@@ -259,6 +259,13 @@ fn txt2img_pair(case: &Case, models: &mut Models) -> R<Outcome> {
     Ok(Outcome::Ok(checks))
 }
 
+/// A `uint8 [H, W, 3]` tensor as an image.
+fn u8_rgb(t: &Tensor) -> R<image::RgbImage> {
+    let (h, w, _) = t.dims3().map_err(e)?;
+    let data = t.flatten_all().map_err(e)?.to_vec1::<u8>().map_err(e)?;
+    image::RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| "image size".into())
+}
+
 /// CLIP image and text towers and the four filter similarities.
 fn clip(case: &Case) -> R<Outcome> {
     let dir = fixtures().join(model_for(case, "tiny-clip"));
@@ -267,6 +274,17 @@ fn clip(case: &Case) -> R<Outcome> {
     let image = model.image_embeds(case.t("pixel_values")?).map_err(e)?;
     let text = model.text_embeds(case.t("input_ids")?).map_err(e)?;
     let mut checks = Checks::default();
+    // Cases that carry the raw images check the preprocessing too.
+    if case.has("images") {
+        let raw = case.t("images")?;
+        let n = raw.dim(0).map_err(e)?;
+        let imgs = (0..n)
+            .map(|i| u8_rgb(&raw.get(i).map_err(e)?))
+            .collect::<R<Vec<_>>>()?;
+        let refs: Vec<&image::RgbImage> = imgs.iter().collect();
+        let pv = scorer.pixel_values(&refs).map_err(e)?;
+        checks.within(case, "pixel_values", &pv)?;
+    }
     checks.within(case, "image_embeds", &image)?;
     checks.within(case, "text_embeds", &text)?;
     let sims = Similarities::from_embeds(&image, &text).map_err(e)?;

@@ -115,8 +115,8 @@ impl Default for ClipPreprocess {
 }
 
 impl ClipPreprocess {
-    /// Resizes the shortest edge (bicubic, as PIL's `BICUBIC` with antialiasing), centre-crops,
-    /// scales to `[0, 1]` and normalises: `[3, S, S]` f32.
+    /// Resizes the shortest edge (Pillow's bicubic, bit for bit), centre-crops, scales to
+    /// `[0, 1]` and normalises: `[3, S, S]` f32.
     pub fn apply(&self, img: &RgbImage, device: &Device) -> Result<Tensor> {
         let (w, h) = img.dimensions();
         if w == 0 || h == 0 {
@@ -134,11 +134,7 @@ impl ClipPreprocess {
             }
             SizeSpec::Hw { height, width } => (width, height),
         };
-        let resized = if (rw, rh) == (w, h) {
-            img.clone()
-        } else {
-            image::imageops::resize(img, rw, rh, image::imageops::FilterType::CatmullRom)
-        };
+        let resized = super::pil::resize_bicubic(img, rw, rh);
         let (cw, ch) = match self.crop_size {
             SizeSpec::Square(s) | SizeSpec::Shortest { shortest_edge: s } => (s, s),
             SizeSpec::Hw { height, width } => (width, height),
@@ -155,7 +151,8 @@ impl ClipPreprocess {
         let mut data = vec![0f32; 3 * ow * oh];
         for (x, y, p) in cropped.enumerate_pixels() {
             for c in 0..3 {
-                let v = p.0[c] as f32 / 255.0;
+                // As transformers: × rescale_factor (1/255 as float32), then (x − mean) / std.
+                let v = p.0[c] as f32 * (1.0f64 / 255.0) as f32;
                 data[c * ow * oh + y as usize * ow + x as usize] =
                     (v - self.image_mean[c]) / self.image_std[c];
             }

@@ -7,6 +7,7 @@ pub mod clip_score;
 pub mod edit;
 pub mod guidance;
 pub mod image;
+pub mod pil;
 pub mod txt2img;
 
 use std::sync::atomic::{AtomicBool, Ordering};
