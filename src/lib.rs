@@ -19,5 +19,6 @@ pub mod models;
 pub mod pipeline;
 pub mod schedulers;
 pub mod server;
+pub mod training;
 
 pub use error::{Error, Result};

@@ -2,8 +2,7 @@
 //!
 //! Runs every case in `../shared/fixtures/parity/` and, when `IP2P_PARITY_DIR` names another
 //! directory of cases in the same formats, those too. One line per case:
-//! `parity <file>: ok (max abs err …)` or the failure. Kinds not implemented yet
-//! (`train_step`) are skipped, loudly.
+//! `parity <file>: ok (max abs err …)` or the failure. An unknown kind is a failure.
 
 mod common;
 
@@ -19,6 +18,7 @@ use ip2p::pipeline::{
     image as img, Control, EditPipeline, StepInfo, Txt2ImgParams, Txt2ImgPipeline,
 };
 use ip2p::schedulers::{self, ReplayNoise, SchedulerConfig, SchedulerKind};
+use ip2p::training;
 
 type R<T> = Result<T, String>;
 
@@ -45,12 +45,8 @@ fn model_for(case: &Case, default: &str) -> String {
     case.meta_str("model").unwrap_or_else(|| default.to_owned())
 }
 
-enum Outcome {
-    Ok(Checks),
-    Skipped(String),
-}
 
-fn tokenizer_cases(path: &Path) -> R<Outcome> {
+fn tokenizer_cases(path: &Path) -> R<Checks> {
     let text = std::fs::read_to_string(path).map_err(e)?;
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(e)?;
     let tok = ClipTokenizer::from_dir(&fixtures().join("clip-tokenizer")).map_err(e)?;
@@ -74,10 +70,10 @@ fn tokenizer_cases(path: &Path) -> R<Outcome> {
             ));
         }
     }
-    Ok(Outcome::Ok(checks))
+    Ok(checks)
 }
 
-fn components(case: &Case, models: &mut Models) -> R<Outcome> {
+fn components(case: &Case, models: &mut Models) -> R<Checks> {
     let c = models.get(&model_for(case, "tiny-ip2p"))?;
     let mut checks = Checks::default();
     if case.has("input_ids") {
@@ -106,7 +102,7 @@ fn components(case: &Case, models: &mut Models) -> R<Outcome> {
             .map_err(e)?;
         checks.within(case, "unet_out", &out)?;
     }
-    Ok(Outcome::Ok(checks))
+    Ok(checks)
 }
 
 fn scheduler_of(case: &Case) -> R<(SchedulerKind, SchedulerConfig)> {
@@ -157,7 +153,7 @@ fn timesteps_check(checks: &mut Checks, case: &Case, got: &[f64]) -> R<()> {
     Ok(())
 }
 
-fn ip2p(case: &Case, models: &mut Models) -> R<Outcome> {
+fn ip2p(case: &Case, models: &mut Models) -> R<Checks> {
     let c = models.get(&model_for(case, "tiny-ip2p"))?.clone();
     let pipe = EditPipeline::new(c).map_err(e)?;
     let (kind, cfg) = scheduler_of(case)?;
@@ -199,10 +195,10 @@ fn ip2p(case: &Case, models: &mut Models) -> R<Outcome> {
             noise.remaining()
         ));
     }
-    Ok(Outcome::Ok(checks))
+    Ok(checks)
 }
 
-fn txt2img_pair(case: &Case, models: &mut Models) -> R<Outcome> {
+fn txt2img_pair(case: &Case, models: &mut Models) -> R<Checks> {
     let c = models.get(&model_for(case, "tiny-sd"))?.clone();
     let pipe = Txt2ImgPipeline::new(c).map_err(e)?;
     let (kind, cfg) = scheduler_of(case)?;
@@ -256,7 +252,85 @@ fn txt2img_pair(case: &Case, models: &mut Models) -> R<Outcome> {
             case.t(&format!("output_u8.{k}"))?,
         )?;
     }
-    Ok(Outcome::Ok(checks))
+    Ok(checks)
+}
+
+/// One training step: the noisy latents, the loss, and gradients of UNet parameters and of
+/// the text encoder's token embedding.
+fn train_step(case: &Case) -> R<Checks> {
+    let dev = Device::Cpu;
+    let dir = ModelDir::from_dir(&fixtures().join(model_for(case, "tiny-ip2p"))).map_err(e)?;
+    let ucfg: ip2p::models::UNetConfig = dir.config("unet", "config.json").map_err(e)?;
+    let tcfg: ip2p::models::ClipTextConfig = dir.config("text_encoder", "config.json").map_err(e)?;
+    let scfg: SchedulerConfig = dir.config("scheduler", "scheduler_config.json").map_err(e)?;
+    let uvars = training::load_vars(
+        &dir.weights("unet", "diffusion_pytorch_model", loader::Variant::Full).map_err(e)?,
+        &dev,
+    )
+    .map_err(e)?;
+    let tvars = training::load_vars(
+        &dir.weights("text_encoder", "model", loader::Variant::Full).map_err(e)?,
+        &dev,
+    )
+    .map_err(e)?;
+    let unet = ip2p::models::UNet2DConditionModel::new(training::var_builder(&uvars, &dev), &ucfg)
+        .map_err(e)?;
+    let text = ip2p::models::ClipTextModel::new(training::var_builder(&tvars, &dev), &tcfg)
+        .map_err(e)?;
+    let sched = training::NoiseSchedule::new(&scfg).map_err(e)?;
+    let ts: Vec<u32> = case
+        .t("timesteps")?
+        .to_dtype(DType::I64)
+        .map_err(e)?
+        .to_vec1::<i64>()
+        .map_err(e)?
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    let noise = case.t("noise")?;
+    let noisy = sched
+        .add_noise(case.t("target")?, noise, &ts)
+        .map_err(e)?;
+    let mut checks = Checks::default();
+    checks.within(case, "noisy", &noisy)?;
+    let ehs = text.forward(case.t("input_ids")?).map_err(e)?;
+    let loss = training::ip2p_loss(&unet, &noisy, case.t("image_latents")?, &ts, &ehs, noise)
+        .map_err(e)?;
+    checks.within(case, "loss", &loss.reshape(1).map_err(e)?)?;
+    let grads = loss.backward().map_err(e)?;
+    let uv = training::named_vars(&uvars).map_err(e)?;
+    let names: Vec<String> = case
+        .meta
+        .get("grad_names")
+        .and_then(|v| v.as_array())
+        .ok_or("no grad_names")?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    for n in &names {
+        let var = uv.get(n).ok_or_else(|| format!("no UNet parameter {n}"))?;
+        let g = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| format!("no gradient reached {n}"))?;
+        checks.within(case, &format!("grad.{n}"), g)?;
+    }
+    if case.has("grad.token_embedding_rows") {
+        let tv = training::named_vars(&tvars).map_err(e)?;
+        let emb = tv
+            .iter()
+            .find(|(k, _)| k.ends_with("embeddings.token_embedding.weight"))
+            .map(|(_, v)| v.clone())
+            .ok_or("no token embedding")?;
+        let g = grads
+            .get(emb.as_tensor())
+            .ok_or("no gradient reached the token embedding")?;
+        let rows = case
+            .t("token_ids_with_grad")?
+            .to_dtype(DType::U32)
+            .map_err(e)?;
+        checks.within(case, "grad.token_embedding_rows", &g.index_select(&rows, 0).map_err(e)?)?;
+    }
+    Ok(checks)
 }
 
 /// A `uint8 [H, W, 3]` tensor as an image.
@@ -267,7 +341,7 @@ fn u8_rgb(t: &Tensor) -> R<image::RgbImage> {
 }
 
 /// CLIP image and text towers and the four filter similarities.
-fn clip(case: &Case) -> R<Outcome> {
+fn clip(case: &Case) -> R<Checks> {
     let dir = fixtures().join(model_for(case, "tiny-clip"));
     let scorer = ClipScorer::from_dir(&dir, &Device::Cpu).map_err(e)?;
     let model = scorer.model();
@@ -298,10 +372,10 @@ fn clip(case: &Case) -> R<Outcome> {
         let ids = ids.to_dtype(DType::F32).map_err(e)?;
         checks.bound("input_ids_u8 (from captions)", &ids, &want, 0.0)?;
     }
-    Ok(Outcome::Ok(checks))
+    Ok(checks)
 }
 
-fn run_case(path: &Path, models: &mut Models) -> R<Outcome> {
+fn run_case(path: &Path, models: &mut Models) -> R<Checks> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -315,9 +389,7 @@ fn run_case(path: &Path, models: &mut Models) -> R<Outcome> {
         "ip2p" => ip2p(&case, models),
         "txt2img_pair" => txt2img_pair(&case, models),
         "clip" => clip(&case),
-        "train_step" => Ok(Outcome::Skipped(
-            "kind `train_step` belongs to training, not run here".into(),
-        )),
+        "train_step" => train_step(&case),
         other => Err(format!("unknown case kind `{other}`")),
     }
 }
@@ -357,7 +429,7 @@ fn main() {
     let mut models = Models {
         cache: HashMap::new(),
     };
-    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    let (mut passed, mut failed, skipped) = (0, 0, 0);
     for dir in &dirs {
         let files = case_files(dir);
         if files.is_empty() {
@@ -377,23 +449,19 @@ fn main() {
                 continue;
             }
             match run_case(&f, &mut models) {
-                Ok(Outcome::Ok(c)) if c.failures.is_empty() => {
+                Ok(c) if c.failures.is_empty() => {
                     passed += 1;
                     println!(
                         "parity {name}: ok (max abs err {:.3e}, worst err/tol {:.3}, u8 levels {}, {} checks)",
                         c.worst, c.worst_ratio, c.worst_levels, c.count
                     );
                 }
-                Ok(Outcome::Ok(c)) => {
+                Ok(c) => {
                     failed += 1;
                     println!("parity {name}: FAILED");
                     for m in c.failures {
                         println!("    {m}");
                     }
-                }
-                Ok(Outcome::Skipped(why)) => {
-                    skipped += 1;
-                    println!("parity {name}: SKIPPED ({why})");
                 }
                 Err(m) => {
                     failed += 1;

@@ -337,8 +337,17 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Softmax over the last dimension.
+///
+/// candle's fused kernel records no backward, so when gradients are being recorded the softmax is
+/// built from differentiable ops instead (the subtracted maximum only guards against overflow and
+/// carries no gradient).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax_last_dim(x)
+    if !x.track_op() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// What may be done to the attention logits (before the softmax) of one attention call.
@@ -573,6 +582,25 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(d < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_has_a_gradient_when_one_is_recorded() -> Result<()> {
+        let dev = Device::Cpu;
+        let v = candle_core::Var::from_tensor(&Tensor::new(&[[1f32, 2.0, 0.5]], &dev)?)?;
+        let fused = softmax_last_dim(&v.as_tensor().detach())?;
+        let p = softmax_last_dim(v.as_tensor())?;
+        let d = (&p - &fused)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-7, "{d}");
+        // d/dx of p₀: p₀(δ₀ⱼ − pⱼ).
+        let g = p.narrow(1, 0, 1)?.sum_all()?.backward()?;
+        let g = g.get(v.as_tensor()).ok_or_else(|| candle_core::Error::Msg("no grad".into()))?;
+        let pv = fused.to_vec2::<f32>()?[0].clone();
+        let want = [pv[0] * (1.0 - pv[0]), -pv[0] * pv[1], -pv[0] * pv[2]];
+        for (a, b) in g.to_vec2::<f32>()?[0].iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
         Ok(())
     }
 

@@ -1,0 +1,126 @@
+//! Training: extend a Stable Diffusion UNet to InstructPix2Pix's 8 input channels, and fine-tune
+//! it on (input image, instruction, edited image) triples.
+//!
+//! Training builds the networks from [`candle_core::Var`]s, which steers every layer onto its
+//! differentiable form (candle's convolution rather than the inference kernel, composed
+//! softmax/normalisations rather than the fused ones), so gradients reach every parameter while
+//! inference keeps its fast paths.
+
+pub mod adamw;
+pub mod data;
+pub mod ema;
+pub mod extend;
+pub mod lora;
+pub mod trainer;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::schedulers::{alphas_cumprod, SchedulerConfig};
+use crate::{Error, Result};
+
+/// Loads safetensors files as trainable variables (f32), keyed by their names.
+pub fn load_vars(files: &[PathBuf], device: &Device) -> Result<VarMap> {
+    let map = VarMap::new();
+    {
+        let mut data = map
+            .data()
+            .lock()
+            .map_err(|_| Error::Config {
+                path: PathBuf::new(),
+                message: "variable map poisoned".into(),
+            })?;
+        for f in files {
+            let tensors = candle_core::safetensors::load(f, device)
+                .map_err(|e| Error::IncompatibleModel(format!("{}: {e}", f.display())))?;
+            for (name, t) in tensors {
+                let t = if t.dtype() == DType::F32 {
+                    t
+                } else {
+                    t.to_dtype(DType::F32)?
+                };
+                data.insert(name, Var::from_tensor(&t)?);
+            }
+        }
+    }
+    Ok(map)
+}
+
+/// A `VarBuilder` over trainable variables.
+pub fn var_builder(map: &VarMap, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_varmap(map, DType::F32, device)
+}
+
+/// The variables of a map by name.
+pub fn named_vars(map: &VarMap) -> Result<HashMap<String, Var>> {
+    let data = map.data().lock().map_err(|_| Error::Config {
+        path: PathBuf::new(),
+        message: "variable map poisoned".into(),
+    })?;
+    Ok(data.clone())
+}
+
+/// DDPM's forward process: `x_t = √ᾱ_t · x₀ + √(1 − ᾱ_t) · ε`, in float32 as diffusers'
+/// `DDPMScheduler.add_noise` computes it.
+#[derive(Debug, Clone)]
+pub struct NoiseSchedule {
+    alphas_cumprod: Vec<f32>,
+}
+
+impl NoiseSchedule {
+    /// From the model's `scheduler_config.json` (its betas; DDPM's defaults where absent).
+    pub fn new(config: &SchedulerConfig) -> Result<Self> {
+        Ok(Self {
+            alphas_cumprod: alphas_cumprod(config, "linear", 0.0001, 0.02)?,
+        })
+    }
+
+    pub fn num_train_timesteps(&self) -> usize {
+        self.alphas_cumprod.len()
+    }
+
+    /// Noises `x0: [B, ...]` with `noise` at one timestep per sample.
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &[u32]) -> Result<Tensor> {
+        let b = x0.dim(0)?;
+        if timesteps.len() != b {
+            return Err(Error::invalid(
+                "timesteps",
+                format!("{} timesteps for a batch of {b}", timesteps.len()),
+            ));
+        }
+        let mut a = Vec::with_capacity(b);
+        let mut s = Vec::with_capacity(b);
+        for &t in timesteps {
+            let ac = *self.alphas_cumprod.get(t as usize).ok_or_else(|| {
+                Error::invalid("timesteps", format!("timestep {t} is out of range"))
+            })?;
+            a.push(ac.sqrt());
+            s.push((1.0f32 - ac).sqrt());
+        }
+        let mut shape = vec![b];
+        shape.extend(std::iter::repeat_n(1, x0.rank() - 1));
+        let a = Tensor::from_vec(a, shape.as_slice(), x0.device())?.to_dtype(x0.dtype())?;
+        let s = Tensor::from_vec(s, shape.as_slice(), x0.device())?.to_dtype(x0.dtype())?;
+        Ok((x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?)
+    }
+}
+
+/// The InstructPix2Pix objective: mean squared error between the UNet's ε-prediction on
+/// `[noisy, image_latents]` and the noise.
+pub fn ip2p_loss(
+    unet: &crate::models::UNet2DConditionModel,
+    noisy: &Tensor,
+    image_latents: &Tensor,
+    timesteps: &[u32],
+    text: &Tensor,
+    noise: &Tensor,
+) -> Result<Tensor> {
+    let x = Tensor::cat(&[noisy, image_latents], 1)?;
+    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+    let t = Tensor::new(t.as_slice(), x.device())?;
+    let pred = unet.forward(&x, &t, text)?;
+    Ok((pred - noise)?.sqr()?.mean_all()?)
+}
