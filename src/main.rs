@@ -31,6 +31,175 @@ enum Command {
     Serve(ServeArgs),
     /// Time the networks at full SD 1.5 shapes with random weights (JSON lines).
     Bench(BenchArgs),
+    /// Make an InstructPix2Pix starting point from a Stable Diffusion model (8-channel UNet).
+    Extend(ExtendArgs),
+    /// Fine-tune an 8-channel UNet on (input image, instruction, edited image) Parquet rows.
+    Train(TrainArgs),
+}
+
+#[derive(Args, Debug)]
+struct ExtendArgs {
+    /// A Stable Diffusion 1.x folder or hub id.
+    #[arg(long, env = "IP2P_EXTEND_FROM")]
+    from: String,
+    /// The new folder.
+    #[arg(long, env = "IP2P_EXTEND_OUT")]
+    out: PathBuf,
+    /// Never download (also HF_HUB_OFFLINE=1).
+    #[arg(long, env = "IP2P_OFFLINE")]
+    offline: bool,
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// An InstructPix2Pix folder (see `ip2p extend`) or hub id.
+    #[arg(long, env = "IP2P_MODEL")]
+    model: String,
+    /// Parquet files or folders (dataset-gen's output, or the published datasets' layout).
+    #[arg(long, env = "IP2P_TRAIN_DATA", required = true, value_delimiter = ',')]
+    data: Vec<PathBuf>,
+    /// Checkpoints, the loss log and the final model go here.
+    #[arg(long, env = "IP2P_TRAIN_OUT")]
+    out: PathBuf,
+    #[arg(long, env = "IP2P_TRAIN_RESOLUTION", default_value_t = 256)]
+    resolution: u32,
+    #[arg(long, env = "IP2P_TRAIN_BATCH_SIZE", default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, env = "IP2P_TRAIN_GRAD_ACCUM", default_value_t = 1)]
+    grad_accum: usize,
+    /// Optimisation steps in total.
+    #[arg(long, env = "IP2P_TRAIN_STEPS", default_value_t = 1000)]
+    steps: u64,
+    #[arg(long, env = "IP2P_TRAIN_LR", default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, env = "IP2P_TRAIN_WEIGHT_DECAY", default_value_t = 1e-2)]
+    weight_decay: f64,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long, env = "IP2P_TRAIN_MAX_GRAD_NORM", default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// EMA decay of the weights (0: no EMA).
+    #[arg(long, env = "IP2P_TRAIN_EMA", default_value_t = 0.9999)]
+    ema: f64,
+    #[arg(long, env = "IP2P_TRAIN_CHECKPOINT_EVERY", default_value_t = 500)]
+    checkpoint_every: u64,
+    #[arg(long, env = "IP2P_TRAIN_SEED", default_value_t = 42)]
+    seed: u64,
+    /// Centre crops instead of random ones.
+    #[arg(long, env = "IP2P_TRAIN_CENTER_CROP")]
+    center_crop: bool,
+    /// No horizontal flips.
+    #[arg(long, env = "IP2P_TRAIN_NO_FLIP")]
+    no_flip: bool,
+    /// p of the conditioning dropout (text dropped below 2p, image between p and 3p).
+    #[arg(long, env = "IP2P_TRAIN_CONDITIONING_DROPOUT", default_value_t = 0.05)]
+    conditioning_dropout: f64,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long, env = "IP2P_TRAIN_RESUME")]
+    resume: bool,
+    /// Column names.
+    #[arg(
+        long,
+        env = "IP2P_TRAIN_ORIGINAL_IMAGE_COLUMN",
+        default_value = "original_image"
+    )]
+    original_image_column: String,
+    #[arg(
+        long,
+        env = "IP2P_TRAIN_EDITED_IMAGE_COLUMN",
+        default_value = "edited_image"
+    )]
+    edited_image_column: String,
+    #[arg(
+        long,
+        env = "IP2P_TRAIN_EDIT_PROMPT_COLUMN",
+        default_value = "edit_prompt"
+    )]
+    edit_prompt_column: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "IP2P_DEVICE", default_value = "auto")]
+    device: ip2p::device::DeviceChoice,
+    #[arg(long, env = "IP2P_OFFLINE")]
+    offline: bool,
+}
+
+fn extend(a: ExtendArgs) -> Result<()> {
+    let hub = ip2p::loader::HubOptions {
+        offline: a.offline,
+        ..Default::default()
+    };
+    let dir = ip2p::loader::ModelDir::open(&a.from, &hub)?;
+    ip2p::training::extend::extend(&dir, &a.out)?;
+    println!("{}: UNet extended to 8 input channels", a.out.display());
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    use ip2p::training::trainer::{train, TrainConfig};
+    let cfg = TrainConfig {
+        model: a.model,
+        hub: ip2p::loader::HubOptions {
+            offline: a.offline,
+            ..Default::default()
+        },
+        data: a.data,
+        columns: ip2p::training::data::Columns {
+            original_image: a.original_image_column,
+            edited_image: a.edited_image_column,
+            edit_prompt: a.edit_prompt_column,
+        },
+        out: a.out,
+        resolution: a.resolution,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        steps: a.steps,
+        adam: ip2p::training::adamw::AdamWConfig {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        max_grad_norm: a.max_grad_norm,
+        ema: (a.ema > 0.0).then_some(a.ema),
+        checkpoint_every: a.checkpoint_every,
+        seed: a.seed,
+        center_crop: a.center_crop,
+        random_flip: !a.no_flip,
+        conditioning_dropout: a.conditioning_dropout,
+        prefetch: 2,
+        resume: a.resume,
+        device: ip2p::device::open(a.device)?,
+    };
+    let bar = indicatif::ProgressBar::new(cfg.steps);
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let s = train(&cfg, &mut |l| {
+        bar.set_position(l.step);
+        bar.set_message(format!("loss {:.4}", l.loss));
+        if bar.is_hidden() && (l.step % 10 == 0 || l.step == 1) {
+            tracing::info!(
+                step = l.step,
+                loss = l.loss,
+                grad_norm = l.grad_norm,
+                seconds = l.seconds,
+                "train"
+            );
+        }
+    })?;
+    bar.finish();
+    println!(
+        "steps {}..{}: loss {:.4} -> {:.4}; model in {}",
+        s.start_step,
+        s.end_step,
+        s.first_loss.unwrap_or(f64::NAN),
+        s.last_loss.unwrap_or(f64::NAN),
+        s.final_model.display()
+    );
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -366,6 +535,8 @@ fn run() -> Result<()> {
             reps: a.reps,
             only: a.only,
         })?),
+        Command::Extend(a) => extend(a),
+        Command::Train(a) => train(a),
     }
 }
 
@@ -373,7 +544,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                let serving = std::env::args().nth(1).as_deref() == Some("serve");
+                let serving = matches!(std::env::args().nth(1).as_deref(), Some("serve" | "train"));
                 tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
             }),
         )

@@ -45,7 +45,6 @@ fn model_for(case: &Case, default: &str) -> String {
     case.meta_str("model").unwrap_or_else(|| default.to_owned())
 }
 
-
 fn tokenizer_cases(path: &Path) -> R<Checks> {
     let text = std::fs::read_to_string(path).map_err(e)?;
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(e)?;
@@ -261,22 +260,27 @@ fn train_step(case: &Case) -> R<Checks> {
     let dev = Device::Cpu;
     let dir = ModelDir::from_dir(&fixtures().join(model_for(case, "tiny-ip2p"))).map_err(e)?;
     let ucfg: ip2p::models::UNetConfig = dir.config("unet", "config.json").map_err(e)?;
-    let tcfg: ip2p::models::ClipTextConfig = dir.config("text_encoder", "config.json").map_err(e)?;
-    let scfg: SchedulerConfig = dir.config("scheduler", "scheduler_config.json").map_err(e)?;
+    let tcfg: ip2p::models::ClipTextConfig =
+        dir.config("text_encoder", "config.json").map_err(e)?;
+    let scfg: SchedulerConfig = dir
+        .config("scheduler", "scheduler_config.json")
+        .map_err(e)?;
     let uvars = training::load_vars(
-        &dir.weights("unet", "diffusion_pytorch_model", loader::Variant::Full).map_err(e)?,
+        &dir.weights("unet", "diffusion_pytorch_model", loader::Variant::Full)
+            .map_err(e)?,
         &dev,
     )
     .map_err(e)?;
     let tvars = training::load_vars(
-        &dir.weights("text_encoder", "model", loader::Variant::Full).map_err(e)?,
+        &dir.weights("text_encoder", "model", loader::Variant::Full)
+            .map_err(e)?,
         &dev,
     )
     .map_err(e)?;
     let unet = ip2p::models::UNet2DConditionModel::new(training::var_builder(&uvars, &dev), &ucfg)
         .map_err(e)?;
-    let text = ip2p::models::ClipTextModel::new(training::var_builder(&tvars, &dev), &tcfg)
-        .map_err(e)?;
+    let text =
+        ip2p::models::ClipTextModel::new(training::var_builder(&tvars, &dev), &tcfg).map_err(e)?;
     let sched = training::NoiseSchedule::new(&scfg).map_err(e)?;
     let ts: Vec<u32> = case
         .t("timesteps")?
@@ -288,9 +292,7 @@ fn train_step(case: &Case) -> R<Checks> {
         .map(|t| t as u32)
         .collect();
     let noise = case.t("noise")?;
-    let noisy = sched
-        .add_noise(case.t("target")?, noise, &ts)
-        .map_err(e)?;
+    let noisy = sched.add_noise(case.t("target")?, noise, &ts).map_err(e)?;
     let mut checks = Checks::default();
     checks.within(case, "noisy", &noisy)?;
     let ehs = text.forward(case.t("input_ids")?).map_err(e)?;
@@ -328,7 +330,11 @@ fn train_step(case: &Case) -> R<Checks> {
             .t("token_ids_with_grad")?
             .to_dtype(DType::U32)
             .map_err(e)?;
-        checks.within(case, "grad.token_embedding_rows", &g.index_select(&rows, 0).map_err(e)?)?;
+        checks.within(
+            case,
+            "grad.token_embedding_rows",
+            &g.index_select(&rows, 0).map_err(e)?,
+        )?;
     }
     Ok(checks)
 }

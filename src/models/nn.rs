@@ -595,7 +595,9 @@ mod tests {
         assert!(d < 1e-7, "{d}");
         // d/dx of p₀: p₀(δ₀ⱼ − pⱼ).
         let g = p.narrow(1, 0, 1)?.sum_all()?.backward()?;
-        let g = g.get(v.as_tensor()).ok_or_else(|| candle_core::Error::Msg("no grad".into()))?;
+        let g = g
+            .get(v.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no grad".into()))?;
         let pv = fused.to_vec2::<f32>()?[0].clone();
         let want = [pv[0] * (1.0 - pv[0]), -pv[0] * pv[1], -pv[0] * pv[2]];
         for (a, b) in g.to_vec2::<f32>()?[0].iter().zip(want) {

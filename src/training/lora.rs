@@ -1,1 +1,1 @@
-//! TODO
+//! LoRA adapters (not yet implemented).

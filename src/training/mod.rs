@@ -26,13 +26,10 @@ use crate::{Error, Result};
 pub fn load_vars(files: &[PathBuf], device: &Device) -> Result<VarMap> {
     let map = VarMap::new();
     {
-        let mut data = map
-            .data()
-            .lock()
-            .map_err(|_| Error::Config {
-                path: PathBuf::new(),
-                message: "variable map poisoned".into(),
-            })?;
+        let mut data = map.data().lock().map_err(|_| Error::Config {
+            path: PathBuf::new(),
+            message: "variable map poisoned".into(),
+        })?;
         for f in files {
             let tensors = candle_core::safetensors::load(f, device)
                 .map_err(|e| Error::IncompatibleModel(format!("{}: {e}", f.display())))?;
