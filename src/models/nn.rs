@@ -243,7 +243,12 @@ impl Module for GroupNorm {
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
         let x = x.contiguous()?.reshape((b, self.groups, ()))?;
-        let x = x.to_dtype(DType::F32)?;
+        // Half precision computes its statistics in f32 (as diffusers upcasts); f64 stays f64.
+        let x = x.to_dtype(if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        })?;
         let n = x.dim(2)? as f64;
         let mean = (x.sum_keepdim(2)? / n)?;
         let xc = x.broadcast_sub(&mean)?;
