@@ -96,6 +96,12 @@ struct TrainArgs {
     /// Continue from the newest checkpoint in --out.
     #[arg(long, env = "IP2P_TRAIN_RESUME")]
     resume: bool,
+    /// Train LoRA adapters of this rank on the attention projections instead of the whole UNet.
+    #[arg(long, env = "IP2P_TRAIN_LORA_RANK")]
+    lora_rank: Option<usize>,
+    /// LoRA alpha (scale = alpha / rank; default: the rank).
+    #[arg(long, env = "IP2P_TRAIN_LORA_ALPHA")]
+    lora_alpha: Option<f64>,
     /// Column names.
     #[arg(
         long,
@@ -166,6 +172,10 @@ fn train(a: TrainArgs) -> Result<()> {
         conditioning_dropout: a.conditioning_dropout,
         prefetch: 2,
         resume: a.resume,
+        lora: a.lora_rank.map(|rank| ip2p::training::lora::LoraConfig {
+            rank,
+            alpha: a.lora_alpha.unwrap_or(rank as f64),
+        }),
         device: ip2p::device::open(a.device)?,
     };
     let bar = indicatif::ProgressBar::new(cfg.steps);
@@ -244,6 +254,9 @@ struct ModelArgs {
     /// Use only the local Hugging Face cache (also HF_HUB_OFFLINE=1).
     #[arg(long, env = "IP2P_OFFLINE")]
     offline: bool,
+    /// LoRA weights (diffusers/PEFT `pytorch_lora_weights.safetensors`) folded into the UNet.
+    #[arg(long, env = "IP2P_LORA")]
+    lora: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -321,7 +334,11 @@ fn load_pipeline(m: &ModelArgs) -> Result<EditPipeline> {
         variant: m.variant,
         ..Default::default()
     };
-    let components = loader::load(&dir, &dev, &opts)?;
+    let mut components = loader::load(&dir, &dev, &opts)?;
+    if let Some(l) = &m.lora {
+        let n = ip2p::training::lora::merge_file(&mut components.unet, l)?;
+        tracing::info!(lora = %l.display(), projections = n, "LoRA folded into the UNet");
+    }
     Ok(EditPipeline::new(components)?)
 }
 

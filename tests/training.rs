@@ -208,3 +208,88 @@ fn gradients_agree_with_finite_differences() -> R {
     }
     Ok(())
 }
+
+#[test]
+fn lora_adapters_train_alone_and_fold_into_the_weights() -> R {
+    use ip2p::training::lora::{self, LoraConfig};
+    let dev = Device::Cpu;
+    let dir = ModelDir::from_dir(&fixtures().join("tiny-ip2p"))?;
+    let cfg: UNetConfig = dir.config("unet", "config.json")?;
+    let files = dir.weights("unet", "diffusion_pytorch_model", Variant::Full)?;
+    let vb = loader::var_builder(&files, DType::F32, &dev)?;
+    let mut unet = ip2p::models::nn::build_differentiable(|| UNet2DConditionModel::new(vb, &cfg))?;
+    let lc = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+    };
+    let fresh = lora::attach(&mut unet, lc, 1, &dev, None)?;
+    // 4 projections × 2 attentions × 16 transformer blocks, A and B each.
+    assert_eq!(fresh.len(), 4 * 2 * 16 * 2);
+    // Fresh adapters (B = 0) leave the model unchanged.
+    let (noisy, image, text, ts) = inputs(DType::F32)?;
+    let x = Tensor::cat(&[&noisy, &image], 1)?;
+    let t = Tensor::new(&[17f32, 803.0], &dev)?;
+    let plain = loader::load(&dir, &dev, &LoadOptions::default())?;
+    let base_out = plain.unet.forward(&x, &t, &text)?;
+    assert!(max_abs_diff(&unet.forward(&x, &t, &text)?, &base_out)? < 1e-5);
+
+    // Non-zero adapters: every one gets a gradient, and nothing else is trainable.
+    let mut state = HashMap::new();
+    for (k, v) in &fresh {
+        state.insert(
+            k.clone(),
+            (Tensor::randn(0f32, 0.05, v.as_tensor().dims(), &dev)?),
+        );
+    }
+    let vb = loader::var_builder(&files, DType::F32, &dev)?;
+    let mut unet = ip2p::models::nn::build_differentiable(|| UNet2DConditionModel::new(vb, &cfg))?;
+    let vars = lora::attach(&mut unet, lc, 1, &dev, Some(&state))?;
+    let noise = Tensor::randn(0f32, 1.0, noisy.dims(), &dev)?;
+    let loss = training::ip2p_loss(&unet, &noisy, &image, &ts, &text, &noise)?;
+    let grads = loss.backward()?;
+    for (k, v) in &vars {
+        let g = grads
+            .get(v.as_tensor())
+            .ok_or(format!("no gradient for {k}"))?;
+        assert!(
+            g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+            "zero gradient for {k}"
+        );
+    }
+    let with_lora = unet.forward(&x, &t, &text)?;
+    assert!(max_abs_diff(&with_lora, &base_out)? > 1e-4);
+
+    // Saved in the PEFT layout and folded into a plain model, it computes the same.
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join(lora::LORA_FILE);
+    lora::save(&state, lc, &file)?;
+    let saved = candle_core::safetensors::load(&file, &dev)?;
+    assert!(saved.contains_key(
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+    ));
+    assert!(saved.contains_key(
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.lora_B.weight"
+    ));
+    let mut merged = loader::load(&dir, &dev, &LoadOptions::default())?;
+    assert_eq!(lora::merge_file(&mut merged.unet, &file)?, 4 * 2 * 16);
+    let d = max_abs_diff(&merged.unet.forward(&x, &t, &text)?, &with_lora)?;
+    assert!(
+        d < 1e-5,
+        "merged model differs from the adapter model by {d}"
+    );
+    // An adapter for a module the model lacks is refused.
+    let mut bad = state.clone();
+    bad.insert(
+        "down_blocks.9.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight".into(),
+        Tensor::zeros((4, 32), DType::F32, &dev)?,
+    );
+    bad.insert(
+        "down_blocks.9.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight".into(),
+        Tensor::zeros((32, 4), DType::F32, &dev)?,
+    );
+    let bad_file = tmp.path().join("bad.safetensors");
+    lora::save(&bad, lc, &bad_file)?;
+    let mut m2 = loader::load(&dir, &dev, &LoadOptions::default())?;
+    assert!(lora::merge_file(&mut m2.unet, &bad_file).is_err());
+    Ok(())
+}

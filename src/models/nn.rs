@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<Lora>,
 }
 
 impl Linear {
@@ -21,7 +22,11 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
     /// Loads a projection stored either as a linear weight `[out, in]` or as a 1×1 convolution
@@ -34,11 +39,45 @@ impl Linear {
                 .reshape((out_dim, in_dim))?,
         };
         let bias = Some(vb.get(out_dim, "bias")?);
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+}
+
+/// A low-rank adapter on a [`Linear`]: `y += scale · (x Aᵀ) Bᵀ` (PEFT's `lora_A`, `lora_B`).
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+    /// `alpha / r`.
+    pub scale: f64,
+}
+
+impl Linear {
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        self.weight.dims2()
+    }
+
+    /// Attaches (or removes) a trainable adapter, kept apart from the weight.
+    pub fn set_lora(&mut self, lora: Option<Lora>) {
+        self.lora = lora;
+    }
+
+    /// Folds an adapter into the weight (`W += scale · B A`): no cost at inference.
+    pub fn merge_lora(&mut self, lora: &Lora) -> Result<()> {
+        let delta = (lora.b.matmul(&lora.a)? * lora.scale)?;
+        self.weight = (&self.weight + delta.to_dtype(self.weight.dtype())?)?;
+        Ok(())
     }
 }
 
@@ -51,6 +90,10 @@ impl Module for Linear {
         let y = x2.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match &self.lora {
+            Some(l) => (y + (x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
             None => y,
         };
         let mut out_dims = dims.to_vec();
@@ -262,6 +305,24 @@ impl Module for GroupNorm {
     }
 }
 
+thread_local! {
+    static DIFFERENTIABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Builds models whose every layer can pass gradients to its input even where its own weights
+/// are frozen plain tensors (LoRA training): the 3×3 inference kernel, which has no backward, is
+/// not chosen inside `f`.
+pub fn build_differentiable<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            DIFFERENTIABLE.with(|d| d.set(self.0));
+        }
+    }
+    let _reset = Reset(DIFFERENTIABLE.with(|d| d.replace(true)));
+    f()
+}
+
 /// A 2-D convolution with optional stride and padding.
 ///
 /// 3×3 stride-1 convolutions with CPU f32 weights that are not being trained use the
@@ -290,6 +351,7 @@ impl Conv2d {
             && weight.device().is_cpu()
             && weight.dtype() == DType::F32
             && !weight.is_variable()
+            && !DIFFERENTIABLE.with(|d| d.get())
         {
             return Ok(Self::Shifted(std::sync::Arc::new(
                 super::kernels::Conv3x3::new(

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::adamw::{AdamW, AdamWConfig};
 use super::data::{augment, rng_for, row_at, unit, Columns, PairDataset};
 use super::ema::Ema;
+use super::lora::{self, LoraConfig, LORA_FILE};
 use super::{ip2p_loss, load_vars, named_vars, var_builder, NoiseSchedule};
 use crate::loader::{self, HubOptions, ModelDir, Variant};
 use crate::models::{
@@ -62,6 +63,8 @@ pub struct TrainConfig {
     /// Micro-batches decoded ahead.
     pub prefetch: usize,
     pub resume: bool,
+    /// Train LoRA adapters of this shape instead of the whole UNet.
+    pub lora: Option<LoraConfig>,
     pub device: Device,
 }
 
@@ -87,6 +90,7 @@ impl Default for TrainConfig {
             conditioning_dropout: 0.05,
             prefetch: 2,
             resume: false,
+            lora: None,
             device: Device::Cpu,
         }
     }
@@ -304,6 +308,25 @@ pub fn save_pipeline(base: &Path, unet: &HashMap<String, Tensor>, dst: &Path) ->
     std::fs::rename(&tmp, dst).map_err(io(dst))
 }
 
+/// A full pipeline folder, or for LoRA a folder with `pytorch_lora_weights.safetensors`
+/// (use it with the base model: `ip2p edit --model <base> --lora <file>`).
+fn save_model(
+    base: &Path,
+    weights: &HashMap<String, Tensor>,
+    lora_cfg: Option<LoraConfig>,
+    dst: &Path,
+) -> Result<()> {
+    match lora_cfg {
+        None => save_pipeline(base, weights, dst),
+        Some(lc) => {
+            std::fs::create_dir_all(dst).map_err(io(dst))?;
+            let tmp = dst.join(format!(".{LORA_FILE}.tmp"));
+            lora::save(weights, lc, &tmp)?;
+            std::fs::rename(&tmp, dst.join(LORA_FILE)).map_err(io(dst))
+        }
+    }
+}
+
 fn snapshot(vars: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
     vars.iter()
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
@@ -382,23 +405,46 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
     } else {
         None
     };
-    let (start_step, vars_map): (u64, VarMap) = match &resume {
-        Some((step, ck)) => (
-            *step,
-            load_vars(&[ck.join("training_state/unet.safetensors")], dev)?,
-        ),
-        None => (
-            0,
-            load_vars(
+    let start_step = resume.as_ref().map(|r| r.0).unwrap_or(0);
+    let (unet, vars) = match cfg.lora {
+        // LoRA: the base weights stay plain (frozen) tensors; only the adapters are variables.
+        Some(lc) => {
+            if lc.rank == 0 || !(lc.alpha.is_finite() && lc.alpha > 0.0) {
+                return Err(Error::invalid("lora", "rank and alpha must be positive"));
+            }
+            let vb = loader::var_builder(
                 &dir.weights("unet", "diffusion_pytorch_model", Variant::Auto)?,
+                DType::F32,
                 dev,
-            )?,
-        ),
+            )?;
+            let mut unet =
+                crate::models::nn::build_differentiable(|| UNet2DConditionModel::new(vb, &ucfg))
+                    .map_err(|e| Error::IncompatibleModel(format!("unet: {e}")))?;
+            let existing = match &resume {
+                Some((_, ck)) => Some(candle_core::safetensors::load(
+                    ck.join("training_state/lora.safetensors"),
+                    dev,
+                )?),
+                None => None,
+            };
+            let vars = lora::attach(&mut unet, lc, cfg.seed, dev, existing.as_ref())?;
+            (unet, vars)
+        }
+        None => {
+            let vars_map: VarMap = match &resume {
+                Some((_, ck)) => load_vars(&[ck.join("training_state/unet.safetensors")], dev)?,
+                None => load_vars(
+                    &dir.weights("unet", "diffusion_pytorch_model", Variant::Auto)?,
+                    dev,
+                )?,
+            };
+            let unet = UNet2DConditionModel::new(var_builder(&vars_map, dev), &ucfg)
+                .map_err(|e| Error::IncompatibleModel(format!("unet: {e}")))?;
+            let mut vars: Vec<(String, Var)> = named_vars(&vars_map)?.into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            (unet, vars)
+        }
     };
-    let unet = UNet2DConditionModel::new(var_builder(&vars_map, dev), &ucfg)
-        .map_err(|e| Error::IncompatibleModel(format!("unet: {e}")))?;
-    let mut vars: Vec<(String, Var)> = named_vars(&vars_map)?.into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt = AdamW::new(vars.clone(), cfg.adam);
     let mut ema = match cfg.ema {
         Some(d) => Some(Ema::new(&vars, d)?),
@@ -594,10 +640,15 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
                 Some(e) => e.shadow.clone(),
                 None => raw.clone(),
             };
-            save_pipeline(&base, &serve, &ck)?;
+            save_model(&base, &serve, cfg.lora, &ck)?;
             let ts = ck.join("training_state");
             std::fs::create_dir_all(&ts).map_err(io(&ts))?;
-            candle_core::safetensors::save(&raw, ts.join("unet.safetensors"))?;
+            let raw_name = if cfg.lora.is_some() {
+                "lora.safetensors"
+            } else {
+                "unet.safetensors"
+            };
+            candle_core::safetensors::save(&raw, ts.join(raw_name))?;
             candle_core::safetensors::save(&opt.state(), ts.join("optimizer.safetensors"))?;
             if let Some(e) = &ema {
                 candle_core::safetensors::save(&e.shadow, ts.join("ema.safetensors"))?;
@@ -625,7 +676,7 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
             Some(e) => e.shadow.clone(),
             None => snapshot(&vars)?,
         };
-        save_pipeline(&base, &serve, &final_dir)?;
+        save_model(&base, &serve, cfg.lora, &final_dir)?;
     }
     summary.final_model = final_dir;
     Ok(summary)

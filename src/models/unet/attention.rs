@@ -53,6 +53,14 @@ impl Attention {
         })
     }
 
+    /// Every projection (`to_q`, `to_k`, `to_v`, `to_out.0`) with its path under `prefix`.
+    pub fn visit_projections(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        f(&format!("{prefix}.to_q"), &mut self.to_q);
+        f(&format!("{prefix}.to_k"), &mut self.to_k);
+        f(&format!("{prefix}.to_v"), &mut self.to_v);
+        f(&format!("{prefix}.to_out.0"), &mut self.to_out);
+    }
+
     /// `x: [B, N, C]`; `context: [B, M, C']` for cross-attention, `None` for self-attention.
     pub fn forward(
         &self,
@@ -207,6 +215,15 @@ impl Transformer2D {
             blocks,
             proj_out,
         })
+    }
+
+    /// The attention projections of every transformer block, with their paths under `prefix`.
+    pub fn visit_projections(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        for (i, blk) in self.blocks.iter_mut().enumerate() {
+            let p = format!("{prefix}.transformer_blocks.{i}");
+            blk.attn1.visit_projections(&format!("{p}.attn1"), f);
+            blk.attn2.visit_projections(&format!("{p}.attn2"), f);
+        }
     }
 
     pub fn forward(&self, x: &Tensor, cond: Cond) -> Result<Tensor> {

@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{Cond, Transformer2D, TransformerSpec};
-use crate::models::nn::{upsample_nearest, Conv2d};
+use crate::models::nn::{upsample_nearest, Conv2d, Linear};
 use crate::models::resnet::ResnetBlock2D;
 
 /// Shared settings for the ResNets of one UNet.
@@ -24,6 +24,13 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
+    /// The attention projections of this block, with their paths under `prefix`.
+    pub fn visit_projections(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        for (j, a) in self.attentions.iter_mut().enumerate() {
+            a.visit_projections(&format!("{prefix}.attentions.{j}"), f);
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         vb: VarBuilder,
@@ -102,6 +109,13 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
+    /// The attention projections of this block, with their paths under `prefix`.
+    pub fn visit_projections(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        for (j, a) in self.attentions.iter_mut().enumerate() {
+            a.visit_projections(&format!("{prefix}.attentions.{j}"), f);
+        }
+    }
+
     pub fn new(vb: VarBuilder, c: usize, rs: ResnetSpec, attn: TransformerSpec) -> Result<Self> {
         let res = |j: usize| {
             ResnetBlock2D::new(
@@ -138,6 +152,13 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
+    /// The attention projections of this block, with their paths under `prefix`.
+    pub fn visit_projections(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        for (j, a) in self.attentions.iter_mut().enumerate() {
+            a.visit_projections(&format!("{prefix}.attentions.{j}"), f);
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         vb: VarBuilder,

@@ -16,7 +16,7 @@ pub use self::attention::Cond;
 use self::attention::TransformerSpec;
 use self::blocks::{DownBlock, MidBlock, ResnetSpec, UpBlock};
 use self::embeddings::{timestep_embedding, timesteps_to_vec, TimestepMlp};
-use super::nn::{Conv2d, GroupNorm};
+use super::nn::{Conv2d, GroupNorm, Linear};
 
 /// A config value that is either one number for every block or one per block.
 #[derive(Debug, Clone, Deserialize)]
@@ -264,6 +264,18 @@ impl UNet2DConditionModel {
 
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    /// Every attention projection (`…attn1.to_q`, …, `…attn2.to_out.0`) with its parameter path,
+    /// for LoRA adapters.
+    pub fn visit_attention_projections(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+        for (i, d) in self.down.iter_mut().enumerate() {
+            d.visit_projections(&format!("down_blocks.{i}"), f);
+        }
+        self.mid.visit_projections("mid_block", f);
+        for (i, u) in self.up.iter_mut().enumerate() {
+            u.visit_projections(&format!("up_blocks.{i}"), f);
+        }
     }
 
     /// `sample: [B, in_channels, h, w]`, `timestep`: a scalar or one per sample `[B]`,
