@@ -140,9 +140,12 @@ pub fn save(tensors: &HashMap<String, Tensor>, cfg: LoraConfig, path: &Path) -> 
         .map_err(|e| Error::invalid("lora", format!("{}: {e}", path.display())))
 }
 
+/// Adapters by module path: `(A, B)`.
+pub type Adapters = HashMap<String, (Tensor, Tensor)>;
+
 /// Reads a LoRA file: adapters by module path, and the scale (`alpha / r` from the metadata,
 /// else 1 as diffusers' scripts train with `alpha = r`).
-pub fn read(path: &Path) -> Result<(HashMap<String, (Tensor, Tensor)>, f64)> {
+pub fn read(path: &Path) -> Result<(Adapters, f64)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| Error::IncompatibleModel(format!("{}: {e}", path.display())))?;

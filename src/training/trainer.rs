@@ -357,13 +357,13 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
         return bad("resolution", "must be a positive multiple of 8");
     }
     let a = &cfg.adam;
-    if !(a.lr.is_finite() && a.lr > 0.0) || !a.weight_decay.is_finite() || a.weight_decay < 0.0 {
+    if !(a.lr.is_finite() && a.lr > 0.0 && a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
         return bad(
             "lr",
             "learning rate must be positive and weight decay non-negative",
         );
     }
-    if !(0.0..1.0).contains(&a.beta1) || !(0.0..1.0).contains(&a.beta2) || !(a.eps > 0.0) {
+    if !((0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2) && a.eps > 0.0) {
         return bad("adam", "betas must lie in [0, 1) and eps be positive");
     }
     if !(cfg.max_grad_norm.is_finite() && cfg.max_grad_norm >= 0.0) {
