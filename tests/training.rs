@@ -124,7 +124,10 @@ fn tiny_unet(dtype: DType) -> Result<Tiny, Box<dyn std::error::Error>> {
     Ok(Tiny { vars, unet })
 }
 
-fn inputs(dtype: DType) -> Result<(Tensor, Tensor, Tensor, Vec<u32>), Box<dyn std::error::Error>> {
+/// Noisy latents, image latents, text, timesteps.
+type Inputs = (Tensor, Tensor, Tensor, Vec<u32>);
+
+fn inputs(dtype: DType) -> Result<Inputs, Box<dyn std::error::Error>> {
     let dev = Device::Cpu;
     // 16 × 16 latents: the middle block still sees 2 × 2 tokens (at 1 × 1, self-attention over
     // one token has an exactly constant softmax and no gradient for its queries and keys).
@@ -238,7 +241,7 @@ fn lora_adapters_train_alone_and_fold_into_the_weights() -> R {
     for (k, v) in &fresh {
         state.insert(
             k.clone(),
-            (Tensor::randn(0f32, 0.05, v.as_tensor().dims(), &dev)?),
+            Tensor::randn(0f32, 0.05, v.as_tensor().dims(), &dev)?,
         );
     }
     let vb = loader::var_builder(&files, DType::F32, &dev)?;
