@@ -61,6 +61,20 @@ pub fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// Resident set size now, bytes (Linux; 0 elsewhere).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
 fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     let mut v = Vec::with_capacity(reps);
@@ -93,6 +107,8 @@ pub fn run(o: &BenchOptions) -> Result<()> {
     let dev = Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
     let want = |k: &str| o.only.is_empty() || o.only.iter().any(|x| x == k);
+    // Training steps are opt-in (minutes and ~20 GB for the full UNet).
+    let asked = |k: &str| o.only.iter().any(|x| x == k);
     let cfg = |c: &str| -> std::path::PathBuf { Path::new(&o.shapes).join(c).join("config.json") };
     if want("text") {
         let c: ClipTextConfig = read_json(&cfg("text_encoder"))?;
@@ -148,6 +164,128 @@ pub fn run(o: &BenchOptions) -> Result<()> {
             );
         }
     }
+    for (part, lora) in [("train_full", false), ("train_lora", true)] {
+        if !asked(part) {
+            continue;
+        }
+        let c: UNetConfig = read_json(&cfg("unet"))?;
+        for &r in &o.resolutions {
+            let s = train_step_secs(&c, r, lora, o.reps, &dev)?;
+            emit(serde_json::json!({
+                "component": part, "res": r, "batch": 1, "s": s, "threads": threads,
+                "peak_rss_bytes": peak_rss_bytes(),
+            }));
+        }
+    }
     emit(serde_json::json!({"component": "peak_rss", "bytes": peak_rss_bytes()}));
     Ok(())
+}
+
+/// One optimisation step (forward, backward, AdamW) on an 8-channel UNet of config `c`, batch 1:
+/// the whole UNet, or rank-4 LoRA adapters on frozen weights.
+fn train_step_secs(
+    c: &UNetConfig,
+    res: usize,
+    lora: bool,
+    reps: usize,
+    dev: &Device,
+) -> Result<f64> {
+    use crate::training::{adamw, lora as lo};
+    let map = candle_nn::VarMap::new();
+    let (unet, vars) = if lora {
+        let mut unet = crate::models::nn::build_differentiable(|| {
+            UNet2DConditionModel::new(random_vb(DType::F32, dev), c)
+        })?;
+        let vars = lo::attach(
+            &mut unet,
+            lo::LoraConfig {
+                rank: 4,
+                alpha: 4.0,
+            },
+            0,
+            dev,
+            None,
+        )?;
+        (unet, vars)
+    } else {
+        let unet = UNet2DConditionModel::new(VarBuilder::from_varmap(&map, DType::F32, dev), c)?;
+        let mut vars: Vec<(String, candle_core::Var)> =
+            crate::training::named_vars(&map)?.into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        // Real values, so every weight is resident as in a real run (zeros may stay unmapped).
+        for (_, v) in &vars {
+            v.set(&Tensor::randn(0f32, 0.02, v.as_tensor().dims(), dev)?)?;
+        }
+        (unet, vars)
+    };
+    let mut opt = adamw::AdamW::new(vars.clone(), adamw::AdamWConfig::default());
+    let h = res / 8;
+    let noisy = Tensor::randn(0f32, 1.0, (1, 4, h, h), dev)?;
+    let image = Tensor::randn(0f32, 1.0, (1, 4, h, h), dev)?;
+    let noise = Tensor::randn(0f32, 1.0, (1, 4, h, h), dev)?;
+    let text = Tensor::randn(0f32, 1.0, (1, 77, c.cross_attention_dim.get(0)), dev)?;
+    // No warm-up: one step is minutes, and the first one is as costly as the next
+    // (apart from the optimizer allocating its moments).
+    let mut times = Vec::new();
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        let loss = crate::training::ip2p_loss(&unet, &noisy, &image, &[500], &text, &noise)?;
+        if std::env::var_os("IP2P_BENCH_TRACE_MEM").is_some() {
+            eprintln!(
+                "after forward: peak {:.2} GB",
+                peak_rss_bytes() as f64 / 1e9
+            );
+        }
+        let grads = loss.backward()?;
+        if std::env::var_os("IP2P_BENCH_TRACE_MEM").is_some() {
+            eprintln!(
+                "after backward: peak {:.2} GB",
+                peak_rss_bytes() as f64 / 1e9
+            );
+        }
+        // The graph (every activation) goes before the optimizer allocates its moments.
+        drop(loss);
+        if std::env::var_os("IP2P_BENCH_TRACE_MEM").is_some() {
+            let ids: Vec<_> = grads.get_ids().copied().collect();
+            let total: usize = ids
+                .iter()
+                .filter_map(|i| grads.get_id(*i))
+                .map(|t| t.elem_count() * 4)
+                .sum();
+            let vars_b: usize = vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().elem_count() * 4)
+                .sum();
+            eprintln!(
+                "grad store: {} entries, {:.2} GB; variables {} ({:.2} GB)",
+                ids.len(),
+                total as f64 / 1e9,
+                vars.len(),
+                vars_b as f64 / 1e9
+            );
+        }
+        let g: std::collections::HashMap<String, Tensor> = vars
+            .iter()
+            .filter_map(|(k, v)| grads.get(v.as_tensor()).map(|g| (k.clone(), g.clone())))
+            .collect();
+        drop(grads);
+        let trace = std::env::var_os("IP2P_BENCH_TRACE_MEM").is_some();
+        if trace {
+            eprintln!(
+                "before the optimizer: rss {:.2} GB",
+                rss_bytes() as f64 / 1e9
+            );
+        }
+        opt.step(&g)?;
+        if trace {
+            eprintln!(
+                "after the optimizer: rss {:.2} GB, peak {:.2} GB",
+                rss_bytes() as f64 / 1e9,
+                peak_rss_bytes() as f64 / 1e9
+            );
+        }
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
 }

@@ -102,6 +102,19 @@ struct TrainArgs {
     /// LoRA alpha (scale = alpha / rank; default: the rank).
     #[arg(long, env = "IP2P_TRAIN_LORA_ALPHA")]
     lora_alpha: Option<f64>,
+    /// Edit --sample-image with --sample-instruction every N steps (into <out>/samples/).
+    #[arg(long, env = "IP2P_TRAIN_SAMPLE_EVERY")]
+    sample_every: Option<u64>,
+    #[arg(long, env = "IP2P_TRAIN_SAMPLE_IMAGE")]
+    sample_image: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "IP2P_TRAIN_SAMPLE_INSTRUCTION",
+        default_value = "make it look like a watercolor"
+    )]
+    sample_instruction: String,
+    #[arg(long, env = "IP2P_TRAIN_SAMPLE_STEPS", default_value_t = 20)]
+    sample_steps: usize,
     /// Column names.
     #[arg(
         long,
@@ -176,6 +189,17 @@ fn train(a: TrainArgs) -> Result<()> {
             rank,
             alpha: a.lora_alpha.unwrap_or(rank as f64),
         }),
+        samples: match (a.sample_every, a.sample_image) {
+            (Some(every), Some(image)) => Some(ip2p::training::trainer::SampleEdits {
+                every,
+                image,
+                instruction: a.sample_instruction,
+                steps: a.sample_steps,
+                seed: a.seed,
+            }),
+            (Some(_), None) => anyhow::bail!("--sample-every needs --sample-image"),
+            _ => None,
+        },
         device: ip2p::device::open(a.device)?,
     };
     let bar = indicatif::ProgressBar::new(cfg.steps);

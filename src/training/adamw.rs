@@ -64,6 +64,7 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (name, var) in &self.vars {
             let Some(g) = grads.get(name) else { continue };
+            let g = &g.detach();
             let m = match self.m.get(name) {
                 Some(m) => ((m * c.beta1)? + (g * (1.0 - c.beta1))?)?,
                 None => (g * (1.0 - c.beta1))?,
@@ -72,7 +73,7 @@ impl AdamW {
                 Some(v) => ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?,
                 None => (g.sqr()? * (1.0 - c.beta2))?,
             };
-            let p = var.as_tensor();
+            let p = &var.as_tensor().detach();
             let decayed = (p * (1.0 - c.lr * c.weight_decay))?;
             // torch: denom = sqrt(v) / sqrt(bc2) + eps; p -= (lr / bc1) · m / denom.
             let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;

@@ -35,7 +35,9 @@ impl Ema {
         let d = self.decay_at(step.saturating_sub(1));
         for (k, v) in vars {
             if let Some(e) = self.shadow.get_mut(k) {
-                let next = (&*e - ((&*e - v.as_tensor())? * (1.0 - d))?)?;
+                // Detached: the average must not keep a graph back through every step.
+                let w = v.as_tensor().detach();
+                let next = (&*e - ((&*e - w)? * (1.0 - d))?)?;
                 *e = next;
             }
         }
@@ -60,6 +62,8 @@ mod tests {
         e.update(&vars, 1)?;
         // decay 0.1: ema = 0 − 0.9 · (0 − 1) = 0.9.
         let got = e.shadow["w"].to_vec1::<f32>()?[0];
+        // No graph is kept from step to step.
+        assert!(!e.shadow["w"].track_op());
         assert!((got - 0.9).abs() < 1e-6, "{got}");
         Ok(())
     }

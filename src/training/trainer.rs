@@ -65,6 +65,8 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Train LoRA adapters of this shape instead of the whole UNet.
     pub lora: Option<LoraConfig>,
+    /// Edit a fixed image every `every` steps with the weights being trained.
+    pub samples: Option<SampleEdits>,
     pub device: Device,
 }
 
@@ -91,9 +93,20 @@ impl Default for TrainConfig {
             prefetch: 2,
             resume: false,
             lora: None,
+            samples: None,
             device: Device::Cpu,
         }
     }
+}
+
+/// Sample edits during training, written to `<out>/samples/step-NNNNNNNN.png`.
+#[derive(Debug, Clone)]
+pub struct SampleEdits {
+    pub every: u64,
+    pub image: PathBuf,
+    pub instruction: String,
+    pub steps: usize,
+    pub seed: u64,
 }
 
 /// One line of `train_log.jsonl`.
@@ -133,6 +146,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 /// The frozen parts: tokenizer, text encoder, VAE.
+#[derive(Clone)]
 struct Frozen {
     tokenizer: ClipTokenizer,
     text: ClipTextModel,
@@ -306,6 +320,69 @@ pub fn save_pipeline(base: &Path, unet: &HashMap<String, Tensor>, dst: &Path) ->
         std::fs::remove_dir_all(dst).map_err(io(dst))?;
     }
     std::fs::rename(&tmp, dst).map_err(io(dst))
+}
+
+/// Edits the sample image with `weights` (the whole UNet, or LoRA adapters on the base).
+#[allow(clippy::too_many_arguments)]
+fn sample_edit(
+    dir: &ModelDir,
+    ucfg: &UNetConfig,
+    scfg: &SchedulerConfig,
+    frozen: &Frozen,
+    weights: &HashMap<String, Tensor>,
+    lora_cfg: Option<LoraConfig>,
+    se: &SampleEdits,
+    path: &Path,
+) -> Result<()> {
+    let dev = frozen.empty.device().clone();
+    let unet = match lora_cfg {
+        None => {
+            let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
+            UNet2DConditionModel::new(vb, ucfg)?
+        }
+        Some(lc) => {
+            let vb = loader::var_builder(
+                &dir.weights("unet", "diffusion_pytorch_model", Variant::Auto)?,
+                DType::F32,
+                &dev,
+            )?;
+            let mut unet = UNet2DConditionModel::new(vb, ucfg)?;
+            let tmp = path.with_extension("lora.tmp");
+            if let Some(p) = tmp.parent() {
+                std::fs::create_dir_all(p).map_err(io(p))?;
+            }
+            lora::save(weights, lc, &tmp)?;
+            let r = lora::merge_file(&mut unet, &tmp);
+            let _ = std::fs::remove_file(&tmp);
+            r?;
+            unet
+        }
+    };
+    let c = loader::Components {
+        tokenizer: frozen.tokenizer.clone(),
+        text_encoder: frozen.text.clone(),
+        vae: frozen.vae.clone(),
+        unet,
+        scheduler: scfg.clone(),
+        device: dev,
+        dtype: DType::F32,
+    };
+    let pipe = crate::pipeline::EditPipeline::new(c)?;
+    let input = crate::pipeline::image::open(&se.image, &Default::default())?;
+    let params = crate::pipeline::EditParams {
+        instruction: se.instruction.clone(),
+        steps: se.steps,
+        seed: se.seed,
+        resolution: 256,
+        ..Default::default()
+    };
+    let out = pipe.edit(&input, &params, &mut crate::pipeline::NoProgress)?;
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).map_err(io(p))?;
+    }
+    out.image
+        .save(path)
+        .map_err(|e| Error::Image(format!("{}: {e}", path.display())))
 }
 
 /// A full pipeline folder, or for LoRA a folder with `pytorch_lora_weights.safetensors`
@@ -633,6 +710,16 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
         summary.end_step = step;
         on_step(&entry);
 
+        if let Some(se) = &cfg.samples {
+            if se.every > 0 && (step % se.every == 0 || step == cfg.steps) {
+                let weights = match &ema {
+                    Some(e) => e.shadow.clone(),
+                    None => snapshot(&vars)?,
+                };
+                let path = cfg.out.join("samples").join(format!("step-{step:08}.png"));
+                sample_edit(&dir, &ucfg, &scfg, &frozen, &weights, cfg.lora, se, &path)?;
+            }
+        }
         if step % cfg.checkpoint_every.max(1) == 0 || step == cfg.steps {
             let ck = cfg.out.join(format!("checkpoint-{step:08}"));
             let raw = snapshot(&vars)?;
