@@ -47,13 +47,13 @@ pub fn random_vb(dtype: DType, device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(Random), dtype, device.clone())
 }
 
-/// Peak resident set size of this process, bytes (Linux; 0 elsewhere).
-pub fn peak_rss_bytes() -> u64 {
+/// A `kB` field of `/proc/self/status`, in bytes (Linux; 0 elsewhere).
+fn proc_status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<u64>().ok())
         })
@@ -61,18 +61,14 @@ pub fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// Peak resident set size of this process, bytes (Linux; 0 elsewhere).
+pub fn peak_rss_bytes() -> u64 {
+    proc_status_bytes("VmHWM:")
+}
+
 /// Resident set size now, bytes (Linux; 0 elsewhere).
 fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map(|kib| kib * 1024)
-        .unwrap_or(0)
+    proc_status_bytes("VmRSS:")
 }
 
 fn median_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {

@@ -54,6 +54,17 @@ async fn dataset(dir: &Path) -> PathBuf {
     out.join("data")
 }
 
+/// tiny-sd extended to 8 input channels.
+fn extended(dir: &Path) -> PathBuf {
+    let model = dir.join("ip2p-init");
+    extend(
+        &ModelDir::from_dir(&fixtures().join("tiny-sd")).expect("tiny-sd"),
+        &model,
+    )
+    .expect("extend");
+    model
+}
+
 fn config(model: &Path, data: &Path, out: &Path, steps: u64) -> TrainConfig {
     TrainConfig {
         model: model.display().to_string(),
@@ -85,12 +96,7 @@ fn weights(dir: &Path) -> HashMap<String, Tensor> {
 async fn generated_pairs_train_a_model_that_edits() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = dataset(tmp.path()).await;
-    let model = tmp.path().join("ip2p-init");
-    extend(
-        &ModelDir::from_dir(&fixtures().join("tiny-sd")).expect("tiny-sd"),
-        &model,
-    )
-    .expect("extend");
+    let model = extended(tmp.path());
 
     // Training: the loss falls.
     let out = tmp.path().join("run");
@@ -146,12 +152,7 @@ async fn generated_pairs_train_a_model_that_edits() {
 async fn a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = dataset(tmp.path()).await;
-    let model = tmp.path().join("ip2p-init");
-    extend(
-        &ModelDir::from_dir(&fixtures().join("tiny-sd")).expect("tiny-sd"),
-        &model,
-    )
-    .expect("extend");
+    let model = extended(tmp.path());
 
     let whole = tmp.path().join("whole");
     tokio::task::block_in_place(|| train(&config(&model, &data, &whole, 40), &mut |_| {}))

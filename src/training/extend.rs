@@ -28,21 +28,6 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
     std::fs::write(path, s + "\n").map_err(io(path))
 }
 
-fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
-    std::fs::create_dir_all(dst).map_err(io(dst))?;
-    for entry in std::fs::read_dir(src).map_err(io(src))? {
-        let entry = entry.map_err(io(src))?;
-        let from = entry.path();
-        let to = dst.join(entry.file_name());
-        if from.is_dir() {
-            copy_tree(&from, &to)?;
-        } else {
-            std::fs::copy(&from, &to).map_err(io(&from))?;
-        }
-    }
-    Ok(())
-}
-
 /// Widens `conv_in.weight` `[out, 4, k, k]` to `[out, 8, k, k]` with zeros; everything else
 /// (the bias included) is kept as is, in its own dtype.
 pub fn extend_unet_tensors(
@@ -107,20 +92,7 @@ pub fn extend(src: &ModelDir, out: &Path) -> Result<()> {
 
 fn build(src: &ModelDir, dst: &Path, mut ucfg: Value) -> Result<()> {
     let root = src.root();
-    std::fs::create_dir_all(dst).map_err(io(dst))?;
-    for entry in std::fs::read_dir(root).map_err(io(root))? {
-        let entry = entry.map_err(io(root))?;
-        let p = entry.path();
-        let fname = entry.file_name();
-        if fname == "unet" {
-            continue;
-        }
-        if p.is_dir() {
-            copy_tree(&p, &dst.join(&fname))?;
-        } else {
-            std::fs::copy(&p, dst.join(&fname)).map_err(io(&p))?;
-        }
-    }
+    super::copy_model_except_unet(root, dst, false)?;
 
     // The UNet: every safetensors file (variants and shards) gets the wider conv_in.
     let su = root.join("unet");

@@ -22,6 +22,33 @@ use candle_nn::{VarBuilder, VarMap};
 use crate::schedulers::{alphas_cumprod, SchedulerConfig};
 use crate::{Error, Result};
 
+/// Copies a model folder into `dst` except its `unet/`, hard-linking files where the file system
+/// allows (`link`) and copying otherwise.
+pub(crate) fn copy_model_except_unet(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    link: bool,
+) -> Result<()> {
+    fn tree(src: &std::path::Path, dst: &std::path::Path, link: bool, top: bool) -> Result<()> {
+        std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+        for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+            let entry = entry.map_err(|e| Error::io(src, e))?;
+            let (from, name) = (entry.path(), entry.file_name());
+            if top && name == "unet" {
+                continue;
+            }
+            let to = dst.join(&name);
+            if from.is_dir() {
+                tree(&from, &to, link, false)?;
+            } else if !(link && std::fs::hard_link(&from, &to).is_ok()) {
+                std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+            }
+        }
+        Ok(())
+    }
+    tree(src, dst, link, true)
+}
+
 /// Loads safetensors files as trainable variables (f32), keyed by their names.
 pub fn load_vars(files: &[PathBuf], device: &Device) -> Result<VarMap> {
     let map = VarMap::new();

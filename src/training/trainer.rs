@@ -260,30 +260,6 @@ fn spawn_loader(
     rx
 }
 
-/// Links (or copies) `src` to `dst`.
-fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
-    if std::fs::hard_link(src, dst).is_ok() {
-        return Ok(());
-    }
-    std::fs::copy(src, dst).map_err(io(src))?;
-    Ok(())
-}
-
-fn link_tree(src: &Path, dst: &Path) -> Result<()> {
-    std::fs::create_dir_all(dst).map_err(io(dst))?;
-    for e in std::fs::read_dir(src).map_err(io(src))? {
-        let e = e.map_err(io(src))?;
-        let p = e.path();
-        let d = dst.join(e.file_name());
-        if p.is_dir() {
-            link_tree(&p, &d)?;
-        } else {
-            link_or_copy(&p, &d)?;
-        }
-    }
-    Ok(())
-}
-
 /// Writes a complete diffusers pipeline folder at `dst`: the base model's components with the
 /// UNet's weights replaced by `unet`. Built under a temporary name and renamed into place.
 pub fn save_pipeline(base: &Path, unet: &HashMap<String, Tensor>, dst: &Path) -> Result<()> {
@@ -297,20 +273,7 @@ pub fn save_pipeline(base: &Path, unet: &HashMap<String, Tensor>, dst: &Path) ->
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    for e in std::fs::read_dir(base).map_err(io(base))? {
-        let e = e.map_err(io(base))?;
-        let p = e.path();
-        let fname = e.file_name();
-        if fname == "unet" {
-            continue;
-        }
-        if p.is_dir() {
-            link_tree(&p, &tmp.join(&fname))?;
-        } else {
-            link_or_copy(&p, &tmp.join(&fname))?;
-        }
-    }
+    super::copy_model_except_unet(base, &tmp, true)?;
     let u = tmp.join("unet");
     std::fs::create_dir_all(&u).map_err(io(&u))?;
     std::fs::copy(base.join("unet/config.json"), u.join("config.json"))
