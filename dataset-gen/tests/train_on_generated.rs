@@ -100,7 +100,8 @@ async fn generated_pairs_train_a_model_that_edits() {
 
     // Training: the loss falls.
     let out = tmp.path().join("run");
-    let cfg = config(&model, &data, &out, 200);
+    let mut cfg = config(&model, &data, &out, 200);
+    cfg.checkpoint_every = 100;
     let mut losses = Vec::new();
     let s =
         tokio::task::block_in_place(|| train(&cfg, &mut |l| losses.push(l.loss))).expect("train");
