@@ -8,8 +8,8 @@ use image::RgbImage;
 use ip2p::pipeline::clip_score::{ClipScorer, Similarities};
 use ip2p::pipeline::{image as img, NoProgress, Txt2ImgParams, Txt2ImgPipeline};
 use ip2p::schedulers::{SchedulerKind, SeededNoise};
-use rand_chacha::ChaCha20Rng;
-use rand_core::{RngCore, SeedableRng};
+use ip2p::training::data::{rng_for, unit};
+use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -122,18 +122,10 @@ pub struct SampleSpec {
     pub p2p_threshold: f64,
 }
 
-fn unit(rng: &mut ChaCha20Rng) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// The samples of item `index`: a function of the run seed and the index only, so any shard,
 /// rerun or resume draws the same ones.
 pub fn draw_samples(cfg: &ImageConfig, index: usize) -> Vec<SampleSpec> {
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&cfg.seed.to_le_bytes());
-    key[8..16].copy_from_slice(&(index as u64).to_le_bytes());
-    key[16..24].copy_from_slice(b"ip2p-gen");
-    let mut rng = ChaCha20Rng::from_seed(key);
+    let mut rng = rng_for(cfg.seed, b"samples_", index as u64);
     (0..cfg.samples)
         .map(|_| {
             let seed = rng.next_u32();

@@ -292,6 +292,38 @@ fn with_context<T>(r: candle_core::Result<T>, what: &str, dir: &Path) -> Result<
     r.map_err(|e| Error::IncompatibleModel(format!("{what} in {}: {e}", dir.display())))
 }
 
+/// The CLIP text encoder of a diffusers folder.
+pub fn load_text_encoder(
+    dir: &ModelDir,
+    variant: Variant,
+    dtype: DType,
+    device: &Device,
+) -> Result<ClipTextModel> {
+    let cfg: ClipTextConfig = dir.config("text_encoder", "config.json")?;
+    let vb = var_builder(
+        &dir.weights("text_encoder", "model", variant)?,
+        dtype,
+        device,
+    )?;
+    with_context(ClipTextModel::new(vb, &cfg), "text_encoder", dir.root())
+}
+
+/// The VAE of a diffusers folder.
+pub fn load_vae(
+    dir: &ModelDir,
+    variant: Variant,
+    dtype: DType,
+    device: &Device,
+) -> Result<AutoencoderKL> {
+    let cfg: VaeConfig = dir.config("vae", "config.json")?;
+    let vb = var_builder(
+        &dir.weights("vae", "diffusion_pytorch_model", variant)?,
+        dtype,
+        device,
+    )?;
+    with_context(AutoencoderKL::new(vb, &cfg), "vae", dir.root())
+}
+
 /// Loads a tokenizer, text encoder, VAE, UNet and scheduler config from a diffusers folder.
 pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Components> {
     let dtype = opts
@@ -300,21 +332,8 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
     let root = dir.root();
     let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
 
-    let te_cfg: ClipTextConfig = dir.config("text_encoder", "config.json")?;
-    let te_vb = var_builder(
-        &dir.weights("text_encoder", "model", opts.variant)?,
-        dtype,
-        device,
-    )?;
-    let text_encoder = with_context(ClipTextModel::new(te_vb, &te_cfg), "text_encoder", root)?;
-
-    let vae_cfg: VaeConfig = dir.config("vae", "config.json")?;
-    let vae_vb = var_builder(
-        &dir.weights("vae", "diffusion_pytorch_model", opts.variant)?,
-        dtype,
-        device,
-    )?;
-    let vae = with_context(AutoencoderKL::new(vae_vb, &vae_cfg), "vae", root)?;
+    let text_encoder = load_text_encoder(dir, opts.variant, dtype, device)?;
+    let vae = load_vae(dir, opts.variant, dtype, device)?;
 
     let unet_cfg: UNetConfig = dir.config("unet", "config.json")?;
     unet_cfg.validate().map_err(|m| Error::Config {

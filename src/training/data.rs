@@ -256,17 +256,40 @@ pub fn unit(rng: &mut ChaCha20Rng) -> f64 {
     (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Row `g` of the data stream (epoch after epoch, a fresh permutation each).
-pub fn row_at(seed: u64, len: usize, g: u64) -> usize {
-    let epoch = g / len as u64;
-    let pos = (g % len as u64) as usize;
-    let mut perm: Vec<usize> = (0..len).collect();
-    let mut rng = rng_for(seed, b"epochprm", epoch);
-    for i in (1..len).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        perm.swap(i, j);
+/// The data stream: epoch after epoch, a fresh seeded permutation of the rows each. The
+/// current epoch's permutation is kept, so each row costs O(1) (a new epoch, O(rows)).
+#[derive(Debug, Clone)]
+pub struct EpochOrder {
+    seed: u64,
+    len: usize,
+    epoch: Option<u64>,
+    perm: Vec<usize>,
+}
+
+impl EpochOrder {
+    pub fn new(seed: u64, len: usize) -> Self {
+        Self {
+            seed,
+            len: len.max(1),
+            epoch: None,
+            perm: Vec::new(),
+        }
     }
-    perm[pos]
+
+    /// The row at global position `g`.
+    pub fn row(&mut self, g: u64) -> usize {
+        let epoch = g / self.len as u64;
+        if self.epoch != Some(epoch) {
+            self.perm = (0..self.len).collect();
+            let mut rng = rng_for(self.seed, b"epochprm", epoch);
+            for i in (1..self.len).rev() {
+                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+                self.perm.swap(i, j);
+            }
+            self.epoch = Some(epoch);
+        }
+        self.perm[(g % self.len as u64) as usize]
+    }
 }
 
 /// The same crop and flip for both images: the short side is resized to `res` (Pillow's
@@ -317,17 +340,22 @@ mod tests {
     #[test]
     fn each_epoch_is_a_permutation() {
         for len in [1, 2, 7] {
+            let mut order = EpochOrder::new(5, len);
             for epoch in 0..3u64 {
                 let mut seen: Vec<usize> = (0..len as u64)
-                    .map(|p| row_at(5, len, epoch * len as u64 + p))
+                    .map(|p| order.row(epoch * len as u64 + p))
                     .collect();
                 seen.sort();
                 assert_eq!(seen, (0..len).collect::<Vec<_>>());
             }
         }
-        let e0: Vec<usize> = (0..7).map(|g| row_at(5, 7, g)).collect();
-        let e1: Vec<usize> = (7..14).map(|g| row_at(5, 7, g)).collect();
+        let mut order = EpochOrder::new(5, 7);
+        let e0: Vec<usize> = (0..7).map(|g| order.row(g)).collect();
+        let e1: Vec<usize> = (7..14).map(|g| order.row(g)).collect();
         assert_ne!(e0, e1);
+        // Jumping back (a resume) gives the same rows as walking there.
+        let mut fresh = EpochOrder::new(5, 7);
+        assert_eq!((0..7).map(|g| fresh.row(g)).collect::<Vec<_>>(), e0);
     }
 
     #[test]

@@ -22,14 +22,13 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::adamw::{AdamW, AdamWConfig};
-use super::data::{augment, rng_for, row_at, unit, Columns, PairDataset};
+use super::data::{augment, rng_for, unit, Columns, EpochOrder, PairDataset};
 use super::ema::Ema;
 use super::lora::{self, LoraConfig, LORA_FILE};
 use super::{ip2p_loss, load_vars, named_vars, var_builder, NoiseSchedule};
 use crate::loader::{self, HubOptions, ModelDir, Variant};
 use crate::models::{
-    AutoencoderKL, ClipTextConfig, ClipTextModel, ClipTokenizer, UNet2DConditionModel, UNetConfig,
-    VaeConfig,
+    AutoencoderKL, ClipTextModel, ClipTokenizer, UNet2DConditionModel, UNetConfig,
 };
 use crate::pipeline::image::to_tensor;
 use crate::schedulers::SchedulerConfig;
@@ -158,22 +157,8 @@ impl Frozen {
     fn load(dir: &ModelDir, dev: &Device) -> Result<Self> {
         let root = dir.root();
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
-        let tcfg: ClipTextConfig = dir.config("text_encoder", "config.json")?;
-        let vb = loader::var_builder(
-            &dir.weights("text_encoder", "model", Variant::Auto)?,
-            DType::F32,
-            dev,
-        )?;
-        let text = ClipTextModel::new(vb, &tcfg)
-            .map_err(|e| Error::IncompatibleModel(format!("text_encoder: {e}")))?;
-        let vcfg: VaeConfig = dir.config("vae", "config.json")?;
-        let vb = loader::var_builder(
-            &dir.weights("vae", "diffusion_pytorch_model", Variant::Auto)?,
-            DType::F32,
-            dev,
-        )?;
-        let vae = AutoencoderKL::new(vb, &vcfg)
-            .map_err(|e| Error::IncompatibleModel(format!("vae: {e}")))?;
+        let text = loader::load_text_encoder(dir, Variant::Auto, DType::F32, dev)?;
+        let vae = loader::load_vae(dir, Variant::Auto, DType::F32, dev)?;
         let mut f = Self {
             tokenizer,
             text,
@@ -219,13 +204,15 @@ fn spawn_loader(
         cfg.random_flip,
     );
     std::thread::spawn(move || {
+        let mut order = EpochOrder::new(seed, data.len());
         for micro in start_micro..end_micro {
             let first = micro * b as u64;
+            let rows: Vec<usize> = (0..b as u64).map(|j| order.row(first + j)).collect();
             let items: Vec<Result<(Tensor, Tensor, String)>> = (0..b as u64)
                 .into_par_iter()
                 .map(|j| {
                     let g = first + j;
-                    let pair = data.get(row_at(seed, data.len(), g))?;
+                    let pair = data.get(rows[j as usize])?;
                     let mut rng = rng_for(seed, b"augment_", g);
                     let (a, e) = augment(&pair, res, center, flip, &mut rng);
                     Ok((
