@@ -96,6 +96,14 @@ pub struct BenchOptions {
 
 fn emit(v: serde_json::Value) {
     println!("{v}");
+    for (name, s, calls, flops) in crate::models::profile::take() {
+        let rate = if flops > 0 {
+            format!("{:6.1} GFLOP/s", flops as f64 / s / 1e9)
+        } else {
+            String::new()
+        };
+        eprintln!("  {name:18} {s:8.3} s in {calls:4} calls {rate}");
+    }
 }
 
 /// Runs the benchmarks, printing JSON lines.
@@ -159,6 +167,9 @@ pub fn run(o: &BenchOptions) -> Result<()> {
                 serde_json::json!({"component": "vae_decode", "res": r, "s": s, "threads": threads}),
             );
         }
+    }
+    if asked("gemm") {
+        gemm_figures(o.reps)?;
     }
     for (part, lora) in [("train_full", false), ("train_lora", true)] {
         if !asked(part) {
@@ -284,4 +295,92 @@ fn train_step_secs(
     }
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(times[times.len() / 2])
+}
+
+/// GFLOP/s of a square f32 matrix product: ours (packed at run time) and the gemm crate's.
+fn gemm_figures(reps: usize) -> Result<()> {
+    use crate::models::sgemm;
+    for &n in &[1024usize, 2048, 4096] {
+        let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut c = vec![0f32; n * n];
+        let flop = 2.0 * (n as f64).powi(3);
+        let s = median_secs(reps, || {
+            let st = |p: &[f32]| sgemm::Strided {
+                ptr: p.as_ptr(),
+                rs: n,
+                cs: 1,
+            };
+            // SAFETY: a, b, c are n×n row-major and c aliases neither.
+            unsafe {
+                sgemm::gemm(
+                    n,
+                    n,
+                    n,
+                    sgemm::A::Strided(st(&a)),
+                    sgemm::B::Strided(st(&b)),
+                    c.as_mut_ptr(),
+                    n,
+                    sgemm::Epilogue::default(),
+                )
+            };
+            Ok(())
+        })?;
+        emit(serde_json::json!({"component": "sgemm", "n": n, "s": s,
+            "gflops": flop / s / 1e9, "kernel": sgemm::kernel_name()}));
+        let pa = sgemm::PackedA::from_rows(n, n, &a);
+        let pb = sgemm::PackedB::from_transposed(n, n, &b);
+        let s = median_secs(reps, || {
+            // SAFETY: packed n×n operands, c is n×n.
+            unsafe {
+                sgemm::gemm(
+                    n,
+                    n,
+                    n,
+                    sgemm::A::Packed(&pa),
+                    sgemm::B::Packed(&pb),
+                    c.as_mut_ptr(),
+                    n,
+                    sgemm::Epilogue::default(),
+                )
+            };
+            Ok(())
+        })?;
+        emit(
+            serde_json::json!({"component": "sgemm_prepacked", "n": n, "s": s,
+            "gflops": flop / s / 1e9}),
+        );
+        let s = median_secs(reps, || {
+            // SAFETY: as above.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    n,
+                    n,
+                    c.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    n as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                )
+            };
+            Ok(())
+        })?;
+        emit(
+            serde_json::json!({"component": "gemm_crate", "n": n, "s": s,
+            "gflops": flop / s / 1e9}),
+        );
+    }
+    Ok(())
 }

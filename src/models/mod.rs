@@ -6,7 +6,9 @@
 pub mod clip;
 pub mod kernels;
 pub mod nn;
+pub mod profile;
 pub mod resnet;
+pub mod sgemm;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

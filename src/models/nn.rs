@@ -7,11 +7,15 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// A dense layer `y = x Wᵀ + b` that accepts inputs of any rank.
+///
+/// CPU f32 weights that are not being trained are kept only in packed form
+/// ([`super::kernels::FastLinear`]); `weight` is then a zero-sized placeholder of the right shape.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     lora: Option<Lora>,
+    fast: Option<std::sync::Arc<super::kernels::FastLinear>>,
 }
 
 impl Linear {
@@ -22,11 +26,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self {
-            weight,
-            bias,
-            lora: None,
-        })
+        Self::from_parts(weight, bias)
     }
 
     /// Loads a projection stored either as a linear weight `[out, in]` or as a 1×1 convolution
@@ -39,15 +39,54 @@ impl Linear {
                 .reshape((out_dim, in_dim))?,
         };
         let bias = Some(vb.get(out_dim, "bias")?);
+        Self::from_parts(weight, bias)
+    }
+
+    fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let fastable =
+            |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.is_variable();
+        if fastable(&weight)
+            && bias.as_ref().is_none_or(fastable)
+            && !DIFFERENTIABLE.with(|d| d.get())
+        {
+            let (out_dim, in_dim) = weight.dims2()?;
+            let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+            let fast = super::kernels::FastLinear::new(
+                &weight.flatten_all()?.to_vec1::<f32>()?,
+                b.as_deref(),
+                out_dim,
+                in_dim,
+            );
+            let placeholder =
+                Tensor::zeros((), DType::F32, weight.device())?.broadcast_as((out_dim, in_dim))?;
+            return Ok(Self {
+                weight: placeholder,
+                bias,
+                lora: None,
+                fast: Some(std::sync::Arc::new(fast)),
+            });
+        }
         Ok(Self {
             weight,
             bias,
             lora: None,
+            fast: None,
         })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    pub fn device(&self) -> &candle_core::Device {
+        self.weight.device()
+    }
+
+    /// The weight `[out, in]` (unpacked from the inference kernel's copy when there is one).
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.fast {
+            Some(f) => {
+                let (o, i) = f.dims();
+                Tensor::from_vec(f.weight(), (o, i), self.weight.device())
+            }
+            None => Ok(self.weight.clone()),
+        }
     }
 }
 
@@ -76,7 +115,10 @@ impl Linear {
     /// Folds an adapter into the weight (`W += scale · B A`): no cost at inference.
     pub fn merge_lora(&mut self, lora: &Lora) -> Result<()> {
         let delta = (lora.b.matmul(&lora.a)? * lora.scale)?;
-        self.weight = (&self.weight + delta.to_dtype(self.weight.dtype())?)?;
+        let merged = (self.weight()? + delta.to_dtype(self.weight.dtype())?)?;
+        let lora = self.lora.take();
+        *self = Self::from_parts(merged, self.bias.take())?;
+        self.lora = lora;
         Ok(())
     }
 }
@@ -87,10 +129,22 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
         let x2 = x.reshape((rows, in_dim))?;
-        let y = x2.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let y = match &self.fast {
+            Some(f) => {
+                if x.track_op() {
+                    candle_core::bail!(
+                        "linear inference kernel: load trainable weights as variables"
+                    );
+                }
+                x2.contiguous()?.apply_op1_no_bwd(f.as_ref())?
+            }
+            None => {
+                let y = x2.matmul(&self.weight.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
         };
         let y = match &self.lora {
             Some(l) => (y + (x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?,
@@ -124,6 +178,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _p = super::profile::scope("layer_norm");
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -218,6 +273,7 @@ impl candle_core::CustomOp1 for FusedOp<'_> {
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
+        let _p = super::profile::scope("group_norm");
         let candle_core::CpuStorage::F32(data) = storage else {
             candle_core::bail!("fused group norm: f32 only");
         };
@@ -325,13 +381,14 @@ pub fn build_differentiable<T>(f: impl FnOnce() -> T) -> T {
 
 /// A 2-D convolution with optional stride and padding.
 ///
-/// 3×3 stride-1 convolutions with CPU f32 weights that are not being trained use the
-/// shifted-GEMM kernel in [`super::kernels`], which keeps only its repacked copy of the weights
-/// (inputs always share the weights' device and dtype, and inference inputs record no gradient).
+/// Stride-1 3×3 (padding 1) and 1×1 convolutions with CPU f32 weights that are not being trained
+/// use the packed-GEMM kernel in [`super::kernels`], which keeps only its packed copy of the
+/// weights (inputs always share the weights' device and dtype, and inference inputs record no
+/// gradient).
 #[derive(Debug, Clone)]
 pub enum Conv2d {
     Candle(candle_nn::Conv2d),
-    Shifted(std::sync::Arc<super::kernels::Conv3x3>),
+    Fast(std::sync::Arc<super::kernels::FastConv>),
 }
 
 impl Conv2d {
@@ -345,20 +402,20 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
         let bias = vb.get(out_c, "bias")?;
-        if kernel == 3
+        if ((kernel == 3 && padding == 1) || (kernel == 1 && padding == 0))
             && stride == 1
-            && padding == 1
             && weight.device().is_cpu()
             && weight.dtype() == DType::F32
             && !weight.is_variable()
             && !DIFFERENTIABLE.with(|d| d.get())
         {
-            return Ok(Self::Shifted(std::sync::Arc::new(
-                super::kernels::Conv3x3::new(
+            return Ok(Self::Fast(std::sync::Arc::new(
+                super::kernels::FastConv::new(
                     &weight.flatten_all()?.to_vec1::<f32>()?,
                     &bias.to_vec1::<f32>()?,
                     out_c,
                     in_c,
+                    kernel,
                 ),
             )));
         }
@@ -381,10 +438,10 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(c) => c.forward(x),
-            Self::Shifted(k) => {
+            Self::Fast(k) => {
                 if x.track_op() {
                     candle_core::bail!(
-                        "conv3x3 inference kernel: load trainable weights as variables"
+                        "conv inference kernel: load trainable weights as variables"
                     );
                 }
                 x.contiguous()?.apply_op1_no_bwd(k.as_ref())
@@ -435,7 +492,8 @@ impl LogitControl<'_> {
     }
 }
 
-/// Multi-head scaled dot-product attention.
+/// Multi-head scaled dot-product attention (on CPU in f32 without gradients, the fused kernel
+/// [`super::kernels::FastAttention`]; otherwise [`attention_blocked`]).
 ///
 /// `q: [B, Nq, H·d]`, `k, v: [B, Nk, H·d]` → `[B, Nq, H·d]`. `mask`, when given, is added to
 /// the logits (broadcast over batch and heads).
@@ -446,15 +504,18 @@ pub fn attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    attention_blocked(
-        q,
-        k,
-        v,
-        heads,
-        mask,
-        ATTENTION_BLOCK_ELEMS,
-        LogitControl::default(),
-    )
+    match mask {
+        None => attention_with(q, k, v, heads, LogitControl::default()),
+        Some(_) => attention_blocked(
+            q,
+            k,
+            v,
+            heads,
+            mask,
+            ATTENTION_BLOCK_ELEMS,
+            LogitControl::default(),
+        ),
+    }
 }
 
 /// [`attention`] with the logits steered by `ctl`.
@@ -465,6 +526,17 @@ pub fn attention_with(
     heads: usize,
     ctl: LogitControl,
 ) -> Result<Tensor> {
+    let fast = !ctl.is_active()
+        && [q, k, v]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
+    if fast {
+        return q.contiguous()?.apply_op3_no_bwd(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            &super::kernels::FastAttention { heads },
+        );
+    }
     attention_blocked(q, k, v, heads, None, ATTENTION_BLOCK_ELEMS, ctl)
 }
 
@@ -571,6 +643,76 @@ pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Max |error| of `out` against attention computed in f64.
+    fn attention_error(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        out: &Tensor,
+    ) -> Result<f64> {
+        let (b, nq, inner) = q.dims3()?;
+        let nk = k.dim(1)?;
+        let d = inner / heads;
+        let (q, k, v, o) = (
+            q.flatten_all()?.to_vec1::<f32>()?,
+            k.flatten_all()?.to_vec1::<f32>()?,
+            v.flatten_all()?.to_vec1::<f32>()?,
+            out.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let mut worst = 0f64;
+        for bi in 0..b {
+            for h in 0..heads {
+                for i in 0..nq {
+                    let s: Vec<f64> = (0..nk)
+                        .map(|j| {
+                            (0..d)
+                                .map(|c| {
+                                    q[(bi * nq + i) * inner + h * d + c] as f64
+                                        * k[(bi * nk + j) * inner + h * d + c] as f64
+                                })
+                                .sum::<f64>()
+                                / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    for c in 0..d {
+                        let want: f64 = (0..nk)
+                            .map(|j| {
+                                (s[j] - m).exp() / z * v[(bi * nk + j) * inner + h * d + c] as f64
+                            })
+                            .sum();
+                        let got = o[(bi * nq + i) * inner + h * d + c] as f64;
+                        worst = worst.max((got - want).abs());
+                    }
+                }
+            }
+        }
+        Ok(worst)
+    }
+
+    #[test]
+    fn fused_attention_is_as_accurate_as_the_composed_one() -> Result<()> {
+        let dev = Device::Cpu;
+        // Ragged sizes: a partial query block, head dims that are not a panel multiple.
+        for (b, nq, nk, heads, d) in [(2, 37, 29, 4, 4), (1, 70, 300, 2, 40), (3, 64, 77, 8, 10)] {
+            let q = (Tensor::randn(0f32, 1.0, (b, nq, heads * d), &dev)? * 2.0)?;
+            let k = (Tensor::randn(0f32, 1.0, (b, nk, heads * d), &dev)? * 2.0)?;
+            let v = Tensor::randn(0f32, 1.0, (b, nk, heads * d), &dev)?;
+            let fused = attention(&q, &k, &v, heads, None)?;
+            let composed =
+                attention_blocked(&q, &k, &v, heads, None, usize::MAX, LogitControl::default())?;
+            let ef = attention_error(&q, &k, &v, heads, &fused)?;
+            let ec = attention_error(&q, &k, &v, heads, &composed)?;
+            assert!(
+                ef <= 2.0 * ec.max(1e-7),
+                "{nq}x{nk} heads {heads}×{d}: fused error {ef:.3e}, composed {ec:.3e}"
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn blocked_attention_matches_the_whole_computation() -> Result<()> {

@@ -220,7 +220,7 @@ pub fn merge_file(unet: &mut UNet2DConditionModel, path: &Path) -> Result<usize>
     unet.visit_attention_projections(&mut |p, lin| {
         if let Some((a, b)) = pairs.remove(p) {
             let r = (|| -> Result<()> {
-                let dev = lin.weight().device().clone();
+                let dev = lin.device().clone();
                 let l = Lora {
                     a: a.to_device(&dev)?.to_dtype(DType::F32)?,
                     b: b.to_device(&dev)?.to_dtype(DType::F32)?,

@@ -96,7 +96,11 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (h, gate) = nn::chunk2_last(&self.proj.forward(x)?)?;
-        self.out.forward(&(h * nn::gelu(&gate)?)?)
+        let g = {
+            let _p = crate::models::profile::scope("geglu");
+            (h * nn::gelu(&gate)?)?
+        };
+        self.out.forward(&g)
     }
 }
 
@@ -233,6 +237,7 @@ impl Transformer2D {
             let ch = t.dim(1)?;
             t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
         };
+        let _p = crate::models::profile::scope("transformer (all)");
         let mut hs = match &self.proj_in {
             Proj::Conv(p) => to_tokens(p.forward(&hs)?)?,
             Proj::Linear(p) => p.forward(&to_tokens(hs)?)?,

@@ -1,0 +1,865 @@
+//! Single-precision matrix products for inference on the CPU.
+//!
+//! BLIS-style: operands are packed into micro-panels (or were packed once at load, for weights),
+//! the output is cut into cache-sized blocks that rayon spreads over the cores, and a
+//! register-tiled micro-kernel does the arithmetic. The micro-kernel is picked once per process
+//! from what the CPU offers: AVX-512 (12 × 32 tile, 24 accumulators in zmm registers), AVX2+FMA
+//! (6 × 16), or portable code. The gemm crate's AVX-512 kernels need a nightly compiler, and
+//! its AVX2 kernel reaches about half of this project's reference CPU's peak.
+//!
+//! `C[m×n] = α·A[m×k]·B[k×n] (+ C) (+ row bias) (+ column bias)`, C row-major with a row stride.
+//! The k sum is blocked by [`KC`]; rounding therefore differs from a single long sum only as any
+//! blocked BLAS differs.
+
+// Raw-pointer arithmetic is the whole of this module; each `unsafe fn` states its contract.
+#![allow(unsafe_op_in_unsafe_fn)]
+
+use rayon::prelude::*;
+
+/// Depth of one packed block (the k extent a micro-kernel call sums over).
+pub const KC: usize = 256;
+/// Output rows per task (a multiple of every kernel's `mr`).
+const MC: usize = 96;
+/// Output columns per task (a multiple of every kernel's `nr`).
+const NC: usize = 256;
+
+/// One output tile's destination and epilogue.
+struct Tile {
+    c: *mut f32,
+    rs_c: usize,
+    /// Valid rows / columns of the tile (≤ mr / nr).
+    m: usize,
+    n: usize,
+    alpha: f32,
+    /// Add the current contents of C.
+    load_c: bool,
+    /// Per-row bias (already offset to the tile's first row), or null.
+    row_bias: *const f32,
+    /// Per-column bias (already offset to the tile's first column), or null.
+    col_bias: *const f32,
+}
+
+type KernelFn = unsafe fn(kc: usize, a: *const f32, b: *const f32, t: &Tile);
+
+#[derive(Clone, Copy)]
+struct Kernel {
+    mr: usize,
+    nr: usize,
+    f: KernelFn,
+    name: &'static str,
+}
+
+fn kernel() -> Kernel {
+    static K: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::env::var_os("IP2P_NO_AVX512").is_none()
+                && std::arch::is_x86_feature_detected!("avx512f")
+            {
+                return Kernel {
+                    mr: 12,
+                    nr: 32,
+                    f: x86::k12x32_avx512,
+                    name: "avx512 12x32",
+                };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Kernel {
+                    mr: 6,
+                    nr: 16,
+                    f: x86::k6x16_avx2,
+                    name: "avx2 6x16",
+                };
+            }
+        }
+        Kernel {
+            mr: 4,
+            nr: 16,
+            f: generic_kernel::<4, 16>,
+            name: "portable 4x16",
+        }
+    })
+}
+
+/// The micro-kernel this process uses (for benchmark reports).
+pub fn kernel_name() -> &'static str {
+    kernel().name
+}
+
+/// Portable micro-kernel: the compiler vectorises the fixed-size accumulator.
+///
+/// # Safety
+/// `a` holds `kc·MR` packed values, `b` holds `kc·NR`; the tile's `m × n` C elements (and the
+/// biases it points to) are valid.
+#[inline(always)]
+unsafe fn generic_kernel<const MR: usize, const NR: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    t: &Tile,
+) {
+    let mut acc = [[0f32; NR]; MR];
+    for p in 0..kc {
+        let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
+        let ap = std::slice::from_raw_parts(a.add(p * MR), MR);
+        for i in 0..MR {
+            for j in 0..NR {
+                acc[i][j] = ap[i].mul_add(bp[j], acc[i][j]);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate().take(t.m) {
+        let c = t.c.add(i * t.rs_c);
+        let rb = if t.row_bias.is_null() {
+            0.0
+        } else {
+            *t.row_bias.add(i)
+        };
+        for (j, &v) in row.iter().enumerate().take(t.n) {
+            let mut v = v * t.alpha + rb;
+            if !t.col_bias.is_null() {
+                v += *t.col_bias.add(j);
+            }
+            if t.load_c {
+                v += *c.add(j);
+            }
+            *c.add(j) = v;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Tile;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// As [`super::generic_kernel`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn k6x16_avx2(kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+        super::generic_kernel::<6, 16>(kc, a, b, t)
+    }
+
+    /// 12 × 32 tile: 24 zmm accumulators, two B vectors and one broadcast per step.
+    ///
+    /// # Safety
+    /// As [`super::generic_kernel`] with MR = 12, NR = 32; the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn k12x32_avx512(kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+        let mut c0 = [_mm512_setzero_ps(); 12];
+        let mut c1 = [_mm512_setzero_ps(); 12];
+        let (mut a, mut b) = (a, b);
+        for _ in 0..kc {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for i in 0..12 {
+                let ai = _mm512_set1_ps(*a.add(i));
+                c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
+                c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
+            }
+            a = a.add(12);
+            b = b.add(32);
+        }
+        let n = t.n;
+        let m0: __mmask16 = if n >= 16 { 0xffff } else { (1u16 << n) - 1 };
+        let m1: __mmask16 = if n >= 32 {
+            0xffff
+        } else if n > 16 {
+            (1u16 << (n - 16)) - 1
+        } else {
+            0
+        };
+        let alpha = _mm512_set1_ps(t.alpha);
+        let (cb0, cb1) = if t.col_bias.is_null() {
+            (_mm512_setzero_ps(), _mm512_setzero_ps())
+        } else {
+            (
+                _mm512_maskz_loadu_ps(m0, t.col_bias),
+                _mm512_maskz_loadu_ps(m1, t.col_bias.add(16)),
+            )
+        };
+        for i in 0..12 {
+            if i < t.m {
+                let p = t.c.add(i * t.rs_c);
+                let mut v0 = _mm512_fmadd_ps(c0[i], alpha, cb0);
+                let mut v1 = _mm512_fmadd_ps(c1[i], alpha, cb1);
+                if !t.row_bias.is_null() {
+                    let rb = _mm512_set1_ps(*t.row_bias.add(i));
+                    v0 = _mm512_add_ps(v0, rb);
+                    v1 = _mm512_add_ps(v1, rb);
+                }
+                if t.load_c {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, p));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, p.add(16)));
+                }
+                _mm512_mask_storeu_ps(p, m0, v0);
+                _mm512_mask_storeu_ps(p.add(16), m1, v1);
+            }
+        }
+    }
+}
+
+/// A matrix operand read in place: element `(i, j)` is at `ptr[i·rs + j·cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Strided {
+    pub ptr: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// The left operand A `[m × k]`.
+#[derive(Clone, Copy)]
+pub enum A<'a> {
+    Strided(Strided),
+    Packed(&'a PackedA),
+}
+
+/// The right operand B `[k × n]`.
+#[derive(Clone, Copy)]
+pub enum B<'a> {
+    Strided(Strided),
+    /// Row `p` starts at `ptr + rows[p]` and is contiguous (an implicit im2col: a convolution's
+    /// shifted input planes).
+    Rows {
+        ptr: *const f32,
+        rows: &'a [usize],
+    },
+    Packed(&'a PackedB),
+    /// One panel already in packed layout: `[k][nr]` row-major, `n ≤ nr` (see [`nr`]).
+    Panel(*const f32),
+}
+
+/// The column width of a packed panel (the micro-kernel's `nr`).
+pub fn nr() -> usize {
+    kernel().nr
+}
+
+/// The row height of a packed panel (the micro-kernel's `mr`).
+pub fn mr() -> usize {
+    kernel().mr
+}
+
+/// A left operand packed once (weights): per k block, `mr`-row panels.
+#[derive(Debug, Clone)]
+pub struct PackedA {
+    m: usize,
+    k: usize,
+    mr: usize,
+    data: Vec<f32>,
+}
+
+/// A right operand packed once (weights): per k block, `nr`-column panels.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    nr: usize,
+    data: Vec<f32>,
+}
+
+impl PackedA {
+    /// Packs `A[m×k]` read through `s`.
+    ///
+    /// # Safety
+    /// Every element `(i < m, p < k)` of `s` is readable.
+    pub unsafe fn new(m: usize, k: usize, s: Strided) -> Self {
+        let mr = kernel().mr;
+        let mpad = m.div_ceil(mr) * mr;
+        let mut data = vec![0f32; mpad * k];
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            pack_a(s, 0, m, p0, kc, mr, &mut data[p0 * mpad..(p0 + kc) * mpad]);
+        }
+        Self { m, k, mr, data }
+    }
+
+    /// From a row-major `[m, k]` slice.
+    pub fn from_rows(m: usize, k: usize, a: &[f32]) -> Self {
+        assert_eq!(a.len(), m * k, "PackedA::from_rows: shape");
+        // SAFETY: a holds m·k elements, row stride k.
+        unsafe {
+            Self::new(
+                m,
+                k,
+                Strided {
+                    ptr: a.as_ptr(),
+                    rs: k,
+                    cs: 1,
+                },
+            )
+        }
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.m, self.k)
+    }
+
+    /// The panel of rows `ip·mr..` in the block starting at `p0`.
+    fn panel(&self, p0: usize, kc: usize, ip: usize) -> *const f32 {
+        let mpad = self.m.div_ceil(self.mr) * self.mr;
+        self.data[p0 * mpad + ip * self.mr * kc..].as_ptr()
+    }
+}
+
+impl PackedB {
+    /// Packs `B[k×n]` read through `s`.
+    ///
+    /// # Safety
+    /// Every element `(p < k, j < n)` of `s` is readable.
+    pub unsafe fn new(k: usize, n: usize, s: Strided) -> Self {
+        let nr = kernel().nr;
+        let npad = n.div_ceil(nr) * nr;
+        let mut data = vec![0f32; npad * k];
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            pack_b(
+                B::Strided(s),
+                p0,
+                kc,
+                0,
+                n,
+                nr,
+                &mut data[p0 * npad..(p0 + kc) * npad],
+            );
+        }
+        Self { k, n, nr, data }
+    }
+
+    /// `Wᵀ` of a row-major weight `W [n, k]` (a linear layer's `[out, in]`).
+    pub fn from_transposed(n: usize, k: usize, w: &[f32]) -> Self {
+        assert_eq!(w.len(), n * k, "PackedB::from_transposed: shape");
+        // SAFETY: element (p, j) of Wᵀ is w[j·k + p], inside the n·k elements.
+        unsafe {
+            Self::new(
+                k,
+                n,
+                Strided {
+                    ptr: w.as_ptr(),
+                    rs: 1,
+                    cs: k,
+                },
+            )
+        }
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// The row-major `W [n, k]` that [`PackedB::from_transposed`] was given.
+    pub fn to_transposed(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.n * self.k];
+        for p0 in (0..self.k).step_by(KC) {
+            let kc = KC.min(self.k - p0);
+            for j in 0..self.n {
+                let panel = self.panel(p0, kc, j / self.nr);
+                for p in 0..kc {
+                    // SAFETY: the panel holds kc·nr values.
+                    w[j * self.k + p0 + p] = unsafe { *panel.add(p * self.nr + j % self.nr) };
+                }
+            }
+        }
+        w
+    }
+
+    fn panel(&self, p0: usize, kc: usize, jp: usize) -> *const f32 {
+        let npad = self.n.div_ceil(self.nr) * self.nr;
+        self.data[p0 * npad + jp * self.nr * kc..].as_ptr()
+    }
+}
+
+/// Packs rows `i0..i0+mc`, depth `p0..p0+kc` of A into `mr`-row panels `[kc][mr]`
+/// (rows past `mc` are zero).
+unsafe fn pack_a(
+    s: Strided,
+    i0: usize,
+    mc: usize,
+    p0: usize,
+    kc: usize,
+    mr: usize,
+    dst: &mut [f32],
+) {
+    for (ip, panel) in dst.chunks_mut(mr * kc).take(mc.div_ceil(mr)).enumerate() {
+        let rows = mr.min(mc - ip * mr);
+        for r in 0..rows {
+            let src = s.ptr.add((i0 + ip * mr + r) * s.rs + p0 * s.cs);
+            if s.cs == 1 {
+                for p in 0..kc {
+                    panel[p * mr + r] = *src.add(p);
+                }
+            } else {
+                for p in 0..kc {
+                    panel[p * mr + r] = *src.add(p * s.cs);
+                }
+            }
+        }
+        for r in rows..mr {
+            for p in 0..kc {
+                panel[p * mr + r] = 0.0;
+            }
+        }
+    }
+}
+
+/// Packs depth `p0..p0+kc`, columns `j0..j0+nc` of B into `nr`-column panels `[kc][nr]`
+/// (columns past `nc` are zero).
+unsafe fn pack_b(b: B, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
+    for (jp, panel) in dst.chunks_mut(nr * kc).take(nc.div_ceil(nr)).enumerate() {
+        let cols = nr.min(nc - jp * nr);
+        let jj = j0 + jp * nr;
+        for p in 0..kc {
+            let out = &mut panel[p * nr..(p + 1) * nr];
+            match b {
+                B::Strided(s) if s.cs == 1 => {
+                    let src = std::slice::from_raw_parts(s.ptr.add((p0 + p) * s.rs + jj), cols);
+                    out[..cols].copy_from_slice(src);
+                }
+                B::Strided(s) => {
+                    let src = s.ptr.add((p0 + p) * s.rs + jj * s.cs);
+                    for (j, o) in out[..cols].iter_mut().enumerate() {
+                        *o = *src.add(j * s.cs);
+                    }
+                }
+                B::Rows { ptr, rows } => {
+                    let src = std::slice::from_raw_parts(ptr.add(rows[p0 + p] + jj), cols);
+                    out[..cols].copy_from_slice(src);
+                }
+                B::Packed(_) | B::Panel(_) => unreachable!("packed operands are not repacked"),
+            }
+            out[cols..].fill(0.0);
+        }
+    }
+}
+
+/// What to do with the product besides storing it.
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue<'a> {
+    pub alpha: f32,
+    /// Add to C instead of overwriting it.
+    pub accumulate: bool,
+    /// `[m]`, added to every row.
+    pub row_bias: Option<&'a [f32]>,
+    /// `[n]`, added to every column.
+    pub col_bias: Option<&'a [f32]>,
+}
+
+impl Default for Epilogue<'_> {
+    fn default() -> Self {
+        Self {
+            alpha: 1.0,
+            accumulate: false,
+            row_bias: None,
+            col_bias: None,
+        }
+    }
+}
+
+/// One product of a batch: operands and output of item `bi`.
+pub struct Problem<'a> {
+    pub a: A<'a>,
+    pub b: B<'a>,
+    pub c: *mut f32,
+    pub rs_c: usize,
+}
+
+// SAFETY: operands are only read, and tasks write disjoint tiles of C; the callers of
+// `gemm`/`gemm_batch` vouch for the pointers (see their contracts).
+unsafe impl Send for Strided {}
+unsafe impl Sync for Strided {}
+unsafe impl Send for B<'_> {}
+unsafe impl Sync for B<'_> {}
+unsafe impl Send for Problem<'_> {}
+unsafe impl Sync for Problem<'_> {}
+
+thread_local! {
+    /// Packing buffers of the thread that runs a product (reused: no page faults per call).
+    static PACK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// Below this many multiply-adds per item, a batch runs its items in parallel (each on one
+/// core) instead of spreading each item over the cores.
+const SMALL_ITEM: usize = 1 << 24;
+
+/// `batch` products of the same shape.
+///
+/// # Safety
+/// For every `bi < batch`, `item(bi)` returns operands whose elements `(i < m, p < k)` /
+/// `(p < k, j < n)` are readable and a C whose `m × n` elements (row stride `rs_c`) are writable
+/// and disjoint from every other item's C and from every operand. Packed operands have
+/// dimensions `(m, k)` / `(k, n)`.
+pub unsafe fn gemm_batch<'a>(
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    epi: Epilogue,
+    item: &(dyn Fn(usize) -> Problem<'a> + Sync),
+) {
+    if m == 0 || n == 0 || batch == 0 {
+        return;
+    }
+    let kern = kernel();
+    let work = m * n * k;
+    let threads = rayon::current_num_threads();
+    let one = |bi: usize, parallel: bool| {
+        PACK.with(|bufs| {
+            let mut bufs = bufs.borrow_mut();
+            let (abuf, bbuf) = &mut *bufs;
+            run_item(&kern, &item(bi), m, n, k, &epi, abuf, bbuf, parallel);
+        })
+    };
+    if threads > 1 && batch >= 2 * threads && work < SMALL_ITEM {
+        (0..batch).into_par_iter().for_each(|bi| one(bi, false));
+    } else {
+        let parallel = threads > 1 && work >= 1 << 16;
+        (0..batch).for_each(|bi| one(bi, parallel));
+    }
+}
+
+/// One product (see [`gemm_batch`] for the contract).
+///
+/// # Safety
+/// As [`gemm_batch`] with one item.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: A,
+    b: B,
+    c: *mut f32,
+    rs_c: usize,
+    epi: Epilogue,
+) {
+    let pr = &Problem { a, b, c, rs_c };
+    gemm_batch(1, m, n, k, epi, &move |_| Problem { ..*pr });
+}
+
+/// One product computed entirely on the calling thread (for callers that parallelise
+/// themselves, e.g. over attention heads and query blocks).
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_local(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: A,
+    b: B,
+    c: *mut f32,
+    rs_c: usize,
+    epi: Epilogue,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kern = kernel();
+    let pr = Problem { a, b, c, rs_c };
+    PACK.with(|bufs| {
+        let mut bufs = bufs.borrow_mut();
+        let (abuf, bbuf) = &mut *bufs;
+        run_item(&kern, &pr, m, n, k, &epi, abuf, bbuf, false);
+    })
+}
+
+/// Pointer to a shared packing buffer, written by parallel packers at disjoint panels.
+#[derive(Clone, Copy)]
+struct Buf(*mut f32);
+// SAFETY: each writer owns a disjoint panel range; readers start after the writers finished.
+unsafe impl Send for Buf {}
+unsafe impl Sync for Buf {}
+
+/// One product: per depth block, A and B are packed once (in parallel), then the output's
+/// `MC × NC` blocks are computed (in parallel).
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_item(
+    kern: &Kernel,
+    pr: &Problem,
+    m: usize,
+    n: usize,
+    k: usize,
+    epi: &Epilogue,
+    abuf: &mut Vec<f32>,
+    bbuf: &mut Vec<f32>,
+    parallel: bool,
+) {
+    let (mr, nr) = (kern.mr, kern.nr);
+    let (mp, np) = (m.div_ceil(mr), n.div_ceil(nr));
+    if k == 0 {
+        // Nothing to sum: the epilogue alone.
+        for i in 0..m {
+            for j in 0..n {
+                let c = pr.c.add(i * pr.rs_c + j);
+                let mut v = if epi.accumulate { *c } else { 0.0 };
+                v += epi.row_bias.map_or(0.0, |b| b[i]);
+                v += epi.col_bias.map_or(0.0, |b| b[j]);
+                *c = v;
+            }
+        }
+        return;
+    }
+    let kcmax = KC.min(k);
+    if matches!(pr.a, A::Strided(_)) && abuf.len() < mp * mr * kcmax {
+        abuf.resize(mp * mr * kcmax, 0.0);
+    }
+    let b_packed = matches!(pr.b, B::Packed(_) | B::Panel(_));
+    if let B::Panel(_) = pr.b {
+        assert!(n <= nr, "sgemm: a single panel holds at most {nr} columns");
+    }
+    if !b_packed && bbuf.len() < np * nr * kcmax {
+        bbuf.resize(np * nr * kcmax, 0.0);
+    }
+    let (ab, bb) = (Buf(abuf.as_mut_ptr()), Buf(bbuf.as_mut_ptr()));
+    // Panels per packing task.
+    const PACK_PANELS: usize = 8;
+    let (mb, nb) = (m.div_ceil(MC), n.div_ceil(NC));
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
+        let pack_a_task = |t: usize| {
+            if let A::Strided(s) = pr.a {
+                let ip0 = t * PACK_PANELS;
+                let rows0 = ip0 * mr;
+                let rows = (PACK_PANELS * mr).min(m - rows0);
+                let dst = std::slice::from_raw_parts_mut(
+                    { ab }.0.add(ip0 * mr * kc),
+                    rows.div_ceil(mr) * mr * kc,
+                );
+                pack_a(s, rows0, rows, p0, kc, mr, dst);
+            }
+        };
+        let pack_b_task = |t: usize| {
+            if !b_packed {
+                let jp0 = t * PACK_PANELS;
+                let cols0 = jp0 * nr;
+                let cols = (PACK_PANELS * nr).min(n - cols0);
+                let dst = std::slice::from_raw_parts_mut(
+                    { bb }.0.add(jp0 * nr * kc),
+                    cols.div_ceil(nr) * nr * kc,
+                );
+                pack_b(pr.b, p0, kc, cols0, cols, nr, dst);
+            }
+        };
+        let (ta, tb) = (mp.div_ceil(PACK_PANELS), np.div_ceil(PACK_PANELS));
+        let first = p0 == 0;
+        let block = |t: usize| {
+            let (ib, jb) = (t / nb, t % nb);
+            let (i0, j0) = (ib * MC, jb * NC);
+            let (mc, nc) = (MC.min(m - i0), NC.min(n - j0));
+            for ip in i0 / mr..(i0 + mc).div_ceil(mr) {
+                let ap = match pr.a {
+                    A::Packed(pa) => pa.panel(p0, kc, ip),
+                    A::Strided(_) => { ab }.0.add(ip * mr * kc) as *const f32,
+                };
+                let gi = ip * mr;
+                let rows = mr.min(m - gi);
+                for jp in j0 / nr..(j0 + nc).div_ceil(nr) {
+                    let bp = match pr.b {
+                        B::Packed(pb) => pb.panel(p0, kc, jp),
+                        B::Panel(ptr) => ptr.add(p0 * nr),
+                        _ => { bb }.0.add(jp * nr * kc) as *const f32,
+                    };
+                    let gj = jp * nr;
+                    let tile = Tile {
+                        c: pr.c.add(gi * pr.rs_c + gj),
+                        rs_c: pr.rs_c,
+                        m: rows,
+                        n: nr.min(n - gj),
+                        alpha: epi.alpha,
+                        load_c: !first || epi.accumulate,
+                        row_bias: match epi.row_bias {
+                            Some(b) if first => b.as_ptr().add(gi),
+                            _ => std::ptr::null(),
+                        },
+                        col_bias: match epi.col_bias {
+                            Some(b) if first => b.as_ptr().add(gj),
+                            _ => std::ptr::null(),
+                        },
+                    };
+                    (kern.f)(kc, ap, bp, &tile);
+                }
+            }
+        };
+        if parallel {
+            (0..ta + tb).into_par_iter().for_each(|t| {
+                if t < ta {
+                    pack_a_task(t)
+                } else {
+                    pack_b_task(t - ta)
+                }
+            });
+            (0..mb * nb).into_par_iter().for_each(block);
+        } else {
+            (0..ta).for_each(pack_a_task);
+            (0..tb).for_each(pack_b_task);
+            (0..mb * nb).for_each(block);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for p in 0..k {
+                for j in 0..n {
+                    c[i * n + j] += a[i * k + p] as f64 * b[p * n + j] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let x = (i as u32)
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(seed.wrapping_mul(97));
+                ((x >> 8) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn check(m: usize, n: usize, k: usize) {
+        let a = data(m * k, 1);
+        let b = data(k * n, 2);
+        let rb = data(m, 3);
+        let cb = data(n, 4);
+        let want = reference(m, n, k, &a, &b);
+        let tol = |w: f64| 1e-6 * (1.0 + 10.0 * (k as f64).sqrt()) * (1.0 + w.abs());
+        let pa = PackedA::from_rows(m, k, &a);
+        let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+        let pb = PackedB::from_transposed(n, k, &bt);
+        let sa = A::Strided(Strided {
+            ptr: a.as_ptr(),
+            rs: k,
+            cs: 1,
+        });
+        let sb = B::Strided(Strided {
+            ptr: b.as_ptr(),
+            rs: n,
+            cs: 1,
+        });
+        // Bᵀ read with strides: element (p, j) at bt[j·k + p].
+        let tb = B::Strided(Strided {
+            ptr: bt.as_ptr(),
+            rs: 1,
+            cs: k,
+        });
+        let rows: Vec<usize> = (0..k).map(|p| p * n).collect();
+        let rb_b = B::Rows {
+            ptr: b.as_ptr(),
+            rows: &rows,
+        };
+        for (ai, av) in [sa, A::Packed(&pa)].into_iter().enumerate() {
+            for (bi, bv) in [sb, B::Packed(&pb), tb, rb_b].into_iter().enumerate() {
+                let mut c = vec![0.5f32; m * n];
+                let epi = Epilogue {
+                    alpha: 0.5,
+                    accumulate: true,
+                    row_bias: Some(&rb),
+                    col_bias: Some(&cb),
+                };
+                unsafe { gemm(m, n, k, av, bv, c.as_mut_ptr(), n, epi) };
+                for i in 0..m {
+                    for j in 0..n {
+                        let w = 0.5 + 0.5 * want[i * n + j] + rb[i] as f64 + cb[j] as f64;
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - w).abs() <= tol(w),
+                            "{m}x{n}x{k} a{ai} b{bi} ({i},{j}): {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_reference_on_ragged_shapes() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (5, 7, 3),
+            (12, 32, 256),
+            (13, 33, 257),
+            (200, 400, 300),
+            (37, 1000, 40),
+            (400, 17, 600),
+            (3, 5, 0),
+        ] {
+            check(m, n, k);
+        }
+    }
+
+    #[test]
+    fn every_kernel_agrees() {
+        // The dispatcher picks one kernel; the portable one must agree with it too.
+        let (m, n, k) = (4, 16, 70);
+        let a = data(m * k, 5);
+        let b = data(k * n, 6);
+        let mut pa = vec![0f32; k * 4];
+        let mut pb = vec![0f32; k * 16];
+        for p in 0..k {
+            for i in 0..4 {
+                pa[p * 4 + i] = a[i * k + p];
+            }
+            pb[p * 16..(p + 1) * 16].copy_from_slice(&b[p * n..(p + 1) * n]);
+        }
+        let mut c = vec![0f32; m * n];
+        let t = Tile {
+            c: c.as_mut_ptr(),
+            rs_c: n,
+            m,
+            n,
+            alpha: 1.0,
+            load_c: false,
+            row_bias: std::ptr::null(),
+            col_bias: std::ptr::null(),
+        };
+        unsafe { generic_kernel::<4, 16>(k, pa.as_ptr(), pb.as_ptr(), &t) };
+        let want = reference(m, n, k, &a, &b);
+        for (g, w) in c.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-4, "{g} vs {w}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod peak {
+    #[test]
+    #[ignore]
+    fn kernel_peak_single_thread() {
+        let k = super::kernel();
+        let kc = 64;
+        let a = vec![0.01f32; kc * k.mr];
+        let b = vec![0.02f32; kc * k.nr];
+        let mut c = vec![0f32; k.mr * k.nr];
+        let t = super::Tile {
+            c: c.as_mut_ptr(),
+            rs_c: k.nr,
+            m: k.mr,
+            n: k.nr,
+            alpha: 1.0,
+            load_c: true,
+            row_bias: std::ptr::null(),
+            col_bias: std::ptr::null(),
+        };
+        let iters = 200_000;
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters {
+            unsafe { (k.f)(kc, a.as_ptr(), b.as_ptr(), &t) };
+        }
+        let s = t0.elapsed().as_secs_f64();
+        let flop = 2.0 * (kc * k.mr * k.nr) as f64 * iters as f64;
+        eprintln!("{}: {:.1} GFLOP/s on one thread", k.name, flop / s / 1e9);
+    }
+}
