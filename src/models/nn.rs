@@ -455,6 +455,16 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
+/// GEGLU's gate on a projection `[.., 2n]`: `h · GELU(g)` for its halves `h`, `g` (the fused
+/// kernel on CPU f32 without gradients).
+pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+        return x.contiguous()?.apply_op1_no_bwd(&super::kernels::Geglu);
+    }
+    let (h, gate) = chunk2_last(x)?;
+    h * gelu(&gate)?
+}
+
 /// CLIP's quick GELU: `x · σ(1.702 x)`.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     x * candle_nn::ops::sigmoid(&(x * 1.702)?)?

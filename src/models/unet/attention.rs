@@ -95,12 +95,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (h, gate) = nn::chunk2_last(&self.proj.forward(x)?)?;
-        let g = {
-            let _p = crate::models::profile::scope("geglu");
-            (h * nn::gelu(&gate)?)?
-        };
-        self.out.forward(&g)
+        self.out.forward(&nn::geglu(&self.proj.forward(x)?)?)
     }
 }
 
