@@ -90,8 +90,15 @@ pub struct BenchOptions {
     pub shapes: std::path::PathBuf,
     pub resolutions: Vec<usize>,
     pub reps: usize,
-    /// Any of `text`, `unet`, `vae`.
+    /// Any of `text`, `unet`, `vae` (the default set), `edit`, `load`, `gemm`, `train_full`,
+    /// `train_lora`.
     pub only: Vec<String>,
+    /// Denoising steps of the `edit` figure.
+    pub steps: usize,
+    /// A CLIP tokenizer folder (`vocab.json`, `merges.txt`) for the `edit` figure.
+    pub tokenizer: std::path::PathBuf,
+    /// Where the `load` figure writes its model folders (reused when already complete).
+    pub weights_dir: std::path::PathBuf,
 }
 
 fn emit(v: serde_json::Value) {
@@ -170,6 +177,38 @@ pub fn run(o: &BenchOptions) -> Result<()> {
     }
     if asked("gemm") {
         gemm_figures(o.reps)?;
+    }
+    if asked("edit") {
+        for &r in &o.resolutions {
+            let (s, peak) = edit_secs(o, r, &dev)?;
+            emit(serde_json::json!({
+                "component": "edit", "res": r, "steps": o.steps, "s": s, "threads": threads,
+                "peak_rss_bytes": peak,
+            }));
+        }
+    }
+    if asked("load") {
+        for (name, variant, dtype) in [
+            ("load_f16", crate::loader::Variant::Fp16, DType::F16),
+            ("load_f32", crate::loader::Variant::Full, DType::F32),
+        ] {
+            let dir = o.weights_dir.join(name.trim_start_matches("load_"));
+            write_random_model(o, &dir, variant, dtype, &dev)?;
+            let s = median_secs(o.reps, || {
+                let md = crate::loader::ModelDir::from_dir(&dir)?;
+                let c = crate::loader::load(
+                    &md,
+                    &dev,
+                    &crate::loader::LoadOptions {
+                        variant,
+                        ..Default::default()
+                    },
+                )?;
+                drop(c);
+                Ok(())
+            })?;
+            emit(serde_json::json!({"component": name, "s": s, "threads": threads}));
+        }
     }
     for (part, lora) in [("train_full", false), ("train_lora", true)] {
         if !asked(part) {
@@ -382,5 +421,204 @@ fn gemm_figures(reps: usize) -> Result<()> {
             "gflops": flop / s / 1e9}),
         );
     }
+    Ok(())
+}
+
+/// Components of full SD 1.5 shape with random weights (in memory), the tokenizer from `o`.
+fn random_components(o: &BenchOptions, dev: &Device) -> Result<crate::loader::Components> {
+    let cfg = |c: &str| Path::new(&o.shapes).join(c).join("config.json");
+    let tc: ClipTextConfig = read_json(&cfg("text_encoder"))?;
+    let vc: VaeConfig = read_json(&cfg("vae"))?;
+    let uc: UNetConfig = read_json(&cfg("unet"))?;
+    Ok(crate::loader::Components {
+        tokenizer: crate::models::ClipTokenizer::from_dir(&o.tokenizer)?,
+        text_encoder: ClipTextModel::new(random_vb(DType::F32, dev), &tc)?,
+        vae: AutoencoderKL::new(random_vb(DType::F32, dev), &vc)?,
+        unet: UNet2DConditionModel::new(random_vb(DType::F32, dev), &uc)?,
+        scheduler: read_json(&o.shapes.join("scheduler").join("scheduler_config.json"))?,
+        device: dev.clone(),
+        dtype: DType::F32,
+    })
+}
+
+/// A whole edit (`o.steps` steps, dual guidance, encode + denoise + decode) of a `res`² image:
+/// median seconds and the process's peak RSS afterwards (run `--only edit --res N` alone for the
+/// edit's own peak).
+fn edit_secs(o: &BenchOptions, res: usize, dev: &Device) -> Result<(f64, u64)> {
+    use crate::pipeline::edit::{EditParams, EditPipeline};
+    use crate::pipeline::image::InputImage;
+    let pipe = EditPipeline::new(random_components(o, dev)?)?;
+    let rgb = image::RgbImage::from_fn(res as u32, res as u32, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    });
+    let input = InputImage::from_dynamic(image::DynamicImage::ImageRgb8(rgb));
+    let params = EditParams {
+        instruction: "turn the sunflowers into roses".into(),
+        steps: o.steps,
+        resolution: res as u32,
+        ..Default::default()
+    };
+    // One edit is the warm-up as well as a long run: time every run, no extra warm-up.
+    let mut times = Vec::new();
+    for _ in 0..o.reps.max(1) {
+        let t = Instant::now();
+        pipe.edit(&input, &params, &mut crate::pipeline::NoProgress)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok((times[times.len() / 2], peak_rss_bytes()))
+}
+
+/// Records every parameter a model asks for (name, shape), handing out zeros.
+#[derive(Clone)]
+struct Recorder(std::sync::Arc<std::sync::Mutex<Params>>);
+
+/// Parameter names and shapes.
+type Params = Vec<(String, Vec<usize>)>;
+
+impl SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.to_string(), s.dims().to_vec()));
+        Tensor::zeros(s, dtype, dev)
+    }
+    fn get_unchecked(
+        &self,
+        _name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("recording backend: shape unknown")
+    }
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
+}
+
+/// The parameter names and shapes `build` asks for.
+fn parameters(
+    build: impl FnOnce(VarBuilder<'static>) -> Result<()>,
+    dev: &Device,
+) -> Result<Params> {
+    let rec = Recorder(Default::default());
+    build(VarBuilder::from_backend(
+        Box::new(rec.clone()),
+        DType::F32,
+        dev.clone(),
+    ))?;
+    let v = std::mem::take(&mut *rec.0.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(v)
+}
+
+/// Writes a full-size diffusers folder with random weights (`dtype`, files named for `variant`)
+/// unless `dir` already holds a complete one.
+fn write_random_model(
+    o: &BenchOptions,
+    dir: &Path,
+    variant: crate::loader::Variant,
+    dtype: DType,
+    dev: &Device,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let done = dir.join(".complete");
+    if done.is_file() {
+        return Ok(());
+    }
+    let cfg = |c: &str| Path::new(&o.shapes).join(c).join("config.json");
+    let suffix = match variant {
+        crate::loader::Variant::Fp16 => ".fp16",
+        _ => "",
+    };
+    let tc: ClipTextConfig = read_json(&cfg("text_encoder"))?;
+    let vc: VaeConfig = read_json(&cfg("vae"))?;
+    let uc: UNetConfig = read_json(&cfg("unet"))?;
+    type Build<'a> = Box<dyn FnOnce(VarBuilder<'static>) -> Result<()> + 'a>;
+    let parts: Vec<(&str, &str, Build)> = vec![
+        (
+            "text_encoder",
+            "model",
+            Box::new(|vb| ClipTextModel::new(vb, &tc).map(drop).map_err(Into::into)),
+        ),
+        (
+            "vae",
+            "diffusion_pytorch_model",
+            Box::new(|vb| AutoencoderKL::new(vb, &vc).map(drop).map_err(Into::into)),
+        ),
+        (
+            "unet",
+            "diffusion_pytorch_model",
+            Box::new(|vb| {
+                UNet2DConditionModel::new(vb, &uc)
+                    .map(drop)
+                    .map_err(Into::into)
+            }),
+        ),
+    ];
+    for (component, stem, build) in parts {
+        let params = parameters(build, dev)?;
+        let tensors = params
+            .par_iter()
+            .enumerate()
+            .map(|(pi, (name, shape))| {
+                let n: usize = shape.iter().product();
+                // Any values will do (cost does not depend on them), but not zeros, which the
+                // kernel could leave unmapped: a cheap hash in ±0.02.
+                let v: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let h =
+                            ((i as u64) ^ ((pi as u64) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                        ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+                    })
+                    .collect();
+                let t = Tensor::from_vec(v, shape.as_slice(), dev)?.to_dtype(dtype)?;
+                Ok((name.clone(), t))
+            })
+            .collect::<Result<std::collections::HashMap<String, Tensor>>>()?;
+        let cdir = dir.join(component);
+        std::fs::create_dir_all(&cdir).map_err(|e| crate::Error::io(&cdir, e))?;
+        std::fs::copy(cfg(component), cdir.join("config.json"))
+            .map_err(|e| crate::Error::io(&cdir, e))?;
+        candle_core::safetensors::save(&tensors, cdir.join(format!("{stem}{suffix}.safetensors")))?;
+    }
+    for (sub, files) in [
+        ("scheduler", vec!["scheduler_config.json"]),
+        (
+            "tokenizer",
+            vec![
+                "vocab.json",
+                "merges.txt",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ],
+        ),
+    ] {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).map_err(|e| crate::Error::io(&d, e))?;
+        let from = if sub == "tokenizer" {
+            o.tokenizer.clone()
+        } else {
+            o.shapes.join(sub)
+        };
+        for f in files {
+            if from.join(f).is_file() {
+                std::fs::copy(from.join(f), d.join(f)).map_err(|e| crate::Error::io(&d, e))?;
+            }
+        }
+    }
+    std::fs::copy(
+        o.shapes.join("model_index.json"),
+        dir.join("model_index.json"),
+    )
+    .map_err(|e| crate::Error::io(dir, e))?;
+    std::fs::write(&done, b"").map_err(|e| crate::Error::io(&done, e))?;
     Ok(())
 }

@@ -251,9 +251,24 @@ struct BenchArgs {
     /// Timed runs after one warm-up; the median is printed.
     #[arg(long, env = "IP2P_BENCH_REPS", default_value_t = 3)]
     reps: usize,
-    /// Only these parts: text, unet, vae (comma-separated).
+    /// Only these parts (comma-separated): text, unet, vae (the default set); edit (a whole
+    /// edit at each --res), load (start-to-ready from full-size f32 and f16 files), gemm,
+    /// train_full, train_lora.
     #[arg(long, env = "IP2P_BENCH_ONLY", value_delimiter = ',')]
     only: Vec<String>,
+    /// Denoising steps of the `edit` figure.
+    #[arg(long, env = "IP2P_BENCH_STEPS", default_value_t = 20)]
+    steps: usize,
+    /// A CLIP tokenizer folder for the `edit` figure.
+    #[arg(
+        long,
+        env = "IP2P_BENCH_TOKENIZER",
+        default_value = "../shared/fixtures/clip-tokenizer"
+    )]
+    tokenizer: PathBuf,
+    /// Where the `load` figure writes (and reuses) its full-size random-weight model folders.
+    #[arg(long, env = "IP2P_BENCH_WEIGHTS_DIR")]
+    weights_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -575,6 +590,11 @@ fn run() -> Result<()> {
             resolutions: a.res,
             reps: a.reps,
             only: a.only,
+            steps: a.steps,
+            tokenizer: a.tokenizer,
+            weights_dir: a
+                .weights_dir
+                .unwrap_or_else(|| std::env::temp_dir().join("ip2p-bench-weights")),
         })?),
         Command::Extend(a) => extend(a),
         Command::Train(a) => train(a),

@@ -262,8 +262,76 @@ pub fn var_builder(
     }
     // SAFETY: the files are mapped read-only. Modifying or truncating them while the model is
     // loaded is undefined behaviour, as for every memory-mapped checkpoint; we never write to them.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }?;
-    Ok(vb)
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
+    Ok(VarBuilder::from_backend(
+        Box::new(Widening(st)),
+        dtype,
+        device.clone(),
+    ))
+}
+
+/// Memory-mapped safetensors that widen half-precision weights to f32 on the CPU straight from
+/// the mapped bytes, in parallel (candle's own path copies, then widens on one core); every
+/// other case goes through candle.
+struct Widening(candle_core::safetensors::MmapedSafetensors);
+
+impl candle_nn::var_builder::SimpleBackend for Widening {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        use rayon::prelude::*;
+        let view = self.0.get(name)?;
+        let half = match DType::try_from(view.dtype()) {
+            Ok(DType::F16) => Some(false),
+            Ok(DType::BF16) => Some(true),
+            _ => None,
+        };
+        if let (Some(bf), DType::F32, true) = (half, dtype, dev.is_cpu()) {
+            let bytes = view.data();
+            let mut out = vec![0f32; bytes.len() / 2];
+            out.par_chunks_mut(1 << 15)
+                .zip(bytes.par_chunks(1 << 16))
+                .for_each(|(o, b)| {
+                    for (o, c) in o.iter_mut().zip(b.chunks_exact(2)) {
+                        let bits = u16::from_le_bytes([c[0], c[1]]);
+                        *o = if bf {
+                            half::bf16::from_bits(bits).to_f32()
+                        } else {
+                            half::f16::from_bits(bits).to_f32()
+                        };
+                    }
+                });
+            return candle_core::Tensor::from_vec(out, view.shape(), dev);
+        }
+        self.0.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.get(name).is_ok()
+    }
 }
 
 /// Everything needed to run Stable Diffusion or InstructPix2Pix.
@@ -332,9 +400,37 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
     let root = dir.root();
     let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
 
-    let text_encoder = load_text_encoder(dir, opts.variant, dtype, device)?;
-    let vae = load_vae(dir, opts.variant, dtype, device)?;
+    // The three networks load at once (reading, widening and packing their weights).
+    let (unet, (text_encoder, vae)) = rayon::join(
+        || load_unet(dir, opts, dtype, device),
+        || {
+            rayon::join(
+                || load_text_encoder(dir, opts.variant, dtype, device),
+                || load_vae(dir, opts.variant, dtype, device),
+            )
+        },
+    );
+    let (unet, text_encoder, vae) = (unet?, text_encoder?, vae?);
 
+    let scheduler: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
+    Ok(Components {
+        tokenizer,
+        text_encoder,
+        vae,
+        unet,
+        scheduler,
+        device: device.clone(),
+        dtype,
+    })
+}
+
+fn load_unet(
+    dir: &ModelDir,
+    opts: &LoadOptions,
+    dtype: DType,
+    device: &Device,
+) -> Result<UNet2DConditionModel> {
+    let root = dir.root();
     let unet_cfg: UNetConfig = dir.config("unet", "config.json")?;
     unet_cfg.validate().map_err(|m| Error::Config {
         path: root.join("unet/config.json"),
@@ -349,16 +445,5 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
         dtype,
         device,
     )?;
-    let unet = with_context(UNet2DConditionModel::new(unet_vb, &unet_cfg), "unet", root)?;
-
-    let scheduler: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
-    Ok(Components {
-        tokenizer,
-        text_encoder,
-        vae,
-        unet,
-        scheduler,
-        device: device.clone(),
-        dtype,
-    })
+    with_context(UNet2DConditionModel::new(unet_vb, &unet_cfg), "unet", root)
 }

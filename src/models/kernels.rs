@@ -236,9 +236,13 @@ impl CustomOp1 for FastLinear {
 /// the key axis with one vector lane per query, and `Oᵀ = Vᵀ P` is scaled by each query's
 /// `1 / Σ` while it is written out. Per batch item and head, `K` and `Vᵀ` are packed once. The
 /// score matrix never exists beyond one block (`keys × 32`, in the core's L2 cache).
-#[derive(Debug, Clone, Copy)]
+///
+/// With `logits_from` (Prompt-to-Prompt), batch item `j` attends with the weights of item
+/// `logits_from[j]` (its queries and keys) over its own values.
+#[derive(Debug, Clone)]
 pub struct FastAttention {
     pub heads: usize,
+    pub logits_from: Option<Vec<usize>>,
 }
 
 impl candle_core::CustomOp3 for FastAttention {
@@ -282,6 +286,14 @@ impl candle_core::CustomOp3 for FastAttention {
         let (qa, ka, va) = (q as usize, k as usize, v as usize);
         // SAFETY (both packs): item bh = (bi, hi) reads rows j < nk of its batch item at
         // columns hi·d..hi·d+d, inside the b·nk·inner elements.
+        let from = |bi: usize| self.logits_from.as_ref().map_or(bi, |f| f[bi]);
+        if self
+            .logits_from
+            .as_ref()
+            .is_some_and(|f| f.len() != b || f.iter().any(|&i| i >= b))
+        {
+            candle_core::bail!("fast attention: logits_from does not fit a batch of {b}");
+        }
         let packs: Vec<(sgemm::PackedA, sgemm::PackedA)> = (0..b * h)
             .into_par_iter()
             .map(|bh| unsafe {
@@ -316,7 +328,10 @@ impl candle_core::CustomOp3 for FastAttention {
             let (bi, hi) = (bh / h, bh % h);
             let q0 = blk * qb;
             let cols = qb.min(nq - q0);
-            let (kp, vt) = &packs[bh];
+            // Weights from item `from(bi)` (its queries and keys), values from bi.
+            let (kp, _) = &packs[from(bi) * h + hi];
+            let (_, vt) = &packs[bh];
+            let qoff = (from(bi) * nq + q0) * inner + hi * d;
             SCORES.with(|s| {
                 let mut s = s.borrow_mut();
                 let (st, ot) = &mut *s;
@@ -337,7 +352,7 @@ impl candle_core::CustomOp3 for FastAttention {
                         d,
                         sgemm::A::Packed(kp),
                         sgemm::B::Strided(Strided {
-                            ptr: (qa as *const f32).add(off),
+                            ptr: (qa as *const f32).add(qoff),
                             rs: 1,
                             cs: inner,
                         }),

@@ -6,6 +6,18 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+/// Runs `f` on the elements of a CPU f32 tensor in place (no copy when it is contiguous).
+fn with_cpu_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+            Ok(f(&v[a..b]))
+        }
+        _ => candle_core::bail!("expected a contiguous CPU f32 tensor"),
+    }
+}
+
 /// A dense layer `y = x Wᵀ + b` that accepts inputs of any rank.
 ///
 /// CPU f32 weights that are not being trained are kept only in packed form
@@ -51,12 +63,9 @@ impl Linear {
         {
             let (out_dim, in_dim) = weight.dims2()?;
             let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-            let fast = super::kernels::FastLinear::new(
-                &weight.flatten_all()?.to_vec1::<f32>()?,
-                b.as_deref(),
-                out_dim,
-                in_dim,
-            );
+            let fast = with_cpu_f32(&weight, |w| {
+                super::kernels::FastLinear::new(w, b.as_deref(), out_dim, in_dim)
+            })?;
             let placeholder =
                 Tensor::zeros((), DType::F32, weight.device())?.broadcast_as((out_dim, in_dim))?;
             return Ok(Self {
@@ -409,15 +418,11 @@ impl Conv2d {
             && !weight.is_variable()
             && !DIFFERENTIABLE.with(|d| d.get())
         {
-            return Ok(Self::Fast(std::sync::Arc::new(
-                super::kernels::FastConv::new(
-                    &weight.flatten_all()?.to_vec1::<f32>()?,
-                    &bias.to_vec1::<f32>()?,
-                    out_c,
-                    in_c,
-                    kernel,
-                ),
-            )));
+            let bias = bias.to_vec1::<f32>()?;
+            let fast = with_cpu_f32(&weight, |w| {
+                super::kernels::FastConv::new(w, &bias, out_c, in_c, kernel)
+            })?;
+            return Ok(Self::Fast(std::sync::Arc::new(fast)));
         }
         let cfg = candle_nn::Conv2dConfig {
             padding,
@@ -536,15 +541,30 @@ pub fn attention_with(
     heads: usize,
     ctl: LogitControl,
 ) -> Result<Tensor> {
-    let fast = !ctl.is_active()
+    let fast = ctl.record.is_none()
         && [q, k, v]
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
     if fast {
+        let logits_from = match ctl.logits_from {
+            Some(f) => {
+                let b = q.dim(0)?;
+                let f: Vec<usize> = f
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .map(|i| i as usize)
+                    .collect();
+                if f.len() != b || f.iter().any(|&i| i >= b) {
+                    candle_core::bail!("attention: logits_from {f:?} for a batch of {b}");
+                }
+                Some(f)
+            }
+            None => None,
+        };
         return q.contiguous()?.apply_op3_no_bwd(
             &k.contiguous()?,
             &v.contiguous()?,
-            &super::kernels::FastAttention { heads },
+            &super::kernels::FastAttention { heads, logits_from },
         );
     }
     attention_blocked(q, k, v, heads, None, ATTENTION_BLOCK_ELEMS, ctl)
@@ -721,6 +741,37 @@ mod tests {
                 "{nq}x{nk} heads {heads}×{d}: fused error {ef:.3e}, composed {ec:.3e}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_attention_follows_logits_from() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (3, 40, 16), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (3, 33, 16), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (3, 33, 16), &dev)?;
+        let from = Tensor::new(&[0u32, 0, 1], &dev)?;
+        let ctl = LogitControl {
+            logits_from: Some(&from),
+            record: None,
+        };
+        let fused = attention_with(&q, &k, &v, 2, ctl)?;
+        let composed = attention_blocked(&q, &k, &v, 2, None, usize::MAX, ctl)?;
+        let d = (fused - composed)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(
+            d < 1e-5,
+            "fused and composed Prompt-to-Prompt attention differ by {d}"
+        );
+        let bad = Tensor::new(&[0u32, 0, 3], &dev)?;
+        let ctl = LogitControl {
+            logits_from: Some(&bad),
+            record: None,
+        };
+        assert!(attention_with(&q, &k, &v, 2, ctl).is_err());
         Ok(())
     }
 

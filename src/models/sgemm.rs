@@ -242,6 +242,11 @@ pub fn mr() -> usize {
     kernel().mr
 }
 
+/// Operands at least this large are packed in parallel.
+const PARALLEL_PACK: usize = 1 << 18;
+/// Panels per parallel packing task.
+const PACK_GROUP: usize = 8;
+
 /// A left operand packed once (weights): per k block, `mr`-row panels.
 #[derive(Debug, Clone)]
 pub struct PackedA {
@@ -271,7 +276,18 @@ impl PackedA {
         let mut data = vec![0f32; mpad * k];
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
-            pack_a(s, 0, m, p0, kc, mr, &mut data[p0 * mpad..(p0 + kc) * mpad]);
+            let block = &mut data[p0 * mpad..(p0 + kc) * mpad];
+            if m * k >= PARALLEL_PACK {
+                block
+                    .par_chunks_mut(PACK_GROUP * mr * kc)
+                    .enumerate()
+                    .for_each(|(g, dst)| {
+                        let i0 = g * PACK_GROUP * mr;
+                        pack_a(s, i0, (PACK_GROUP * mr).min(m - i0), p0, kc, mr, dst)
+                    });
+            } else {
+                pack_a(s, 0, m, p0, kc, mr, block);
+            }
         }
         Self { m, k, mr, data }
     }
@@ -315,15 +331,26 @@ impl PackedB {
         let mut data = vec![0f32; npad * k];
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
-            pack_b(
-                B::Strided(s),
-                p0,
-                kc,
-                0,
-                n,
-                nr,
-                &mut data[p0 * npad..(p0 + kc) * npad],
-            );
+            let block = &mut data[p0 * npad..(p0 + kc) * npad];
+            if k * n >= PARALLEL_PACK {
+                block
+                    .par_chunks_mut(PACK_GROUP * nr * kc)
+                    .enumerate()
+                    .for_each(|(g, dst)| {
+                        let j0 = g * PACK_GROUP * nr;
+                        pack_b(
+                            B::Strided(s),
+                            p0,
+                            kc,
+                            j0,
+                            (PACK_GROUP * nr).min(n - j0),
+                            nr,
+                            dst,
+                        )
+                    });
+            } else {
+                pack_b(B::Strided(s), p0, kc, 0, n, nr, block);
+            }
         }
         Self { k, n, nr, data }
     }
