@@ -39,6 +39,13 @@ def main():
     ap.add_argument("--res", nargs="+", default=["256", "512"])
     ap.add_argument("--reps", default="3")
     ap.add_argument("--only", default="text,unet,vae")
+    ap.add_argument("--edit-res", nargs="*", default=["256"],
+                    help="whole edits (--edit-steps steps) timed on both sides")
+    ap.add_argument("--edit-steps", default="20")
+    ap.add_argument("--rss-res", nargs="*", default=["512"],
+                    help="peak RSS of a whole edit, each in a fresh process on both sides")
+    ap.add_argument("--rss-steps", default="2",
+                    help="steps of the RSS edits (the peak does not depend on the count)")
     a = ap.parse_args()
     ours = run([a.ip2p, "bench", "--shapes", os.path.join(a.shared, "fixtures/sd15-shapes"),
                 "--res", *a.res, "--reps", a.reps, "--only", a.only])
@@ -55,6 +62,22 @@ def main():
     rss = [r for r in ours if r["component"] == "peak_rss"]
     if rss:
         print(f"peak RSS (ours, whole run): {rss[0]['bytes'] / 2**30:.2f} GiB")
+    edit_py = os.path.join(ROOT, "tools/bench_diffusers_edit.py")
+    for res in a.edit_res:
+        o = run([a.ip2p, "bench", "--shapes", os.path.join(a.shared, "fixtures/sd15-shapes"),
+                 "--only", "edit", "--res", res, "--steps", a.edit_steps, "--reps", "1"])
+        t = run([a.python, edit_py, "--shared", a.shared, "--res", res, "--steps", a.edit_steps])
+        o = [r for r in o if r["component"] == "edit"][0]
+        t = [r for r in t if r["component"] == "edit"][0]
+        print(f"{'edit, ' + a.edit_steps + ' steps':28} {res:>5} {o['s']:9.3f} {t['s']:12.3f} "
+              f"{o['s'] / t['s']:12.2f}")
+    for res in a.rss_res:
+        o = run([a.ip2p, "bench", "--shapes", os.path.join(a.shared, "fixtures/sd15-shapes"),
+                 "--only", "edit", "--res", res, "--steps", a.rss_steps, "--reps", "1"])
+        t = run([a.python, edit_py, "--shared", a.shared, "--res", res, "--steps", a.rss_steps])
+        o = [r for r in o if r["component"] == "edit"][0]["peak_rss_bytes"]
+        t = [r for r in t if r["component"] == "edit"][0]["peak_rss_bytes"]
+        print(f"{'edit peak RSS GiB':28} {res:>5} {o / 2**30:9.2f} {t / 2**30:12.2f} {o / t:12.2f}")
 
 
 if __name__ == "__main__":

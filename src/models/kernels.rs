@@ -101,14 +101,19 @@ impl CustomOp1 for FastConv {
         }
         let (hp, wp) = (h + 2, w + 2);
         let plane = hp * wp;
-        let n = h * wp;
-        // The last channel's shifted reads run up to 2 elements past its plane (into garbage
-        // columns only): keep that slack allocated.
-        let mut padded = vec![0f32; b * ci * plane + 2];
-        padded[..b * ci * plane]
+        // Padded planes laid out [channel][image][plane], so that one product covers the whole
+        // batch: column j = image·plane + y·wp + x runs through every image's rows (with the
+        // padding rows and columns in between computed and dropped).
+        let n = (b - 1) * plane + h * wp;
+        // The last channel's shifted reads run up to 2 elements past its last plane (into
+        // garbage columns only): keep that slack allocated.
+        let mut padded = vec![0f32; ci * b * plane + 2];
+        padded[..ci * b * plane]
             .par_chunks_mut(plane)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(p, src)| {
+            .enumerate()
+            .for_each(|(idx, p)| {
+                let (c, bi) = (idx / b, idx % b);
+                let src = &x[(bi * ci + c) * h * w..(bi * ci + c + 1) * h * w];
                 for y in 0..h {
                     p[(y + 1) * wp + 1..(y + 1) * wp + 1 + w]
                         .copy_from_slice(&src[y * w..(y + 1) * w]);
@@ -117,33 +122,36 @@ impl CustomOp1 for FastConv {
         let rows: Vec<usize> = (0..ci * 9)
             .map(|r| {
                 let (c, tap) = (r / 9, r % 9);
-                c * plane + (tap / 3) * wp + tap % 3
+                c * b * plane + (tap / 3) * wp + tap % 3
             })
             .collect();
-        let mut acc = vec![0f32; b * co * n];
-        let (pp, ap) = (padded.as_ptr() as usize, acc.as_mut_ptr() as usize);
-        // SAFETY: item bi reads padded[bi·ci·plane + rows[r] + j] for j < n: the largest index
-        // is bi·ci·plane + (ci−1)·plane + 2·wp + 2 + h·wp − 1 = (bi+1)·ci·plane + 1, inside the
-        // buffer of b·ci·plane + 2. It writes acc[bi·co·n..][co × n], disjoint per item.
+        let mut acc = vec![0f32; co * n];
+        // SAFETY: column j < n of row r reads padded[rows[r] + j]: the largest index is
+        // (ci−1)·b·plane + 2·wp + 2 + (b−1)·plane + h·wp − 1 = ci·b·plane + 1, inside the
+        // buffer of ci·b·plane + 2. acc holds co × n.
         unsafe {
-            sgemm::gemm_batch(b, co, n, ci * 9, epi, &|bi| Problem {
-                a: sgemm::A::Packed(&self.weight),
-                b: sgemm::B::Rows {
-                    ptr: (pp as *const f32).add(bi * ci * plane),
+            sgemm::gemm(
+                co,
+                n,
+                ci * 9,
+                sgemm::A::Packed(&self.weight),
+                sgemm::B::Rows {
+                    ptr: padded.as_ptr(),
                     rows: &rows,
                 },
-                c: (ap as *mut f32).add(bi * co * n),
-                rs_c: n,
-            })
+                acc.as_mut_ptr(),
+                n,
+                epi,
+            )
         };
         drop(padded);
-        out.par_chunks_mut(h * w)
-            .zip(acc.par_chunks(n))
-            .for_each(|(o, a)| {
-                for y in 0..h {
-                    o[y * w..(y + 1) * w].copy_from_slice(&a[y * wp..y * wp + w]);
-                }
-            });
+        out.par_chunks_mut(h * w).enumerate().for_each(|(idx, o)| {
+            let (bi, oc) = (idx / co, idx % co);
+            let a = &acc[oc * n + bi * plane..];
+            for y in 0..h {
+                o[y * w..(y + 1) * w].copy_from_slice(&a[y * wp..y * wp + w]);
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, co, h, w))))
     }
 }
@@ -609,6 +617,45 @@ impl CustomOp1 for Geglu {
     }
 }
 
+#[inline(always)]
+fn affine_silu_body(x: &[f32], out: &mut [f32], scale: f32, shift: f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        let y = v * scale + shift;
+        let r = y / (1.0 + exp_poly(-y));
+        // Below −88, exp(−y) overflows f32 and the reference's SiLU is −0 (|SiLU| < 1e-36).
+        *o = if y < -88.0 { -0.0 } else { r };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn affine_silu_avx512(x: &[f32], out: &mut [f32], scale: f32, shift: f32) {
+    affine_silu_body(x, out, scale, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn affine_silu_avx2(x: &[f32], out: &mut [f32], scale: f32, shift: f32) {
+    affine_silu_body(x, out, scale, shift)
+}
+
+/// `out = SiLU(x·scale + shift)`, vectorised (GroupNorm's fused SiLU).
+pub fn affine_silu(x: &[f32], out: &mut [f32], scale: f32, shift: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { affine_silu_avx512(x, out, scale, shift) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { affine_silu_avx2(x, out, scale, shift) };
+        }
+    }
+    affine_silu_body(x, out, scale, shift)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,6 +694,21 @@ mod tests {
         eprintln!("gelu: relative {worst_rel:.3e}, tail absolute {worst_tail:.3e}");
         assert!(worst_rel < 1e-6, "worst relative error {worst_rel:.3e}");
         assert!(worst_tail < 1e-10, "worst tail error {worst_tail:.3e}");
+    }
+
+    #[test]
+    fn affine_silu_matches_f64() {
+        let x: Vec<f32> = (0..20_001).map(|i| -100.0 + i as f32 * 0.01).collect();
+        let mut out = vec![0f32; x.len()];
+        affine_silu(&x, &mut out, 1.0, 0.0);
+        for (&v, &o) in x.iter().zip(&out) {
+            let want = v as f64 / (1.0 + (-(v as f64)).exp());
+            let err = (o as f64 - want).abs();
+            assert!(
+                err <= 4e-7 * want.abs() + 1e-36,
+                "silu({v}) = {o}, want {want}"
+            );
+        }
     }
 
     #[test]

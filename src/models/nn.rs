@@ -324,10 +324,7 @@ impl candle_core::CustomOp1 for FusedOp<'_> {
                     let scale = scale as f32;
                     let (oc, xc) = (&mut o[ch * hw..(ch + 1) * hw], &xi[ch * hw..(ch + 1) * hw]);
                     if silu {
-                        for (ov, &xv) in oc.iter_mut().zip(xc) {
-                            let y = xv * scale + shift;
-                            *ov = y / (1.0 + (-y).exp());
-                        }
+                        super::kernels::affine_silu(xc, oc, scale, shift);
                     } else {
                         for (ov, &xv) in oc.iter_mut().zip(xc) {
                             *ov = xv * scale + shift;

@@ -149,6 +149,16 @@ mod x86 {
     /// As [`super::generic_kernel`] with MR = 12, NR = 32; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn k12x32_avx512(kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+        if t.load_c {
+            // The tile's rows are far apart: start fetching them now, not at the end.
+            for i in 0..12 {
+                if i < t.m {
+                    let p = t.c.add(i * t.rs_c) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(p);
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+                }
+            }
+        }
         let mut c0 = [_mm512_setzero_ps(); 12];
         let mut c1 = [_mm512_setzero_ps(); 12];
         let (mut a, mut b) = (a, b);
