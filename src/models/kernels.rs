@@ -11,6 +11,38 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 
 use super::sgemm::{self, PackedA, Problem, Strided};
 
+/// Defines `fn $name(args)` running `$body(args)` compiled for AVX-512F, for AVX2 + FMA or
+/// portably, whichever is the best the CPU has (checked at run time).
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) => $body:ident) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($a: $t),*) {
+                    $body($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($a: $t),*) {
+                    $body($($a),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { avx512($($a),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            $body($($a),*)
+        }
+    };
+}
+
 /// A stride-1 `k×k` convolution (`k` = 1, or 3 with padding 1) with packed weights.
 #[derive(Debug)]
 pub struct FastConv {
@@ -620,32 +652,8 @@ fn geglu_rows_body(x: &[f32], out: &mut [f32], n: usize) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn geglu_rows_avx512(x: &[f32], out: &mut [f32], n: usize) {
-    geglu_rows_body(x, out, n)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn geglu_rows_avx2(x: &[f32], out: &mut [f32], n: usize) {
-    geglu_rows_body(x, out, n)
-}
-
-fn geglu_rows(x: &[f32], out: &mut [f32], n: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { geglu_rows_avx512(x, out, n) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { geglu_rows_avx2(x, out, n) };
-        }
-    }
-    geglu_rows_body(x, out, n)
+simd_dispatch! {
+    fn geglu_rows(x: &[f32], out: &mut [f32], n: usize) => geglu_rows_body
 }
 
 /// GEGLU's gate: `[.., 2n]` → `[.., n]`, `h · GELU(g)` for the halves `h`, `g` of the last
@@ -701,33 +709,9 @@ fn affine_silu_body(x: &[f32], out: &mut [f32], scale: f32, shift: f32) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn affine_silu_avx512(x: &[f32], out: &mut [f32], scale: f32, shift: f32) {
-    affine_silu_body(x, out, scale, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn affine_silu_avx2(x: &[f32], out: &mut [f32], scale: f32, shift: f32) {
-    affine_silu_body(x, out, scale, shift)
-}
-
-/// `out = SiLU(x·scale + shift)`, vectorised (GroupNorm's fused SiLU).
-pub fn affine_silu(x: &[f32], out: &mut [f32], scale: f32, shift: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { affine_silu_avx512(x, out, scale, shift) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { affine_silu_avx2(x, out, scale, shift) };
-        }
-    }
-    affine_silu_body(x, out, scale, shift)
+simd_dispatch! {
+    /// `out = SiLU(x·scale + shift)`, vectorised (GroupNorm's fused SiLU).
+    pub fn affine_silu(x: &[f32], out: &mut [f32], scale: f32, shift: f32) => affine_silu_body
 }
 
 #[cfg(test)]
