@@ -67,10 +67,6 @@ impl FastConv {
             kernel,
         }
     }
-
-    pub fn kernel_size(&self) -> usize {
-        self.kernel
-    }
 }
 
 impl CustomOp1 for FastConv {
@@ -213,10 +209,6 @@ impl FastLinear {
     /// The weight `[out, in]`, row-major.
     pub fn weight(&self) -> Vec<f32> {
         self.weight.to_transposed()
-    }
-
-    pub fn bias(&self) -> Option<&[f32]> {
-        self.bias.as_deref()
     }
 }
 

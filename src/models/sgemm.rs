@@ -247,11 +247,6 @@ pub fn nr() -> usize {
     kernel().nr
 }
 
-/// The row height of a packed panel (the micro-kernel's `mr`).
-pub fn mr() -> usize {
-    kernel().mr
-}
-
 /// Operands at least this large are packed in parallel.
 const PARALLEL_PACK: usize = 1 << 18;
 /// Panels per parallel packing task.
@@ -282,23 +277,9 @@ impl PackedA {
     /// Every element `(i < m, p < k)` of `s` is readable.
     pub unsafe fn new(m: usize, k: usize, s: Strided) -> Self {
         let mr = kernel().mr;
-        let mpad = m.div_ceil(mr) * mr;
-        let mut data = vec![0f32; mpad * k];
-        for p0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - p0);
-            let block = &mut data[p0 * mpad..(p0 + kc) * mpad];
-            if m * k >= PARALLEL_PACK {
-                block
-                    .par_chunks_mut(PACK_GROUP * mr * kc)
-                    .enumerate()
-                    .for_each(|(g, dst)| {
-                        let i0 = g * PACK_GROUP * mr;
-                        pack_a(s, i0, (PACK_GROUP * mr).min(m - i0), p0, kc, mr, dst)
-                    });
-            } else {
-                pack_a(s, 0, m, p0, kc, mr, block);
-            }
-        }
+        let data = pack_whole(k, m, mr, |p0, kc, i0, rows, dst| {
+            pack_a(s, i0, rows, p0, kc, mr, dst)
+        });
         Self { m, k, mr, data }
     }
 
@@ -337,31 +318,9 @@ impl PackedB {
     /// Every element `(p < k, j < n)` of `s` is readable.
     pub unsafe fn new(k: usize, n: usize, s: Strided) -> Self {
         let nr = kernel().nr;
-        let npad = n.div_ceil(nr) * nr;
-        let mut data = vec![0f32; npad * k];
-        for p0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - p0);
-            let block = &mut data[p0 * npad..(p0 + kc) * npad];
-            if k * n >= PARALLEL_PACK {
-                block
-                    .par_chunks_mut(PACK_GROUP * nr * kc)
-                    .enumerate()
-                    .for_each(|(g, dst)| {
-                        let j0 = g * PACK_GROUP * nr;
-                        pack_b(
-                            B::Strided(s),
-                            p0,
-                            kc,
-                            j0,
-                            (PACK_GROUP * nr).min(n - j0),
-                            nr,
-                            dst,
-                        )
-                    });
-            } else {
-                pack_b(B::Strided(s), p0, kc, 0, n, nr, block);
-            }
-        }
+        let data = pack_whole(k, n, nr, |p0, kc, j0, cols, dst| {
+            pack_b(B::Strided(s), p0, kc, j0, cols, nr, dst)
+        });
         Self { k, n, nr, data }
     }
 
@@ -406,6 +365,35 @@ impl PackedB {
         let npad = self.n.div_ceil(self.nr) * self.nr;
         self.data[p0 * npad + jp * self.nr * kc..].as_ptr()
     }
+}
+
+/// A whole operand packed once: per depth block, `extent` rows (A) or columns (B) in panels of
+/// `width`, groups of panels filled in parallel for large operands. `fill(p0, kc, start, len,
+/// dst)` packs `len` rows/columns from `start` of the block at depth `p0`.
+fn pack_whole(
+    k: usize,
+    extent: usize,
+    width: usize,
+    fill: impl Fn(usize, usize, usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let pad = extent.div_ceil(width) * width;
+    let mut data = vec![0f32; pad * k];
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
+        let block = &mut data[p0 * pad..(p0 + kc) * pad];
+        if extent * k >= PARALLEL_PACK {
+            block
+                .par_chunks_mut(PACK_GROUP * width * kc)
+                .enumerate()
+                .for_each(|(g, dst)| {
+                    let start = g * PACK_GROUP * width;
+                    fill(p0, kc, start, (PACK_GROUP * width).min(extent - start), dst)
+                });
+        } else {
+            fill(p0, kc, 0, extent, block);
+        }
+    }
+    data
 }
 
 /// Packs rows `i0..i0+mc`, depth `p0..p0+kc` of A into `mr`-row panels `[kc][mr]`
