@@ -43,10 +43,56 @@ macro_rules! simd_dispatch {
     };
 }
 
+/// How a [`FastConv`] computes a 3×3 convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvAlgo {
+    /// One product over the implicit im2col (9 multiply-adds per input, output and channel pair).
+    Direct,
+    /// Winograd F(2×2, 3×3): 16 products over 4×4 input tiles transformed by `Bᵀ d B`, each
+    /// 2×2 output tile recovered by `Aᵀ m A`: 4 multiply-adds per output and channel pair
+    /// instead of 9 (all transform coefficients are 0, ±1 and ±½, exact in binary). Its
+    /// weights take 16/9 of the direct form's memory.
+    Winograd,
+}
+
+impl ConvAlgo {
+    /// Winograd for 3×3 kernels with at least 32 channels on each side whose weights stay
+    /// small (≤ 1280 × 640 channel pairs: the VAE, and the UNet's two outer levels), direct
+    /// otherwise: the UNet's inner levels hold most of its weights, and their 16/9 in memory
+    /// would cost more than the products save on their maps of 4×4 to 16×16.
+    pub fn auto(out_c: usize, in_c: usize, kernel: usize) -> Self {
+        if kernel == 3
+            && out_c.min(in_c) >= WINOGRAD_MIN_CHANNELS
+            && out_c * in_c <= WINOGRAD_MAX_CHANNEL_PAIRS
+        {
+            Self::Winograd
+        } else {
+            Self::Direct
+        }
+    }
+}
+
+/// See [`ConvAlgo::auto`].
+const WINOGRAD_MAX_CHANNEL_PAIRS: usize = 1280 * 640;
+/// Below this many input or output channels the transforms cost more than the products save
+/// (the models' first and last convolutions: 3, 4 or 8 channels).
+const WINOGRAD_MIN_CHANNELS: usize = 32;
+/// Bytes of transformed input and output a Winograd convolution holds at once (its tile rows
+/// are processed in chunks of about this size).
+const WINOGRAD_CHUNK_BYTES: usize = 16 << 20;
+
+#[derive(Debug)]
+enum ConvWeights {
+    /// `[out, in·k²]` packed.
+    Direct(PackedA),
+    /// `U_ξ = G g Gᵀ` for ξ = 0..16, each `[out, in]` packed.
+    Winograd(Vec<PackedA>),
+}
+
 /// A stride-1 `k×k` convolution (`k` = 1, or 3 with padding 1) with packed weights.
 #[derive(Debug)]
 pub struct FastConv {
-    weight: PackedA,
+    weight: ConvWeights,
     bias: Vec<f32>,
     out_c: usize,
     in_c: usize,
@@ -54,11 +100,35 @@ pub struct FastConv {
 }
 
 impl FastConv {
-    /// `weight: [out, in, k, k]` (row-major), `bias: [out]`; `kernel` is 1 or 3.
+    /// `weight: [out, in, k, k]` (row-major), `bias: [out]`; `kernel` is 1 or 3; the algorithm
+    /// is [`ConvAlgo::auto`].
     pub fn new(weight: &[f32], bias: &[f32], out_c: usize, in_c: usize, kernel: usize) -> Self {
+        let algo = ConvAlgo::auto(out_c, in_c, kernel);
+        Self::with_algo(weight, bias, out_c, in_c, kernel, algo)
+    }
+
+    /// As [`FastConv::new`] with the algorithm chosen by the caller (1×1 kernels are always
+    /// direct).
+    pub fn with_algo(
+        weight: &[f32],
+        bias: &[f32],
+        out_c: usize,
+        in_c: usize,
+        kernel: usize,
+        algo: ConvAlgo,
+    ) -> Self {
         assert!(kernel == 1 || kernel == 3, "FastConv: 1×1 or 3×3 only");
-        // Row o of [out, in·k·k] is exactly the weight's layout: column c·k² + tap.
-        let weight = PackedA::from_rows(out_c, in_c * kernel * kernel, weight);
+        assert_eq!(
+            weight.len(),
+            out_c * in_c * kernel * kernel,
+            "FastConv: shape"
+        );
+        let weight = if kernel == 3 && algo == ConvAlgo::Winograd {
+            ConvWeights::Winograd(winograd_weights(weight, out_c, in_c))
+        } else {
+            // Row o of [out, in·k·k] is exactly the weight's layout: column c·k² + tap.
+            ConvWeights::Direct(PackedA::from_rows(out_c, in_c * kernel * kernel, weight))
+        };
         Self {
             weight,
             bias: bias.to_vec(),
@@ -67,6 +137,59 @@ impl FastConv {
             kernel,
         }
     }
+
+    pub fn algo(&self) -> ConvAlgo {
+        match self.weight {
+            ConvWeights::Direct(_) => ConvAlgo::Direct,
+            ConvWeights::Winograd(_) => ConvAlgo::Winograd,
+        }
+    }
+}
+
+/// `U_ξ[o][c] = (G g_oc Gᵀ)[ξ]` with `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]`,
+/// computed in f64 and rounded once.
+fn winograd_weights(w: &[f32], co: usize, ci: usize) -> Vec<PackedA> {
+    use rayon::prelude::*;
+    // [o][c][ξ]: one (o, c) pair per chunk of 16.
+    let mut u = vec![0f32; co * ci * 16];
+    u.par_chunks_mut(16).enumerate().for_each(|(oc, u)| {
+        let g: Vec<f64> = w[oc * 9..oc * 9 + 9]
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let gt = |r: [f64; 3]| {
+            [
+                r[0],
+                (r[0] + r[1] + r[2]) / 2.0,
+                (r[0] - r[1] + r[2]) / 2.0,
+                r[2],
+            ]
+        };
+        // t = G g (4 × 3), by columns.
+        let cols: Vec<[f64; 4]> = (0..3).map(|b| gt([g[b], g[3 + b], g[6 + b]])).collect();
+        for i in 0..4 {
+            let row = gt([cols[0][i], cols[1][i], cols[2][i]]);
+            for j in 0..4 {
+                u[i * 4 + j] = row[j] as f32;
+            }
+        }
+    });
+    (0..16)
+        .map(|xi| {
+            // SAFETY: element (o, c) of U_ξ is u[(o·ci + c)·16 + ξ], inside co·ci·16.
+            unsafe {
+                PackedA::new(
+                    co,
+                    ci,
+                    Strided {
+                        ptr: u.as_ptr().add(xi),
+                        rs: ci * 16,
+                        cs: 16,
+                    },
+                )
+            }
+        })
+        .collect()
 }
 
 impl CustomOp1 for FastConv {
@@ -79,11 +202,12 @@ impl CustomOp1 for FastConv {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("fast conv: f32 only");
         };
+        // Winograd's figure counts the direct form's multiply-adds (an effective rate).
         let _p = super::profile::scope_flops(
-            if self.kernel == 1 {
-                "conv1x1"
-            } else {
-                "conv3x3"
+            match (self.kernel, &self.weight) {
+                (1, _) => "conv1x1",
+                (_, ConvWeights::Winograd(_)) => "conv3x3 winograd",
+                _ => "conv3x3",
             },
             2 * (layout.shape().elem_count() / self.in_c.max(1)
                 * self.out_c
@@ -103,6 +227,13 @@ impl CustomOp1 for FastConv {
             );
         }
         let co = self.out_c;
+        let weight = match &self.weight {
+            ConvWeights::Winograd(u) => {
+                let out = winograd_conv(u, &self.bias, x, b, ci, co, h, w, WINOGRAD_CHUNK_BYTES);
+                return Ok((CpuStorage::F32(out), Shape::from((b, co, h, w))));
+            }
+            ConvWeights::Direct(weight) => weight,
+        };
         let mut out = vec![0f32; b * co * h * w];
         let epi = sgemm::Epilogue {
             row_bias: Some(&self.bias),
@@ -115,7 +246,7 @@ impl CustomOp1 for FastConv {
             // disjoint per item, inside both buffers.
             unsafe {
                 sgemm::gemm_batch(b, co, hw, ci, epi, &|bi| Problem {
-                    a: sgemm::A::Packed(&self.weight),
+                    a: sgemm::A::Packed(weight),
                     b: sgemm::B::Strided(Strided {
                         ptr: (xp as *const f32).add(bi * ci * hw),
                         rs: hw,
@@ -162,7 +293,7 @@ impl CustomOp1 for FastConv {
                 co,
                 n,
                 ci * 9,
-                sgemm::A::Packed(&self.weight),
+                sgemm::A::Packed(weight),
                 sgemm::B::Rows {
                     ptr: padded.as_ptr(),
                     rows: &rows,
@@ -181,6 +312,226 @@ impl CustomOp1 for FastConv {
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, co, h, w))))
+    }
+}
+
+/// A 3×3, padding-1 convolution by Winograd F(2×2, 3×3) (see [`ConvAlgo::Winograd`]).
+///
+/// The output is cut into 2×2 tiles, `th × tw` per image; a tile row is one image's row of
+/// tiles. Tile rows are processed in chunks: for a chunk of `nt` tiles, the input transform
+/// writes `V [in][16][nt]`, 16 products `M_ξ = U_ξ V_ξ` write `M [out][16][nt]`, and the output
+/// transform adds the bias and writes the output rows.
+#[allow(clippy::too_many_arguments)]
+fn winograd_conv(
+    u: &[PackedA],
+    bias: &[f32],
+    x: &[f32],
+    b: usize,
+    ci: usize,
+    co: usize,
+    h: usize,
+    w: usize,
+    chunk_bytes: usize,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let tile_rows = b * th;
+    let row_bytes = 16 * tw * (ci + co) * std::mem::size_of::<f32>();
+    let chunk = (chunk_bytes / row_bytes).clamp(1, tile_rows);
+    let mut out = vec![0f32; b * co * h * w];
+    let mut v = vec![0f32; ci * 16 * chunk * tw];
+    let mut m = vec![0f32; co * 16 * chunk * tw];
+    for r0 in (0..tile_rows).step_by(chunk) {
+        let rows = chunk.min(tile_rows - r0);
+        let nt = rows * tw;
+        let p = super::profile::scope("winograd input");
+        v[..ci * 16 * nt]
+            .par_chunks_mut(16 * nt)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; 24 * tw + 8],
+                |scratch, (c, vc)| {
+                    for rl in 0..rows {
+                        let (bi, ty) = ((r0 + rl) / th, (r0 + rl) % th);
+                        let plane = &x[(bi * ci + c) * h * w..(bi * ci + c + 1) * h * w];
+                        winograd_input_row(plane, h, w, ty, tw, scratch, vc, nt, rl * tw);
+                    }
+                },
+            );
+        drop(p);
+        let p = super::profile::scope("winograd products");
+        let (vp, mp) = (v.as_ptr() as usize, m.as_mut_ptr() as usize);
+        // SAFETY: item ξ reads V_ξ (c, t) at v[c·16·nt + ξ·nt + t] and writes M_ξ (o, t) at
+        // m[o·16·nt + ξ·nt + t]: inside both buffers, disjoint between items.
+        unsafe {
+            sgemm::gemm_batch_independent(16, co, nt, ci, sgemm::Epilogue::default(), &|xi| {
+                Problem {
+                    a: sgemm::A::Packed(&u[xi]),
+                    b: sgemm::B::Strided(Strided {
+                        ptr: (vp as *const f32).add(xi * nt),
+                        rs: 16 * nt,
+                        cs: 1,
+                    }),
+                    c: (mp as *mut f32).add(xi * nt),
+                    rs_c: 16 * nt,
+                }
+            })
+        };
+        drop(p);
+        let _p = super::profile::scope("winograd output");
+        let (img0, img1) = (r0 / th, (r0 + rows - 1) / th);
+        out[img0 * co * h * w..(img1 + 1) * co * h * w]
+            .par_chunks_mut(h * w)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; 12 * tw],
+                |scratch, (idx, plane)| {
+                    let (bi, o) = (img0 + idx / co, idx % co);
+                    let mo = &m[o * 16 * nt..(o + 1) * 16 * nt];
+                    for rl in 0..rows {
+                        let r = r0 + rl;
+                        if r / th == bi {
+                            winograd_output_row(
+                                mo,
+                                nt,
+                                rl * tw,
+                                bias[o],
+                                plane,
+                                h,
+                                w,
+                                r % th,
+                                tw,
+                                scratch,
+                            );
+                        }
+                    }
+                },
+            );
+    }
+    out
+}
+
+/// `V = Bᵀ d B` for one channel's tile row `ty` (tiles `d` are the 4×4 windows at
+/// `(2ty − 1, 2tx − 1)`, zero outside the plane), `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0],
+/// [0, −1, 1, 0], [0, 1, 0, −1]]`. Writes `dst[ξ·nt + off + tx]`. `scratch` holds `24·tw + 8`.
+#[allow(clippy::too_many_arguments)]
+fn winograd_input_row(
+    plane: &[f32],
+    h: usize,
+    w: usize,
+    ty: usize,
+    tw: usize,
+    scratch: &mut [f32],
+    dst: &mut [f32],
+    nt: usize,
+    off: usize,
+) {
+    // Row i of the windows, split into even and odd padded columns: window column s of tile
+    // tx is padded column 2tx + s, i.e. even[tx], odd[tx], even[tx + 1], odd[tx + 1].
+    let (eo, e) = scratch.split_at_mut(8 * (tw + 1));
+    for i in 0..4 {
+        let base = i * 2 * (tw + 1);
+        let (ev, od) = eo[base..base + 2 * (tw + 1)].split_at_mut(tw + 1);
+        ev.fill(0.0);
+        od.fill(0.0);
+        let y = (2 * ty + i).wrapping_sub(1);
+        if y < h {
+            let src = &plane[y * w..(y + 1) * w];
+            // Padded column p holds src[p − 1]: odd[k] = src[2k], even[k] = src[2k − 1].
+            for (d, &v) in od.iter_mut().zip(src.iter().step_by(2)) {
+                *d = v;
+            }
+            for (d, &v) in ev[1..].iter_mut().zip(src[1..].iter().step_by(2)) {
+                *d = v;
+            }
+        }
+        // Along the columns: e_i = d_i B (4 values per tile).
+        let (e0, rest) = e[i * 4 * tw..(i + 1) * 4 * tw].split_at_mut(tw);
+        let (e1, rest) = rest.split_at_mut(tw);
+        let (e2, e3) = rest.split_at_mut(tw);
+        for t in 0..tw {
+            let (d0, d1, d2, d3) = (ev[t], od[t], ev[t + 1], od[t + 1]);
+            e0[t] = d0 - d2;
+            e1[t] = d1 + d2;
+            e2[t] = d2 - d1;
+            e3[t] = d1 - d3;
+        }
+    }
+    // Along the rows: V = Bᵀ e.
+    for j in 0..4 {
+        let row = |i: usize| &e[(i * 4 + j) * tw..(i * 4 + j + 1) * tw];
+        let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+        let put = |dst: &mut [f32], xi: usize, f: &dyn Fn(usize) -> f32| {
+            let d = &mut dst[xi * nt + off..xi * nt + off + tw];
+            for (t, d) in d.iter_mut().enumerate() {
+                *d = f(t);
+            }
+        };
+        put(dst, j, &|t| r0[t] - r2[t]);
+        put(dst, 4 + j, &|t| r1[t] + r2[t]);
+        put(dst, 8 + j, &|t| r2[t] - r1[t]);
+        put(dst, 12 + j, &|t| r1[t] - r3[t]);
+    }
+}
+
+/// `Y = Aᵀ m A + bias` for one output channel's tile row `ty`, `Aᵀ = [[1, 1, 1, 0],
+/// [0, 1, −1, −1]]`, reading `m[ξ·nt + off + tx]`, writing output rows `2ty` and `2ty + 1`
+/// (those inside the plane). `scratch` holds `12·tw`.
+#[allow(clippy::too_many_arguments)]
+fn winograd_output_row(
+    m: &[f32],
+    nt: usize,
+    off: usize,
+    bias: f32,
+    plane: &mut [f32],
+    h: usize,
+    w: usize,
+    ty: usize,
+    tw: usize,
+    scratch: &mut [f32],
+) {
+    let mrow = |xi: usize| &m[xi * nt + off..xi * nt + off + tw];
+    // Along the columns: f_i = m_i A (2 values per tile).
+    let (f, y) = scratch.split_at_mut(8 * tw);
+    for i in 0..4 {
+        let (m0, m1, m2, m3) = (
+            mrow(4 * i),
+            mrow(4 * i + 1),
+            mrow(4 * i + 2),
+            mrow(4 * i + 3),
+        );
+        let (f0, f1) = f[i * 2 * tw..(i + 1) * 2 * tw].split_at_mut(tw);
+        for t in 0..tw {
+            f0[t] = m0[t] + m1[t] + m2[t];
+            f1[t] = m1[t] - m2[t] - m3[t];
+        }
+    }
+    // Along the rows: Y = Aᵀ f, then interleaved into the output rows.
+    for k in 0..2 {
+        let frow = |i: usize| &f[(i * 2 + k) * tw..(i * 2 + k + 1) * tw];
+        let (f0, f1, f2, f3) = (frow(0), frow(1), frow(2), frow(3));
+        let (y0, y1) = y[k * 2 * tw..(k + 1) * 2 * tw].split_at_mut(tw);
+        for t in 0..tw {
+            y0[t] = f0[t] + f1[t] + f2[t] + bias;
+            y1[t] = f1[t] - f2[t] - f3[t] + bias;
+        }
+    }
+    for a in 0..2 {
+        let yy = 2 * ty + a;
+        if yy >= h {
+            break;
+        }
+        // y holds [k][a][tx]: output column 2tx + k of row a.
+        let (ya0, ya1) = (&y[a * tw..(a + 1) * tw], &y[(2 + a) * tw..(2 + a + 1) * tw]);
+        let row = &mut plane[yy * w..(yy + 1) * w];
+        let mut pairs = row.chunks_exact_mut(2);
+        for ((p, &v0), &v1) in (&mut pairs).zip(ya0).zip(ya1) {
+            p[0] = v0;
+            p[1] = v1;
+        }
+        if let [last] = pairs.into_remainder() {
+            *last = ya0[tw - 1];
+        }
     }
 }
 
@@ -809,6 +1160,141 @@ mod tests {
                         "w {w} ({r},{l}): {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// `(max |y − y64| / (|bias| + Σ|w·x|))` of a 3×3 padding-1 convolution computed by `algo`.
+    fn conv_error(
+        b: usize,
+        ci: usize,
+        co: usize,
+        h: usize,
+        w: usize,
+        algo: ConvAlgo,
+        chunk_bytes: usize,
+    ) -> f64 {
+        let mut seed = 0x2545_f491u32 ^ (b * 131 + ci * 31 + co * 7 + h * 3 + w) as u32;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as f32 / u32::MAX as f32 * 2.0 - 1.0
+        };
+        let x: Vec<f32> = (0..b * ci * h * w).map(|_| rnd()).collect();
+        let wt: Vec<f32> = (0..co * ci * 9).map(|_| rnd() * 0.3).collect();
+        let bias: Vec<f32> = (0..co).map(|_| rnd()).collect();
+        let conv = FastConv::with_algo(&wt, &bias, co, ci, 3, algo);
+        assert_eq!(conv.algo(), algo);
+        let got = match &conv.weight {
+            ConvWeights::Winograd(u) => winograd_conv(u, &bias, &x, b, ci, co, h, w, chunk_bytes),
+            ConvWeights::Direct(_) => {
+                let layout = Layout::contiguous((b, ci, h, w));
+                let (CpuStorage::F32(y), _) = conv
+                    .cpu_fwd(&CpuStorage::F32(x.clone()), &layout)
+                    .expect("conv")
+                else {
+                    unreachable!()
+                };
+                y
+            }
+        };
+        let mut worst = 0f64;
+        for bi in 0..b {
+            for o in 0..co {
+                for y in 0..h {
+                    for xx in 0..w {
+                        let (mut sum, mut scale) = (f64::from(bias[o]), f64::from(bias[o]).abs());
+                        for c in 0..ci {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (sy, sx) =
+                                        ((y + ky).wrapping_sub(1), (xx + kx).wrapping_sub(1));
+                                    if sy < h && sx < w {
+                                        let p = f64::from(wt[((o * ci + c) * 3 + ky) * 3 + kx])
+                                            * f64::from(x[((bi * ci + c) * h + sy) * w + sx]);
+                                        sum += p;
+                                        scale += p.abs();
+                                    }
+                                }
+                            }
+                        }
+                        let g = f64::from(got[((bi * co + o) * h + y) * w + xx]);
+                        worst = worst.max((g - sum).abs() / scale.max(1e-30));
+                    }
+                }
+            }
+        }
+        worst
+    }
+
+    #[test]
+    fn winograd_and_direct_convolutions_match_f64() {
+        // (b, ci, co, h, w, chunk bytes): odd and even sides, one-pixel maps, a batch split
+        // across chunks (tiny chunks: one tile row each), deep enough for several depth blocks.
+        let cases = [
+            (1, 3, 5, 7, 9, 1 << 24),
+            (2, 16, 24, 8, 8, 1 << 24),
+            (3, 40, 33, 5, 1, 1),
+            (1, 1, 1, 1, 1, 1 << 24),
+            (2, 300, 20, 6, 11, 1),
+            (3, 20, 70, 9, 4, 20_000),
+        ];
+        for (b, ci, co, h, w, chunk) in cases {
+            let direct = conv_error(b, ci, co, h, w, ConvAlgo::Direct, chunk);
+            let wino = conv_error(b, ci, co, h, w, ConvAlgo::Winograd, chunk);
+            eprintln!("{b}x{ci}->{co} {h}x{w}: direct {direct:.2e}, winograd {wino:.2e}");
+            assert!(direct < 5e-7, "direct {direct}");
+            assert!(wino < 5e-7, "winograd {wino}");
+        }
+    }
+
+    /// Direct vs Winograd on the full-size models' convolution shapes (`cargo test --release
+    /// -- --ignored conv_shapes --nocapture`).
+    #[test]
+    #[ignore = "timing; run by hand"]
+    fn conv_shapes_direct_vs_winograd() {
+        let shapes = [
+            (1, 3, 128, 256, 256),
+            (1, 128, 128, 256, 256),
+            (1, 128, 3, 256, 256),
+            (1, 256, 256, 128, 128),
+            (1, 512, 512, 64, 64),
+            (1, 512, 512, 32, 32),
+            (1, 4, 512, 32, 32),
+            (3, 8, 320, 32, 32),
+            (3, 320, 320, 32, 32),
+            (3, 320, 4, 32, 32),
+            (3, 640, 640, 16, 16),
+            (3, 1280, 640, 16, 16),
+            (3, 1280, 1280, 8, 8),
+            (3, 1280, 1280, 4, 4),
+        ];
+        for (b, ci, co, h, w) in shapes {
+            let x: Vec<f32> = (0..b * ci * h * w)
+                .map(|i| (i % 97) as f32 * 0.01)
+                .collect();
+            let wt: Vec<f32> = (0..co * ci * 9).map(|i| (i % 89) as f32 * 0.001).collect();
+            let bias = vec![0.1f32; co];
+            let layout = Layout::contiguous((b, ci, h, w));
+            let input = CpuStorage::F32(x);
+            let mut line = format!("{b}x{ci}->{co} {h}x{w}:");
+            super::super::profile::take();
+            for algo in [ConvAlgo::Direct, ConvAlgo::Winograd] {
+                let conv = FastConv::with_algo(&wt, &bias, co, ci, 3, algo);
+                conv.cpu_fwd(&input, &layout).expect("conv");
+                let t = std::time::Instant::now();
+                let reps = 3;
+                for _ in 0..reps {
+                    conv.cpu_fwd(&input, &layout).expect("conv");
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                let gf = 2.0 * (b * ci * co * h * w * 9) as f64 / s / 1e9;
+                line += &format!(" {algo:?} {:.1} ms ({gf:.0} GFLOP/s)", s * 1e3);
+            }
+            eprintln!("{line}");
+            for (name, secs, calls, _) in super::super::profile::take() {
+                eprintln!("   {name} {:.1} ms/run in {calls} calls", secs * 1e3 / 4.0);
             }
         }
     }

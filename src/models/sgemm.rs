@@ -525,6 +525,35 @@ pub unsafe fn gemm_batch<'a>(
     epi: Epilogue,
     item: &(dyn Fn(usize) -> Problem<'a> + Sync),
 ) {
+    batch_items(batch, m, n, k, epi, item, false)
+}
+
+/// As [`gemm_batch`], but the items always run in parallel, each on one core, when there are
+/// at least two per core (no synchronisation inside an item; for batches of many similar
+/// items, e.g. a Winograd convolution's 16 products).
+///
+/// # Safety
+/// As [`gemm_batch`].
+pub unsafe fn gemm_batch_independent<'a>(
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    epi: Epilogue,
+    item: &(dyn Fn(usize) -> Problem<'a> + Sync),
+) {
+    batch_items(batch, m, n, k, epi, item, true)
+}
+
+unsafe fn batch_items<'a>(
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    epi: Epilogue,
+    item: &(dyn Fn(usize) -> Problem<'a> + Sync),
+    independent: bool,
+) {
     if m == 0 || n == 0 || batch == 0 {
         return;
     }
@@ -538,7 +567,7 @@ pub unsafe fn gemm_batch<'a>(
             run_item(&kern, &item(bi), m, n, k, &epi, abuf, bbuf, parallel);
         })
     };
-    if threads > 1 && batch >= 2 * threads && work < SMALL_ITEM {
+    if threads > 1 && batch >= 2 * threads && (work < SMALL_ITEM || independent) {
         (0..batch).into_par_iter().for_each(|bi| one(bi, false));
     } else {
         let parallel = threads > 1 && work >= 1 << 16;
