@@ -54,3 +54,21 @@ pub fn compute_dtype(device: &Device) -> DType {
         DType::F32
     }
 }
+
+/// Makes glibc's `malloc` keep freed memory for reuse instead of handing it back to the kernel.
+///
+/// Inference allocates and frees tens of megabytes per layer. By default glibc serves each
+/// large block with a fresh `mmap` and unmaps it when freed, so every layer pays a page fault
+/// (and the kernel's zeroing) per 4 KiB of its outputs: about 250 000 faults per UNet step at
+/// 256 px, a tenth of the step's time. With `mmap` off and trimming off, a freed block is
+/// reused by the next layer; the peak resident size does not change (it is set by what is
+/// live at once). No effect on other C libraries. Call once, before the first allocation
+/// worth keeping (binaries do it first thing in `main`).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation policy; it is safe to call at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}

@@ -602,6 +602,7 @@ fn run() -> Result<()> {
 }
 
 fn main() {
+    ip2p::device::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {

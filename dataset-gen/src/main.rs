@@ -155,6 +155,7 @@ fn env_usize(name: &str) -> Option<usize> {
 }
 
 fn main() -> anyhow::Result<()> {
+    ip2p::device::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

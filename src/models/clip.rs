@@ -4,7 +4,7 @@
 //! the dataset generator filters image pairs with the full model's projected, L2-normalised
 //! image and text embeddings.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
@@ -135,11 +135,15 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
         let q = self.q.forward(x)?;
         let k = self.k.forward(x)?;
         let v = self.v.forward(x)?;
-        let o = nn::attention(&q, &k, &v, self.heads, mask)?;
+        let o = if causal {
+            nn::attention_causal(&q, &k, &v, self.heads)?
+        } else {
+            nn::attention(&q, &k, &v, self.heads, None)?
+        };
         self.out.forward(&o)
     }
 }
@@ -166,8 +170,9 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = (x + self.attn.forward(&self.ln1.forward(x)?, mask)?)?;
+    /// `causal`: token `i` attends to tokens `j ≤ i` only (the text encoder).
+    fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
+        let h = (x + self.attn.forward(&self.ln1.forward(x)?, causal)?)?;
         let m = self.fc1.forward(&self.ln2.forward(&h)?)?;
         let m = match self.act {
             Activation::QuickGelu => nn::quick_gelu(&m)?,
@@ -245,9 +250,8 @@ impl ClipTextModel {
         }
         let pos = self.position_embedding.narrow(0, 0, t)?;
         let mut x = tok.broadcast_add(&pos)?;
-        let mask = causal_mask(t, x.dtype(), x.device())?;
         for layer in &self.layers {
-            x = layer.forward(&x, Some(&mask))?;
+            x = layer.forward(&x, true)?;
         }
         self.final_ln.forward(&x)
     }
@@ -330,7 +334,7 @@ impl ClipVisionModel {
         let x = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.position_embedding)?;
         let mut x = self.pre_ln.forward(&x)?;
         for layer in &self.layers {
-            x = layer.forward(&x, None)?;
+            x = layer.forward(&x, false)?;
         }
         self.post_ln.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)
     }
@@ -417,11 +421,4 @@ impl ClipModel {
 /// Divides every row of `[B, D]` by its L2 norm.
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&x.sqr()?.sum_keepdim(1)?.sqrt()?)
-}
-
-fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(v, (t, t), device)?.to_dtype(dtype)
 }

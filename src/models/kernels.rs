@@ -57,13 +57,15 @@ pub enum ConvAlgo {
 
 impl ConvAlgo {
     /// Winograd for 3×3 kernels with at least 32 channels on each side whose weights stay
-    /// small (≤ 1280 × 640 channel pairs: the VAE, and the UNet's two outer levels), direct
+    /// small (≤ 1280 × 640 channel pairs: the VAE, and the UNet's two outer levels) or that run
+    /// on `large_map`s (at least half the latent's side: the UNet's outer levels, including
+    /// the 1280-channel upsampler into level 1 and level 1's 1920 → 640 convolution), direct
     /// otherwise: the UNet's inner levels hold most of its weights, and their 16/9 in memory
     /// would cost more than the products save on their maps of 4×4 to 16×16.
-    pub fn auto(out_c: usize, in_c: usize, kernel: usize) -> Self {
+    pub fn auto(out_c: usize, in_c: usize, kernel: usize, large_map: bool) -> Self {
         if kernel == 3
             && out_c.min(in_c) >= WINOGRAD_MIN_CHANNELS
-            && out_c * in_c <= WINOGRAD_MAX_CHANNEL_PAIRS
+            && (large_map || out_c * in_c <= WINOGRAD_MAX_CHANNEL_PAIRS)
         {
             Self::Winograd
         } else {
@@ -89,7 +91,8 @@ enum ConvWeights {
     Winograd(Vec<PackedA>),
 }
 
-/// A stride-1 `k×k` convolution (`k` = 1, or 3 with padding 1) with packed weights.
+/// A `k×k` convolution with packed weights: stride 1 with `k` = 1, or 3 with padding 1; or
+/// 3×3 with stride 2 (the downsamplers) and zero padding `(before, after)` of at most 1.
 #[derive(Debug)]
 pub struct FastConv {
     weight: ConvWeights,
@@ -97,13 +100,16 @@ pub struct FastConv {
     out_c: usize,
     in_c: usize,
     kernel: usize,
+    stride: usize,
+    /// Zero rows/columns before (top, left) and after (bottom, right) the input.
+    pad: (usize, usize),
 }
 
 impl FastConv {
     /// `weight: [out, in, k, k]` (row-major), `bias: [out]`; `kernel` is 1 or 3; the algorithm
     /// is [`ConvAlgo::auto`].
     pub fn new(weight: &[f32], bias: &[f32], out_c: usize, in_c: usize, kernel: usize) -> Self {
-        let algo = ConvAlgo::auto(out_c, in_c, kernel);
+        let algo = ConvAlgo::auto(out_c, in_c, kernel, false);
         Self::with_algo(weight, bias, out_c, in_c, kernel, algo)
     }
 
@@ -135,7 +141,40 @@ impl FastConv {
             out_c,
             in_c,
             kernel,
+            stride: 1,
+            pad: (kernel / 2, kernel / 2),
         }
+    }
+
+    /// A 3×3, stride-2 convolution with `pad = (before, after)` zero rows and columns, each 0
+    /// or 1 (`(1, 1)`: the UNet's downsamplers; `(0, 1)`: the VAE's, which pad only the bottom
+    /// and right). Always the direct form.
+    pub fn strided(
+        weight: &[f32],
+        bias: &[f32],
+        out_c: usize,
+        in_c: usize,
+        pad: (usize, usize),
+    ) -> Self {
+        assert!(
+            pad.0 <= 1 && pad.1 <= 1,
+            "FastConv::strided: padding 0 or 1"
+        );
+        Self {
+            stride: 2,
+            pad,
+            ..Self::with_algo(weight, bias, out_c, in_c, 3, ConvAlgo::Direct)
+        }
+    }
+
+    /// Output height and width for an `h × w` input (`None` if the input is too small).
+    fn out_dims(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let span = |n: usize| {
+            (n + self.pad.0 + self.pad.1)
+                .checked_sub(self.kernel)
+                .map(|d| d / self.stride + 1)
+        };
+        Some((span(h)?, span(w)?))
     }
 
     pub fn algo(&self) -> ConvAlgo {
@@ -202,19 +241,6 @@ impl CustomOp1 for FastConv {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("fast conv: f32 only");
         };
-        // Winograd's figure counts the direct form's multiply-adds (an effective rate).
-        let _p = super::profile::scope_flops(
-            match (self.kernel, &self.weight) {
-                (1, _) => "conv1x1",
-                (_, ConvWeights::Winograd(_)) => "conv3x3 winograd",
-                _ => "conv3x3",
-            },
-            2 * (layout.shape().elem_count() / self.in_c.max(1)
-                * self.out_c
-                * self.in_c
-                * self.kernel
-                * self.kernel) as u64,
-        );
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("fast conv: contiguous input only");
         };
@@ -226,6 +252,19 @@ impl CustomOp1 for FastConv {
                 self.in_c
             );
         }
+        let Some((ho, wo)) = self.out_dims(h, w) else {
+            candle_core::bail!("fast conv: a {h}×{w} input is smaller than the kernel");
+        };
+        // Winograd's figure counts the direct form's multiply-adds (an effective rate).
+        let _p = super::profile::scope_flops(
+            match (self.kernel, self.stride, &self.weight) {
+                (1, _, _) => "conv1x1",
+                (_, 2, _) => "conv3x3 stride 2",
+                (_, _, ConvWeights::Winograd(_)) => "conv3x3 winograd",
+                _ => "conv3x3",
+            },
+            2 * (b * ho * wo * self.out_c * self.in_c * self.kernel * self.kernel) as u64,
+        );
         let co = self.out_c;
         let weight = match &self.weight {
             ConvWeights::Winograd(u) => {
@@ -234,7 +273,26 @@ impl CustomOp1 for FastConv {
             }
             ConvWeights::Direct(weight) => weight,
         };
-        let mut out = vec![0f32; b * co * h * w];
+        if self.stride != 1 {
+            let g = ConvGeom {
+                b,
+                ci,
+                co,
+                h,
+                w,
+                stride: self.stride,
+                pad: self.pad.0,
+                ho,
+                wo,
+            };
+            return Ok((
+                CpuStorage::F32(im2col_conv(weight, &self.bias, x, g, IM2COL_MAX)),
+                Shape::from((b, co, ho, wo)),
+            ));
+        }
+        // SAFETY: both paths below write every output element (the 1×1 product covers every
+        // item's co × hw; the 3×3 copy-out every plane's rows).
+        let mut out = unsafe { sgemm::output_buffer(b * co * h * w) };
         let epi = sgemm::Epilogue {
             row_bias: Some(&self.bias),
             ..Default::default()
@@ -260,6 +318,24 @@ impl CustomOp1 for FastConv {
         }
         let (hp, wp) = (h + 2, w + 2);
         let plane = hp * wp;
+        let dense = b * h * w;
+        if (b - 1) * plane + h * wp > dense + dense / 8 && ci * 9 * dense <= IM2COL_MAX {
+            let g = ConvGeom {
+                b,
+                ci,
+                co,
+                h,
+                w,
+                stride: 1,
+                pad: 1,
+                ho: h,
+                wo: w,
+            };
+            return Ok((
+                CpuStorage::F32(im2col_conv(weight, &self.bias, x, g, IM2COL_MAX)),
+                Shape::from((b, co, h, w)),
+            ));
+        }
         // Padded planes laid out [channel][image][plane], so that one product covers the whole
         // batch: column j = image·plane + y·wp + x runs through every image's rows (with the
         // padding rows and columns in between computed and dropped).
@@ -284,7 +360,8 @@ impl CustomOp1 for FastConv {
                 c * b * plane + (tap / 3) * wp + tap % 3
             })
             .collect();
-        let mut acc = vec![0f32; co * n];
+        // SAFETY: the product writes all of acc's co × n (no accumulation).
+        let mut acc = unsafe { sgemm::output_buffer(co * n) };
         // SAFETY: column j < n of row r reads padded[rows[r] + j]: the largest index is
         // (ci−1)·b·plane + 2·wp + 2 + (b−1)·plane + h·wp − 1 = ci·b·plane + 1, inside the
         // buffer of ci·b·plane + 2. acc holds co × n.
@@ -315,6 +392,120 @@ impl CustomOp1 for FastConv {
     }
 }
 
+/// Largest column matrix (floats) [`im2col_conv`] builds at once (it works in chunks of
+/// output columns beyond that).
+const IM2COL_MAX: usize = 16 << 20;
+
+/// Shape of a 3×3 convolution: `b` images of `ci × h × w` in, `co × ho × wo` out, input row
+/// and column `o·stride + d − pad` for output `o` and tap `d` (zero outside the image, which
+/// also covers any padding after the last row and column).
+#[derive(Debug, Clone, Copy)]
+struct ConvGeom {
+    b: usize,
+    ci: usize,
+    co: usize,
+    h: usize,
+    w: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+/// A direct 3×3 convolution over an explicit column matrix `[in·9, columns]` (columns are
+/// `image·ho·wo + y·wo + x` across the batch). For small maps (the UNet's inner levels, 4×4 to
+/// 16×16), where computing on the padded pitch would waste a third to half of the product on
+/// padding columns, and for strided convolutions (the downsamplers). Chunks of output columns
+/// keep the column matrix within `col_max` floats ([`IM2COL_MAX`]).
+fn im2col_conv(weight: &PackedA, bias: &[f32], x: &[f32], g: ConvGeom, col_max: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let ConvGeom {
+        b,
+        ci,
+        co,
+        h,
+        w,
+        stride,
+        pad,
+        ho,
+        wo,
+    } = g;
+    let howo = ho * wo;
+    let n = b * howo;
+    let chunk = n.min((col_max / (ci * 9)).max(1));
+    // SAFETY: per chunk, the gather writes all ci·9 × nc column values (zeros included) and
+    // the product all co × nc accumulators before either is read; the copies write every
+    // output plane's columns once over the chunks.
+    let (mut out, mut cols, mut acc) = unsafe {
+        (
+            sgemm::output_buffer(b * co * howo),
+            sgemm::output_buffer(ci * 9 * chunk),
+            sgemm::output_buffer(co * chunk),
+        )
+    };
+    for j0 in (0..n).step_by(chunk) {
+        let nc = chunk.min(n - j0);
+        // Row c·9 + tap, column j = input (image, c, y·stride + dy − pad, x·stride + dx − pad).
+        cols[..ci * 9 * nc]
+            .par_chunks_mut(9 * nc)
+            .enumerate()
+            .for_each(|(c, rows)| {
+                for (tap, row) in rows.chunks_exact_mut(nc).enumerate() {
+                    let (dy, dx) = (tap / 3, tap % 3);
+                    let mut j = j0;
+                    while j < j0 + nc {
+                        let (bi, pix) = (j / howo, j % howo);
+                        let (oy, ox0) = (pix / wo, pix % wo);
+                        let len = (wo - ox0).min(j0 + nc - j);
+                        let dst = &mut row[j - j0..j - j0 + len];
+                        let iy = (oy * stride + dy).wrapping_sub(pad);
+                        if iy >= h {
+                            dst.fill(0.0);
+                        } else {
+                            let src = &x[((bi * ci + c) * h + iy) * w..][..w];
+                            for (k, d) in dst.iter_mut().enumerate() {
+                                let ix = ((ox0 + k) * stride + dx).wrapping_sub(pad);
+                                *d = if ix < w { src[ix] } else { 0.0 };
+                            }
+                        }
+                        j += len;
+                    }
+                }
+            });
+        // SAFETY: cols is (ci·9) × nc row-major, acc co × nc; the weight is [co, ci·9].
+        unsafe {
+            sgemm::gemm(
+                co,
+                nc,
+                ci * 9,
+                sgemm::A::Packed(weight),
+                sgemm::B::Strided(Strided {
+                    ptr: cols.as_ptr(),
+                    rs: nc,
+                    cs: 1,
+                }),
+                acc.as_mut_ptr(),
+                nc,
+                sgemm::Epilogue {
+                    row_bias: Some(bias),
+                    ..Default::default()
+                },
+            )
+        };
+        let (img0, img1) = (j0 / howo, (j0 + nc - 1) / howo);
+        out[img0 * co * howo..(img1 + 1) * co * howo]
+            .par_chunks_mut(howo)
+            .enumerate()
+            .for_each(|(idx, o)| {
+                let (bi, oc) = (img0 + idx / co, idx % co);
+                let (lo, hi) = ((bi * howo).max(j0), ((bi + 1) * howo).min(j0 + nc));
+                o[lo - bi * howo..hi - bi * howo]
+                    .copy_from_slice(&acc[oc * nc + lo - j0..oc * nc + hi - j0]);
+            });
+    }
+    out
+}
+
 /// A 3×3, padding-1 convolution by Winograd F(2×2, 3×3) (see [`ConvAlgo::Winograd`]).
 ///
 /// The output is cut into 2×2 tiles, `th × tw` per image; a tile row is one image's row of
@@ -338,9 +529,15 @@ fn winograd_conv(
     let tile_rows = b * th;
     let row_bytes = 16 * tw * (ci + co) * std::mem::size_of::<f32>();
     let chunk = (chunk_bytes / row_bytes).clamp(1, tile_rows);
-    let mut out = vec![0f32; b * co * h * w];
-    let mut v = vec![0f32; ci * 16 * chunk * tw];
-    let mut m = vec![0f32; co * 16 * chunk * tw];
+    // SAFETY: per chunk, the input transform writes V's ci × 16 × nt values and the products
+    // M's co × 16 × nt before either is read; the output transforms write every plane's rows.
+    let (mut out, mut v, mut m) = unsafe {
+        (
+            sgemm::output_buffer(b * co * h * w),
+            sgemm::output_buffer(ci * 16 * chunk * tw),
+            sgemm::output_buffer(co * 16 * chunk * tw),
+        )
+    };
     for r0 in (0..tile_rows).step_by(chunk) {
         let rows = chunk.min(tile_rows - r0);
         let nt = rows * tw;
@@ -586,7 +783,8 @@ impl CustomOp1 for FastLinear {
             candle_core::bail!("fast linear: {in_dim} input features, weights expect {want_in}");
         }
         let x = &data[start..end];
-        let mut out = vec![0f32; rows * out_dim];
+        // SAFETY: the product writes all rows × out_dim outputs.
+        let mut out = unsafe { sgemm::output_buffer(rows * out_dim) };
         // SAFETY: x is rows × in_dim row-major, out is rows × out_dim, and they do not alias.
         unsafe {
             sgemm::gemm(
@@ -626,6 +824,8 @@ impl CustomOp1 for FastLinear {
 pub struct FastAttention {
     pub heads: usize,
     pub logits_from: Option<Vec<usize>>,
+    /// Query `i` sees keys `j ≤ i` only.
+    pub causal: bool,
 }
 
 impl candle_core::CustomOp3 for FastAttention {
@@ -704,7 +904,8 @@ impl candle_core::CustomOp3 for FastAttention {
             .collect();
         let qb = sgemm::nr();
         let blocks = nq.div_ceil(qb);
-        let mut out = vec![0f32; b * nq * inner];
+        // SAFETY: the tasks below write every query row of every head.
+        let mut out = unsafe { sgemm::output_buffer(b * nq * inner) };
         let oa = out.as_mut_ptr() as usize;
         (0..b * h * blocks).into_par_iter().for_each(|t| {
             let (bh, blk) = (t / blocks, t % blocks);
@@ -746,6 +947,20 @@ impl candle_core::CustomOp3 for FastAttention {
                             ..Default::default()
                         },
                     );
+                    if self.causal {
+                        // Keys after the query get the column's visible maximum − 10⁴: their
+                        // exp is exactly 0, as with −∞ (which the vector exp does not take).
+                        for j in 0..cols {
+                            let q = q0 + j;
+                            if q + 1 < nk {
+                                let m =
+                                    (0..=q).map(|key| st[key * qb + j]).fold(f32::MIN, f32::max);
+                                for key in q + 1..nk {
+                                    st[key * qb + j] = m - 1e4;
+                                }
+                            }
+                        }
+                    }
                     let mut inv = [0f32; 64];
                     softmax_columns(&mut st[..nk * qb], qb, &mut inv[..qb]);
                     sgemm::gemm_local(
@@ -1028,7 +1243,8 @@ impl CustomOp1 for Geglu {
         let n = two_n / 2;
         let x = &data[start..end];
         let rows = x.len() / two_n.max(1);
-        let mut out = vec![0f32; rows * n];
+        // SAFETY: geglu_rows writes every output of its rows.
+        let mut out = unsafe { sgemm::output_buffer(rows * n) };
         // ~32 K outputs per task.
         let per = (32 * 1024 / n.max(1)).max(1);
         out.par_chunks_mut(per * n)
@@ -1057,9 +1273,66 @@ simd_dispatch! {
     pub fn affine_silu(x: &[f32], out: &mut [f32], scale: f32, shift: f32) => affine_silu_body
 }
 
+#[inline(always)]
+fn quick_gelu_body(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        let y = v * 1.702;
+        let r = v / (1.0 + exp_poly(-y));
+        // Below −88, exp(−y) overflows f32 and the reference's x·σ(1.702x) is −0.
+        *o = if y < -88.0 { -0.0 } else { r };
+    }
+}
+
+simd_dispatch! {
+    /// `out = x·σ(1.702·x)` (CLIP's quick GELU), vectorised.
+    pub fn quick_gelu(x: &[f32], out: &mut [f32]) => quick_gelu_body
+}
+
+/// [`quick_gelu`] as a parallel tensor op.
+pub struct QuickGelu;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "quick-gelu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("quick gelu: f32 only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("quick gelu: contiguous input only");
+        };
+        let x = &data[start..end];
+        // SAFETY: quick_gelu writes every element of its chunk.
+        let mut out = unsafe { sgemm::output_buffer(x.len()) };
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(o, x)| quick_gelu(x, o));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quick_gelu_matches_f64() {
+        let x: Vec<f32> = (0..20_001).map(|i| -100.0 + i as f32 * 0.01).collect();
+        let mut out = vec![0f32; x.len()];
+        quick_gelu(&x, &mut out);
+        for (&v, &o) in x.iter().zip(&out) {
+            let v64 = f64::from(v);
+            let want = v64 / (1.0 + (-(f64::from(v * 1.702))).exp());
+            let err = (f64::from(o) - want).abs();
+            assert!(
+                err <= 4e-7 * want.abs() + 1e-36,
+                "quick_gelu({v}) = {o}, want {want}"
+            );
+        }
+    }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -1239,6 +1512,8 @@ mod tests {
             (1, 1, 1, 1, 1, 1 << 24),
             (2, 300, 20, 6, 11, 1),
             (3, 20, 70, 9, 4, 20_000),
+            // Wide enough for the direct form's padded pitch (the others use its im2col).
+            (1, 8, 6, 4, 40, 1 << 24),
         ];
         for (b, ci, co, h, w, chunk) in cases {
             let direct = conv_error(b, ci, co, h, w, ConvAlgo::Direct, chunk);
@@ -1246,6 +1521,95 @@ mod tests {
             eprintln!("{b}x{ci}->{co} {h}x{w}: direct {direct:.2e}, winograd {wino:.2e}");
             assert!(direct < 5e-7, "direct {direct}");
             assert!(wino < 5e-7, "winograd {wino}");
+        }
+    }
+
+    #[test]
+    fn strided_convolutions_match_f64() {
+        // (b, ci, co, h, w, padding, column-matrix floats): odd and even sides, the UNet's
+        // (1, 1) and the VAE's (0, 1) padding, one chunk or many (chunks splitting images).
+        let cases = [
+            (2, 5, 7, 9, 8, (1, 1), 1 << 24),
+            (1, 4, 3, 8, 11, (0, 1), 1 << 24),
+            (3, 6, 5, 7, 7, (1, 1), 6 * 9 * 5),
+            (2, 3, 4, 6, 6, (0, 1), 3 * 9 * 7),
+            (1, 2, 2, 3, 3, (0, 0), 1 << 24),
+            (1, 300, 9, 5, 4, (1, 1), 1 << 24),
+        ];
+        let mut seed = 0x9e37_79b9u32;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as f32 / u32::MAX as f32 * 2.0 - 1.0
+        };
+        for (b, ci, co, h, w, pad, col_max) in cases {
+            let x: Vec<f32> = (0..b * ci * h * w).map(|_| rnd()).collect();
+            let wt: Vec<f32> = (0..co * ci * 9).map(|_| rnd() * 0.3).collect();
+            let bias: Vec<f32> = (0..co).map(|_| rnd()).collect();
+            let conv = FastConv::strided(&wt, &bias, co, ci, pad);
+            let (ho, wo) = conv.out_dims(h, w).expect("large enough");
+            let (pl, ph) = pad;
+            assert_eq!(ho, (h + pl + ph - 3) / 2 + 1);
+            let ConvWeights::Direct(pw) = &conv.weight else {
+                unreachable!("strided convolutions are direct")
+            };
+            let g = ConvGeom {
+                b,
+                ci,
+                co,
+                h,
+                w,
+                stride: 2,
+                pad: pl,
+                ho,
+                wo,
+            };
+            let got = im2col_conv(pw, &bias, &x, g, col_max);
+            // Through the op as well (the full column budget).
+            let (CpuStorage::F32(via_op), shape) = conv
+                .cpu_fwd(
+                    &CpuStorage::F32(x.clone()),
+                    &Layout::contiguous((b, ci, h, w)),
+                )
+                .expect("conv")
+            else {
+                unreachable!()
+            };
+            assert_eq!(shape.dims(), &[b, co, ho, wo]);
+            let mut worst = 0f64;
+            for bi in 0..b {
+                for o in 0..co {
+                    for y in 0..ho {
+                        for xx in 0..wo {
+                            let (mut sum, mut scale) =
+                                (f64::from(bias[o]), f64::from(bias[o]).abs());
+                            for c in 0..ci {
+                                for ky in 0..3 {
+                                    for kx in 0..3 {
+                                        let sy = (2 * y + ky).wrapping_sub(pl);
+                                        let sx = (2 * xx + kx).wrapping_sub(pl);
+                                        if sy < h && sx < w {
+                                            let p = f64::from(wt[((o * ci + c) * 3 + ky) * 3 + kx])
+                                                * f64::from(x[((bi * ci + c) * h + sy) * w + sx]);
+                                            sum += p;
+                                            scale += p.abs();
+                                        }
+                                    }
+                                }
+                            }
+                            let i = ((bi * co + o) * ho + y) * wo + xx;
+                            for v in [got[i], via_op[i]] {
+                                worst = worst.max((f64::from(v) - sum).abs() / scale.max(1e-30));
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(
+                worst < 5e-7,
+                "{b}x{ci}->{co} {h}x{w} pad {pad:?}: error {worst:.2e}"
+            );
         }
     }
 

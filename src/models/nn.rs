@@ -173,21 +173,102 @@ pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
+    /// `(γ, β)` for the fused CPU kernel (f32 weights not being trained).
+    fused: Option<std::sync::Arc<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl LayerNorm {
     pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        let bias = vb.get(dim, "bias")?;
+        let fused =
+            if weight.device().is_cpu() && weight.dtype() == DType::F32 && !weight.is_variable() {
+                Some(std::sync::Arc::new((
+                    weight.to_vec1::<f32>()?,
+                    bias.to_vec1::<f32>()?,
+                )))
+            } else {
+                None
+            };
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
+            weight,
+            bias,
             eps,
+            fused,
         })
+    }
+}
+
+/// LayerNorm over the last dimension on CPU f32: one parallel pass over blocks of rows, f64
+/// statistics.
+struct FusedLayerNorm<'a> {
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    eps: f64,
+}
+
+impl candle_core::CustomOp1 for FusedLayerNorm<'_> {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("fused layer norm: f32 only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fused layer norm: contiguous input only");
+        };
+        let x = &data[start..end];
+        let dim = self.gamma.len();
+        if layout.dims().last() != Some(&dim) {
+            candle_core::bail!("fused layer norm: last dimension is not {dim}");
+        }
+        // SAFETY: every row is normalised into its output row below.
+        let mut out = unsafe { super::sgemm::output_buffer(x.len()) };
+        // About 64 KiB of input per task.
+        let rows = (16384 / dim.max(1)).max(1);
+        out.par_chunks_mut(rows * dim)
+            .zip(x.par_chunks(rows * dim))
+            .for_each(|(o, xi)| {
+                for (o, xr) in o.chunks_exact_mut(dim).zip(xi.chunks_exact(dim)) {
+                    let mean = xr.iter().map(|&v| f64::from(v)).sum::<f64>() / dim as f64;
+                    let var = xr
+                        .iter()
+                        .map(|&v| {
+                            let d = f64::from(v) - mean;
+                            d * d
+                        })
+                        .sum::<f64>()
+                        / dim as f64;
+                    let rstd = (1.0 / (var + self.eps).sqrt()) as f32;
+                    let mean = mean as f32;
+                    for (((o, &v), &g), &b) in o.iter_mut().zip(xr).zip(self.gamma).zip(self.beta) {
+                        *o = (v - mean) * rstd * g + b;
+                    }
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _p = super::profile::scope("layer_norm");
+        if let Some(f) = self.fused.as_deref() {
+            if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+                return x.contiguous()?.apply_op1_no_bwd(&FusedLayerNorm {
+                    gamma: &f.0,
+                    beta: &f.1,
+                    eps: self.eps,
+                });
+            }
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -301,7 +382,8 @@ impl candle_core::CustomOp1 for FusedOp<'_> {
         let n = cpg * hw;
         let (gamma, beta, eps, silu) =
             (&self.norm.gamma, &self.norm.beta, self.norm.eps, self.silu);
-        let mut out = vec![0f32; x.len()];
+        // SAFETY: every group's chunk is written below.
+        let mut out = unsafe { super::sgemm::output_buffer(x.len()) };
         out.par_chunks_mut(n)
             .zip(x.par_chunks(n))
             .enumerate()
@@ -369,31 +451,53 @@ impl Module for GroupNorm {
 
 thread_local! {
     static DIFFERENTIABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static LARGE_MAPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the thread-local flag `key` set to `on`, then restores it (also on panic).
+fn with_flag<T>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    on: bool,
+    f: impl FnOnce() -> T,
+) -> T {
+    struct Reset(&'static std::thread::LocalKey<std::cell::Cell<bool>>, bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            self.0.with(|d| d.set(self.1));
+        }
+    }
+    let _reset = Reset(key, key.with(|d| d.replace(on)));
+    f()
 }
 
 /// Builds models whose every layer can pass gradients to its input even where its own weights
 /// are frozen plain tensors (LoRA training): the 3×3 inference kernel, which has no backward, is
 /// not chosen inside `f`.
 pub fn build_differentiable<T>(f: impl FnOnce() -> T) -> T {
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            DIFFERENTIABLE.with(|d| d.set(self.0));
-        }
-    }
-    let _reset = Reset(DIFFERENTIABLE.with(|d| d.replace(true)));
-    f()
+    with_flag(&DIFFERENTIABLE, true, f)
+}
+
+/// Builds layers that run on large maps (`large = true`: at least half the latent's side, the
+/// UNet's two outer levels): their 3×3 convolutions take Winograd's form whatever their
+/// channel counts (see [`super::kernels::ConvAlgo::auto`]), since there its smaller products
+/// save more than its larger weights cost.
+pub fn build_for_large_maps<T>(large: bool, f: impl FnOnce() -> T) -> T {
+    with_flag(&LARGE_MAPS, large, f)
 }
 
 /// A 2-D convolution with optional stride and padding.
 ///
-/// Stride-1 3×3 (padding 1) and 1×1 convolutions with CPU f32 weights that are not being trained
-/// use the packed-GEMM kernel in [`super::kernels`], which keeps only its packed copy of the
-/// weights (inputs always share the weights' device and dtype, and inference inputs record no
-/// gradient).
+/// With CPU f32 weights that are not being trained, stride-1 3×3 (padding 1) and 1×1
+/// convolutions and stride-2 3×3 ones (padding at most 1) use the packed-GEMM kernel in
+/// [`super::kernels`], which keeps only its packed copy of the weights (inputs always share the
+/// weights' device and dtype, and inference inputs record no gradient).
 #[derive(Debug, Clone)]
 pub enum Conv2d {
-    Candle(candle_nn::Conv2d),
+    /// candle's convolution, after `pad_end` more zero rows and columns at the bottom and right.
+    Candle {
+        conv: candle_nn::Conv2d,
+        pad_end: usize,
+    },
     Fast(std::sync::Arc<super::kernels::FastConv>),
 }
 
@@ -406,10 +510,34 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        Self::with_padding(vb, in_c, out_c, kernel, stride, (padding, padding))
+    }
+
+    /// `padding = (before, after)`: zero rows and columns added before the first (top, left)
+    /// and after the last (bottom, right) of each spatial axis; `after ≥ before`.
+    pub fn with_padding(
+        vb: VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: (usize, usize),
+    ) -> Result<Self> {
         let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
         let bias = vb.get(out_c, "bias")?;
-        if ((kernel == 3 && padding == 1) || (kernel == 1 && padding == 0))
-            && stride == 1
+        if padding.1 < padding.0 {
+            candle_core::bail!(
+                "conv2d: padding after ({}) below before ({})",
+                padding.1,
+                padding.0
+            );
+        }
+        let fast_shape = match (kernel, stride, padding) {
+            (3, 1, (1, 1)) | (1, 1, (0, 0)) => true,
+            (3, 2, (lo, hi)) => lo <= 1 && hi <= 1,
+            _ => false,
+        };
+        if fast_shape
             && weight.device().is_cpu()
             && weight.dtype() == DType::F32
             && !weight.is_variable()
@@ -417,29 +545,38 @@ impl Conv2d {
         {
             let bias = bias.to_vec1::<f32>()?;
             let fast = with_cpu_f32(&weight, |w| {
-                super::kernels::FastConv::new(w, &bias, out_c, in_c, kernel)
+                if stride == 2 {
+                    super::kernels::FastConv::strided(w, &bias, out_c, in_c, padding)
+                } else {
+                    let large = LARGE_MAPS.with(|l| l.get());
+                    let algo = super::kernels::ConvAlgo::auto(out_c, in_c, kernel, large);
+                    super::kernels::FastConv::with_algo(w, &bias, out_c, in_c, kernel, algo)
+                }
             })?;
             return Ok(Self::Fast(std::sync::Arc::new(fast)));
         }
         let cfg = candle_nn::Conv2dConfig {
-            padding,
+            padding: padding.0,
             stride,
             dilation: 1,
             groups: 1,
             cudnn_fwd_algo: None,
         };
-        Ok(Self::Candle(candle_nn::Conv2d::new(
-            weight,
-            Some(bias),
-            cfg,
-        )))
+        Ok(Self::Candle {
+            conv: candle_nn::Conv2d::new(weight, Some(bias), cfg),
+            pad_end: padding.1 - padding.0,
+        })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Candle(c) => c.forward(x),
+            Self::Candle { conv, pad_end: 0 } => conv.forward(x),
+            Self::Candle { conv, pad_end } => conv.forward(
+                &x.pad_with_zeros(3, 0, *pad_end)?
+                    .pad_with_zeros(2, 0, *pad_end)?,
+            ),
             Self::Fast(k) => {
                 if x.track_op() {
                     candle_core::bail!(
@@ -469,6 +606,9 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
 
 /// CLIP's quick GELU: `x · σ(1.702 x)`.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+        return x.contiguous()?.apply_op1_no_bwd(&super::kernels::QuickGelu);
+    }
     x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
 
@@ -530,6 +670,38 @@ pub fn attention(
     }
 }
 
+/// Causal [`attention`]: query `i` sees keys `j ≤ i` (CLIP's text encoder).
+pub fn attention_causal(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let fast = [q, k, v]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
+    if fast {
+        return q.contiguous()?.apply_op3_no_bwd(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            &super::kernels::FastAttention {
+                heads,
+                logits_from: None,
+                causal: true,
+            },
+        );
+    }
+    let (nq, nk) = (q.dim(1)?, k.dim(1)?);
+    let mask: Vec<f32> = (0..nq)
+        .flat_map(|i| (0..nk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (nq, nk), q.device())?.to_dtype(q.dtype())?;
+    attention_blocked(
+        q,
+        k,
+        v,
+        heads,
+        Some(&mask),
+        ATTENTION_BLOCK_ELEMS,
+        LogitControl::default(),
+    )
+}
+
 /// [`attention`] with the logits steered by `ctl`.
 pub fn attention_with(
     q: &Tensor,
@@ -561,7 +733,11 @@ pub fn attention_with(
         return q.contiguous()?.apply_op3_no_bwd(
             &k.contiguous()?,
             &v.contiguous()?,
-            &super::kernels::FastAttention { heads, logits_from },
+            &super::kernels::FastAttention {
+                heads,
+                logits_from,
+                causal: false,
+            },
         );
     }
     attention_blocked(q, k, v, heads, None, ATTENTION_BLOCK_ELEMS, ctl)
@@ -678,6 +854,7 @@ mod tests {
         v: &Tensor,
         heads: usize,
         out: &Tensor,
+        causal: bool,
     ) -> Result<f64> {
         let (b, nq, inner) = q.dims3()?;
         let nk = k.dim(1)?;
@@ -692,7 +869,9 @@ mod tests {
         for bi in 0..b {
             for h in 0..heads {
                 for i in 0..nq {
-                    let s: Vec<f64> = (0..nk)
+                    // Causal: keys after the query are left out.
+                    let visible = if causal { (i + 1).min(nk) } else { nk };
+                    let s: Vec<f64> = (0..visible)
                         .map(|j| {
                             (0..d)
                                 .map(|c| {
@@ -706,7 +885,7 @@ mod tests {
                     let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                     for c in 0..d {
-                        let want: f64 = (0..nk)
+                        let want: f64 = (0..visible)
                             .map(|j| {
                                 (s[j] - m).exp() / z * v[(bi * nk + j) * inner + h * d + c] as f64
                             })
@@ -731,11 +910,33 @@ mod tests {
             let fused = attention(&q, &k, &v, heads, None)?;
             let composed =
                 attention_blocked(&q, &k, &v, heads, None, usize::MAX, LogitControl::default())?;
-            let ef = attention_error(&q, &k, &v, heads, &fused)?;
-            let ec = attention_error(&q, &k, &v, heads, &composed)?;
+            let ef = attention_error(&q, &k, &v, heads, &fused, false)?;
+            let ec = attention_error(&q, &k, &v, heads, &composed, false)?;
             assert!(
                 ef <= 2.0 * ec.max(1e-7),
                 "{nq}x{nk} heads {heads}×{d}: fused error {ef:.3e}, composed {ec:.3e}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn causal_attention_sees_only_earlier_keys() -> Result<()> {
+        let dev = Device::Cpu;
+        // CLIP's text shape (77 tokens: a full and a partial query block), and a ragged one.
+        for (b, n, heads, d) in [(2, 77, 12, 64), (1, 37, 3, 5)] {
+            let q = (Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev)? * 2.0)?;
+            let k = (Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev)? * 2.0)?;
+            let v = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev)?;
+            let fused = attention_causal(&q, &k, &v, heads)?;
+            // A variable records gradients: the composed form with an explicit −∞ mask.
+            let qv = candle_core::Var::from_tensor(&q)?;
+            let composed = attention_causal(qv.as_tensor(), &k, &v, heads)?.detach();
+            let ef = attention_error(&q, &k, &v, heads, &fused, true)?;
+            let ec = attention_error(&q, &k, &v, heads, &composed, true)?;
+            assert!(
+                ef <= 2.0 * ec.max(1e-7),
+                "causal {n} tokens, heads {heads}×{d}: fused error {ef:.3e}, composed {ec:.3e}"
             );
         }
         Ok(())
@@ -895,6 +1096,31 @@ mod tests {
             let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(d < 1e-5, "fused and plain group norm differ by {d}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_the_tensor_op_form() -> Result<()> {
+        let dev = Device::Cpu;
+        let dim = 96;
+        let mut m = std::collections::HashMap::new();
+        m.insert("weight".to_owned(), Tensor::randn(1f32, 0.3, dim, &dev)?);
+        m.insert("bias".to_owned(), Tensor::randn(0f32, 0.3, dim, &dev)?);
+        let vb = VarBuilder::from_tensors(m, DType::F32, &dev);
+        let ln = LayerNorm::new(vb, dim, 1e-5)?;
+        assert!(ln.fused.is_some());
+        let plain = LayerNorm {
+            fused: None,
+            ..ln.clone()
+        };
+        // Enough rows for several parallel blocks, and an offset mean.
+        let x = (Tensor::randn(0f32, 2.0, (3, 401, dim), &dev)? + 3.0)?;
+        let d = (ln.forward(&x)? - plain.forward(&x)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-5, "fused and plain layer norm differ by {d}");
         Ok(())
     }
 }

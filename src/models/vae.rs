@@ -160,13 +160,14 @@ impl Encoder {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let down = if i + 1 < ch.len() {
-                Some(Conv2d::new(
+                // diffusers pads right and bottom by one, then convolves without padding.
+                Some(Conv2d::with_padding(
                     bvb.pp("downsamplers.0.conv"),
                     out_c,
                     out_c,
                     3,
                     2,
-                    0,
+                    (0, 1),
                 )?)
             } else {
                 None
@@ -190,8 +191,7 @@ impl Encoder {
                 x = r.forward(&x, None)?;
             }
             if let Some(d) = &b.down {
-                // diffusers pads right and bottom by one, then convolves without padding.
-                x = d.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+                x = d.forward(&x)?;
             }
         }
         let x = self.mid.forward(&x)?;

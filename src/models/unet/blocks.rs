@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{Cond, Transformer2D, TransformerSpec};
-use crate::models::nn::{upsample_nearest, Conv2d, Linear};
+use crate::models::nn::{self, upsample_nearest, Conv2d, Linear};
 use crate::models::resnet::ResnetBlock2D;
 
 /// Shared settings for the ResNets of one UNet.
@@ -169,6 +169,7 @@ impl UpBlock {
         rs: ResnetSpec,
         attn: Option<TransformerSpec>,
         add_upsample: bool,
+        upsample_large_map: bool,
     ) -> Result<Self> {
         let mut resnets = Vec::with_capacity(layers);
         let mut attentions = Vec::new();
@@ -188,14 +189,10 @@ impl UpBlock {
             }
         }
         let upsample = if add_upsample {
-            Some(Conv2d::new(
-                vb.pp("upsamplers.0.conv"),
-                out_c,
-                out_c,
-                3,
-                1,
-                1,
-            )?)
+            // It runs on the upsampled map, one level up from the block's own.
+            Some(nn::build_for_large_maps(upsample_large_map, || {
+                Conv2d::new(vb.pp("upsamplers.0.conv"), out_c, out_c, 3, 1, 1)
+            })?)
         } else {
             None
         };

@@ -16,7 +16,7 @@ pub use self::attention::Cond;
 use self::attention::TransformerSpec;
 use self::blocks::{DownBlock, MidBlock, ResnetSpec, UpBlock};
 use self::embeddings::{timestep_embedding, timesteps_to_vec, TimestepMlp};
-use super::nn::{Conv2d, GroupNorm, Linear};
+use super::nn::{self, Conv2d, GroupNorm, Linear};
 
 /// A config value that is either one number for every block or one per block.
 #[derive(Debug, Clone, Deserialize)]
@@ -210,6 +210,9 @@ impl UNet2DConditionModel {
             linear_projection: c.use_linear_projection,
             only_cross_attention: c.only_cross_attention,
         };
+        // Levels 0 and 1 (at least half the latent's side) count as large maps for the choice
+        // of convolution algorithm (`nn::build_for_large_maps`).
+        let large_map = |level: usize| level <= 1;
         let conv_in = Conv2d::new(vb.pp("conv_in"), c.in_channels, ch[0], 3, 1, 1)?;
         let time_embedding = TimestepMlp::new(vb.pp("time_embedding"), ch[0], temb)?;
         let mut down = Vec::with_capacity(n);
@@ -218,16 +221,18 @@ impl UNet2DConditionModel {
             let in_c = out_c;
             out_c = ch[i];
             let attn = (t == "CrossAttnDownBlock2D").then(|| spec(i, out_c));
-            down.push(DownBlock::new(
-                vb.pp(format!("down_blocks.{i}")),
-                in_c,
-                out_c,
-                c.layers_per_block,
-                rs,
-                attn,
-                i + 1 < n,
-                c.downsample_padding,
-            )?);
+            down.push(nn::build_for_large_maps(large_map(i), || {
+                DownBlock::new(
+                    vb.pp(format!("down_blocks.{i}")),
+                    in_c,
+                    out_c,
+                    c.layers_per_block,
+                    rs,
+                    attn,
+                    i + 1 < n,
+                    c.downsample_padding,
+                )
+            })?);
         }
         let mid = MidBlock::new(vb.pp("mid_block"), ch[n - 1], rs, spec(n - 1, ch[n - 1]))?;
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
@@ -239,16 +244,21 @@ impl UNet2DConditionModel {
             let in_c = rev[(i + 1).min(n - 1)];
             let block_idx = n - 1 - i;
             let attn = (t == "CrossAttnUpBlock2D").then(|| spec(block_idx, out_c));
-            up.push(UpBlock::new(
-                vb.pp(format!("up_blocks.{i}")),
-                in_c,
-                prev_out,
-                out_c,
-                c.layers_per_block + 1,
-                rs,
-                attn,
-                i + 1 < n,
-            )?);
+            // The upsampler's output is one level up (block_idx − 1).
+            let upsample_large = block_idx == 0 || large_map(block_idx - 1);
+            up.push(nn::build_for_large_maps(large_map(block_idx), || {
+                UpBlock::new(
+                    vb.pp(format!("up_blocks.{i}")),
+                    in_c,
+                    prev_out,
+                    out_c,
+                    c.layers_per_block + 1,
+                    rs,
+                    attn,
+                    i + 1 < n,
+                    upsample_large,
+                )
+            })?);
         }
         Ok(Self {
             conv_in,
