@@ -14,17 +14,17 @@ use super::sgemm::{self, PackedA, Problem, Strided};
 /// Defines `fn $name(args)` running `$body(args)` compiled for AVX-512F, for AVX2 + FMA or
 /// portably, whichever is the best the CPU has (checked at run time).
 macro_rules! simd_dispatch {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) => $body:ident) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? => $body:ident) => {
         $(#[$m])*
-        $vis fn $name($($a: $t),*) {
+        $vis fn $name($($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                fn avx512($($a: $t),*) {
+                fn avx512($($a: $t),*) $(-> $r)? {
                     $body($($a),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2($($a: $t),*) {
+                fn avx2($($a: $t),*) $(-> $r)? {
                     $body($($a),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
@@ -43,6 +43,53 @@ macro_rules! simd_dispatch {
     };
 }
 
+/// Lanes of the f64 partial sums in [`sum_f64`] and [`sum_sq_dev_f64`].
+const SUM_LANES: usize = 16;
+
+#[inline(always)]
+fn sum_f64_body(x: &[f32]) -> f64 {
+    let mut acc = [0f64; SUM_LANES];
+    let mut chunks = x.chunks_exact(SUM_LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f64::from(v);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(v)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+#[inline(always)]
+fn sum_sq_dev_f64_body(x: &[f32], mean: f64) -> f64 {
+    let mut acc = [0f64; SUM_LANES];
+    let mut chunks = x.chunks_exact(SUM_LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            let d = f64::from(v) - mean;
+            *a += d * d;
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| {
+            let d = f64::from(v) - mean;
+            d * d
+        })
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+simd_dispatch! {
+    /// `Σ x` in f64 (16 partial sums: vectorised, and more accurate than one running sum).
+    pub fn sum_f64(x: &[f32]) -> f64 => sum_f64_body
+}
+
+simd_dispatch! {
+    /// `Σ (x − mean)²` in f64, as [`sum_f64`].
+    pub fn sum_sq_dev_f64(x: &[f32], mean: f64) -> f64 => sum_sq_dev_f64_body
+}
+
 /// How a [`FastConv`] computes a 3×3 convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvAlgo {
@@ -53,6 +100,11 @@ pub enum ConvAlgo {
     /// instead of 9 (all transform coefficients are 0, ±1 and ±½, exact in binary). Its
     /// weights take 16/9 of the direct form's memory.
     Winograd,
+    /// A plain loop over output rows, all output channels at once, each input row read three
+    /// times per output row: for at most [`NARROW_MAX_CHANNELS`] channels on one side (the
+    /// models' first and last convolutions), where a product with 3 or 4 rows or a depth of
+    /// 27 or 36 spends its time packing rather than multiplying.
+    Narrow,
 }
 
 impl ConvAlgo {
@@ -63,7 +115,9 @@ impl ConvAlgo {
     /// otherwise: the UNet's inner levels hold most of its weights, and their 16/9 in memory
     /// would cost more than the products save on their maps of 4×4 to 16×16.
     pub fn auto(out_c: usize, in_c: usize, kernel: usize, large_map: bool) -> Self {
-        if kernel == 3
+        if kernel == 3 && out_c.min(in_c) <= NARROW_MAX_CHANNELS {
+            Self::Narrow
+        } else if kernel == 3
             && out_c.min(in_c) >= WINOGRAD_MIN_CHANNELS
             && (large_map || out_c * in_c <= WINOGRAD_MAX_CHANNEL_PAIRS)
         {
@@ -74,6 +128,8 @@ impl ConvAlgo {
     }
 }
 
+/// See [`ConvAlgo::Narrow`].
+const NARROW_MAX_CHANNELS: usize = 4;
 /// See [`ConvAlgo::auto`].
 const WINOGRAD_MAX_CHANNEL_PAIRS: usize = 1280 * 640;
 /// Below this many input or output channels the transforms cost more than the products save
@@ -89,6 +145,8 @@ enum ConvWeights {
     Direct(PackedA),
     /// `U_ξ = G g Gᵀ` for ξ = 0..16, each `[out, in]` packed.
     Winograd(Vec<PackedA>),
+    /// `[out][in][3][3]` as given.
+    Narrow(Vec<f32>),
 }
 
 /// A `k×k` convolution with packed weights: stride 1 with `k` = 1, or 3 with padding 1; or
@@ -131,6 +189,8 @@ impl FastConv {
         );
         let weight = if kernel == 3 && algo == ConvAlgo::Winograd {
             ConvWeights::Winograd(winograd_weights(weight, out_c, in_c))
+        } else if kernel == 3 && algo == ConvAlgo::Narrow {
+            ConvWeights::Narrow(weight.to_vec())
         } else {
             // Row o of [out, in·k·k] is exactly the weight's layout: column c·k² + tap.
             ConvWeights::Direct(PackedA::from_rows(out_c, in_c * kernel * kernel, weight))
@@ -181,6 +241,7 @@ impl FastConv {
         match self.weight {
             ConvWeights::Direct(_) => ConvAlgo::Direct,
             ConvWeights::Winograd(_) => ConvAlgo::Winograd,
+            ConvWeights::Narrow(_) => ConvAlgo::Narrow,
         }
     }
 }
@@ -261,6 +322,7 @@ impl CustomOp1 for FastConv {
                 (1, _, _) => "conv1x1",
                 (_, 2, _) => "conv3x3 stride 2",
                 (_, _, ConvWeights::Winograd(_)) => "conv3x3 winograd",
+                (_, _, ConvWeights::Narrow(_)) => "conv3x3 narrow",
                 _ => "conv3x3",
             },
             2 * (b * ho * wo * self.out_c * self.in_c * self.kernel * self.kernel) as u64,
@@ -269,6 +331,10 @@ impl CustomOp1 for FastConv {
         let weight = match &self.weight {
             ConvWeights::Winograd(u) => {
                 let out = winograd_conv(u, &self.bias, x, b, ci, co, h, w, WINOGRAD_CHUNK_BYTES);
+                return Ok((CpuStorage::F32(out), Shape::from((b, co, h, w))));
+            }
+            ConvWeights::Narrow(wt) => {
+                let out = narrow_conv(wt, &self.bias, x, b, ci, co, h, w);
                 return Ok((CpuStorage::F32(out), Shape::from((b, co, h, w))));
             }
             ConvWeights::Direct(weight) => weight,
@@ -390,6 +456,83 @@ impl CustomOp1 for FastConv {
         });
         Ok((CpuStorage::F32(out), Shape::from((b, co, h, w))))
     }
+}
+
+#[inline(always)]
+fn narrow_row_body(acc: &mut [f32], prow: &[f32], k0: f32, k1: f32, k2: f32) {
+    for (((a, &p0), &p1), &p2) in acc.iter_mut().zip(prow).zip(&prow[1..]).zip(&prow[2..]) {
+        *a += k0 * p0 + k1 * p1 + k2 * p2;
+    }
+}
+
+simd_dispatch! {
+    /// `acc[x] += k0·prow[x] + k1·prow[x + 1] + k2·prow[x + 2]` (one row of taps).
+    fn narrow_row(acc: &mut [f32], prow: &[f32], k0: f32, k1: f32, k2: f32) => narrow_row_body
+}
+
+thread_local! {
+    /// One output row of every channel, and one zero-padded input row ([`narrow_conv`]).
+    static NARROW: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// A 3×3, stride-1, padding-1 convolution by [`ConvAlgo::Narrow`]: one task per output row
+/// (image, y), which accumulates all `co` output rows over every input channel's three rows.
+#[allow(clippy::too_many_arguments)]
+fn narrow_conv(
+    wt: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    b: usize,
+    ci: usize,
+    co: usize,
+    h: usize,
+    w: usize,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let hw = h * w;
+    // SAFETY: task (bi, y) writes row y of every output plane of image bi: all rows once.
+    let mut out = unsafe { sgemm::output_buffer(b * co * hw) };
+    let op = out.as_mut_ptr() as usize;
+    (0..b * h).into_par_iter().for_each(|t| {
+        let (bi, y) = (t / h, t % h);
+        NARROW.with(|s| {
+            let mut s = s.borrow_mut();
+            let (acc, prow) = &mut *s;
+            acc.clear();
+            for &bv in bias {
+                acc.extend(std::iter::repeat_n(bv, w));
+            }
+            // Zero padding at both ends (the buffer may hold a longer row from earlier).
+            prow.resize(w + 2, 0.0);
+            prow[0] = 0.0;
+            prow[w + 1] = 0.0;
+            for c in 0..ci {
+                for dy in 0..3 {
+                    let iy = (y + dy).wrapping_sub(1);
+                    if iy >= h {
+                        continue;
+                    }
+                    prow[1..=w].copy_from_slice(&x[((bi * ci + c) * h + iy) * w..][..w]);
+                    for (o, a) in acc.chunks_exact_mut(w).enumerate() {
+                        let k = &wt[(o * ci + c) * 9 + dy * 3..][..3];
+                        narrow_row(a, prow, k[0], k[1], k[2]);
+                    }
+                }
+            }
+            for (o, a) in acc.chunks_exact(w).enumerate() {
+                // SAFETY: row y of plane (bi, o) lies inside out and only this task writes it.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (op as *mut f32).add((bi * co + o) * hw + y * w),
+                        w,
+                    )
+                };
+                dst.copy_from_slice(a);
+            }
+        })
+    });
+    out
 }
 
 /// Largest column matrix (floats) [`im2col_conv`] builds at once (it works in chunks of
@@ -1319,6 +1462,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn f64_sums_match_a_running_sum() {
+        // Every length around the lane count, and a long offset row.
+        for n in (0..40).chain([1000, 4099]) {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37 + 3.0)
+                .collect();
+            let want: f64 = x.iter().map(|&v| f64::from(v)).sum();
+            let got = sum_f64(&x);
+            assert!(
+                (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+                "Σ of {n}: {got} vs {want}"
+            );
+            let mean = want / n.max(1) as f64;
+            let want: f64 = x.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum();
+            let got = sum_sq_dev_f64(&x, mean);
+            assert!(
+                (got - want).abs() <= 1e-12 * want.max(1.0),
+                "Σd² of {n}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
     fn quick_gelu_matches_f64() {
         let x: Vec<f32> = (0..20_001).map(|i| -100.0 + i as f32 * 0.01).collect();
         let mut out = vec![0f32; x.len()];
@@ -1461,7 +1627,7 @@ mod tests {
         assert_eq!(conv.algo(), algo);
         let got = match &conv.weight {
             ConvWeights::Winograd(u) => winograd_conv(u, &bias, &x, b, ci, co, h, w, chunk_bytes),
-            ConvWeights::Direct(_) => {
+            ConvWeights::Direct(_) | ConvWeights::Narrow(_) => {
                 let layout = Layout::contiguous((b, ci, h, w));
                 let (CpuStorage::F32(y), _) = conv
                     .cpu_fwd(&CpuStorage::F32(x.clone()), &layout)
@@ -1518,9 +1684,13 @@ mod tests {
         for (b, ci, co, h, w, chunk) in cases {
             let direct = conv_error(b, ci, co, h, w, ConvAlgo::Direct, chunk);
             let wino = conv_error(b, ci, co, h, w, ConvAlgo::Winograd, chunk);
-            eprintln!("{b}x{ci}->{co} {h}x{w}: direct {direct:.2e}, winograd {wino:.2e}");
+            let narrow = conv_error(b, ci, co, h, w, ConvAlgo::Narrow, chunk);
+            eprintln!(
+                "{b}x{ci}->{co} {h}x{w}: direct {direct:.2e}, winograd {wino:.2e}, narrow {narrow:.2e}"
+            );
             assert!(direct < 5e-7, "direct {direct}");
             assert!(wino < 5e-7, "winograd {wino}");
+            assert!(narrow < 5e-7, "narrow {narrow}");
         }
     }
 
