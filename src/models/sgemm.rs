@@ -677,28 +677,41 @@ unsafe fn run_item(
         return;
     }
     let kcmax = KC.min(k);
-    if matches!(pr.a, A::Strided(_)) && abuf.len() < mp * mr * kcmax {
-        abuf.resize(mp * mr * kcmax, 0.0);
+    // Depth blocks packed together in one round: each C block is then carried over all of
+    // them while it is in cache (a C too large for L2 otherwise makes one round trip to
+    // memory per depth block), with a fraction of the parallel rounds.
+    let group = if b_packed {
+        1
+    } else {
+        (GROUP_B_MAX / (np * nr * kcmax)).clamp(1, k.div_ceil(KC))
+    };
+    if matches!(pr.a, A::Strided(_)) && abuf.len() < mp * mr * kcmax * group {
+        abuf.resize(mp * mr * kcmax * group, 0.0);
     }
     if let B::Panel(_) = pr.b {
         assert!(n <= nr, "sgemm: a single panel holds at most {nr} columns");
     }
-    if !b_packed && bbuf.len() < np * nr * kcmax {
-        bbuf.resize(np * nr * kcmax, 0.0);
+    if !b_packed && bbuf.len() < np * nr * kcmax * group {
+        bbuf.resize(np * nr * kcmax * group, 0.0);
     }
     let (ab, bb) = (Buf(abuf.as_mut_ptr()), Buf(bbuf.as_mut_ptr()));
     // Panels per packing task.
     const PACK_PANELS: usize = 8;
     let (mb, nb) = (m.div_ceil(MC), n.div_ceil(NC));
-    for p0 in (0..k).step_by(KC) {
-        let kc = KC.min(k - p0);
+    let (ta, tb) = (mp.div_ceil(PACK_PANELS), np.div_ceil(PACK_PANELS));
+    // Depth block `d` of a group is packed at `d·mp·mr·KC` (A) and `d·np·nr·KC` (B).
+    let (a_stride, b_stride) = (mp * mr * KC, np * nr * KC);
+    let depth: Vec<(usize, usize)> = (0..k).step_by(KC).map(|p0| (p0, KC.min(k - p0))).collect();
+    for blocks in depth.chunks(group) {
         let pack_a_task = |t: usize| {
             if let A::Strided(s) = pr.a {
+                let (d, t) = (t / ta, t % ta);
+                let (p0, kc) = blocks[d];
                 let ip0 = t * PACK_PANELS;
                 let rows0 = ip0 * mr;
                 let rows = (PACK_PANELS * mr).min(m - rows0);
                 let dst = std::slice::from_raw_parts_mut(
-                    { ab }.0.add(ip0 * mr * kc),
+                    { ab }.0.add(d * a_stride + ip0 * mr * kc),
                     rows.div_ceil(mr) * mr * kc,
                 );
                 pack_a(s, rows0, rows, p0, kc, mr, dst);
@@ -706,72 +719,79 @@ unsafe fn run_item(
         };
         let pack_b_task = |t: usize| {
             if !b_packed {
+                let (d, t) = (t / tb, t % tb);
+                let (p0, kc) = blocks[d];
                 let jp0 = t * PACK_PANELS;
                 let cols0 = jp0 * nr;
                 let cols = (PACK_PANELS * nr).min(n - cols0);
                 let dst = std::slice::from_raw_parts_mut(
-                    { bb }.0.add(jp0 * nr * kc),
+                    { bb }.0.add(d * b_stride + jp0 * nr * kc),
                     cols.div_ceil(nr) * nr * kc,
                 );
                 pack_b(pr.b, p0, kc, cols0, cols, nr, dst);
             }
         };
-        let (ta, tb) = (mp.div_ceil(PACK_PANELS), np.div_ceil(PACK_PANELS));
-        let first = p0 == 0;
         let block = |t: usize| {
             let (ib, jb) = (t / nb, t % nb);
             let (i0, j0) = (ib * MC, jb * NC);
             let (mc, nc) = (MC.min(m - i0), NC.min(n - j0));
-            for ip in i0 / mr..(i0 + mc).div_ceil(mr) {
-                let ap = match pr.a {
-                    A::Packed(pa) => pa.panel(p0, kc, ip),
-                    A::Strided(_) => { ab }.0.add(ip * mr * kc) as *const f32,
-                };
-                let gi = ip * mr;
-                let rows = mr.min(m - gi);
-                for jp in j0 / nr..(j0 + nc).div_ceil(nr) {
-                    let bp = match pr.b {
-                        B::Packed(pb) => pb.panel(p0, kc, jp),
-                        B::Panel(ptr) => ptr.add(p0 * nr),
-                        _ => { bb }.0.add(jp * nr * kc) as *const f32,
+            for (d, &(p0, kc)) in blocks.iter().enumerate() {
+                let first = p0 == 0;
+                for ip in i0 / mr..(i0 + mc).div_ceil(mr) {
+                    let ap = match pr.a {
+                        A::Packed(pa) => pa.panel(p0, kc, ip),
+                        A::Strided(_) => { ab }.0.add(d * a_stride + ip * mr * kc) as *const f32,
                     };
-                    let gj = jp * nr;
-                    let tile = Tile {
-                        c: pr.c.add(gi * pr.rs_c + gj),
-                        rs_c: pr.rs_c,
-                        m: rows,
-                        n: nr.min(n - gj),
-                        alpha: epi.alpha,
-                        load_c: !first || epi.accumulate,
-                        row_bias: match epi.row_bias {
-                            Some(b) if first => b.as_ptr().add(gi),
-                            _ => std::ptr::null(),
-                        },
-                        col_bias: match epi.col_bias {
-                            Some(b) if first => b.as_ptr().add(gj),
-                            _ => std::ptr::null(),
-                        },
-                    };
-                    (kern.f)(kc, ap, bp, &tile);
+                    let gi = ip * mr;
+                    let rows = mr.min(m - gi);
+                    for jp in j0 / nr..(j0 + nc).div_ceil(nr) {
+                        let bp = match pr.b {
+                            B::Packed(pb) => pb.panel(p0, kc, jp),
+                            B::Panel(ptr) => ptr.add(p0 * nr),
+                            _ => { bb }.0.add(d * b_stride + jp * nr * kc) as *const f32,
+                        };
+                        let gj = jp * nr;
+                        let tile = Tile {
+                            c: pr.c.add(gi * pr.rs_c + gj),
+                            rs_c: pr.rs_c,
+                            m: rows,
+                            n: nr.min(n - gj),
+                            alpha: epi.alpha,
+                            load_c: !first || epi.accumulate,
+                            row_bias: match epi.row_bias {
+                                Some(b) if first => b.as_ptr().add(gi),
+                                _ => std::ptr::null(),
+                            },
+                            col_bias: match epi.col_bias {
+                                Some(b) if first => b.as_ptr().add(gj),
+                                _ => std::ptr::null(),
+                            },
+                        };
+                        (kern.f)(kc, ap, bp, &tile);
+                    }
                 }
             }
         };
+        let (pa, pb) = (ta * blocks.len(), tb * blocks.len());
         if parallel {
-            (0..ta + tb).into_par_iter().for_each(|t| {
-                if t < ta {
+            (0..pa + pb).into_par_iter().for_each(|t| {
+                if t < pa {
                     pack_a_task(t)
                 } else {
-                    pack_b_task(t - ta)
+                    pack_b_task(t - pa)
                 }
             });
             (0..mb * nb).into_par_iter().for_each(block);
         } else {
-            (0..ta).for_each(pack_a_task);
-            (0..tb).for_each(pack_b_task);
+            (0..pa).for_each(pack_a_task);
+            (0..pb).for_each(pack_b_task);
             (0..mb * nb).for_each(block);
         }
     }
 }
+
+/// Largest packed B (floats) of one depth group in [`run_item`] (4 MiB).
+const GROUP_B_MAX: usize = 1 << 20;
 
 /// Largest right operand (in floats, padded) that [`run_item_by_blocks`] packs whole.
 const WHOLE_B_MAX: usize = 4 << 20;
@@ -1041,6 +1061,8 @@ mod tests {
             (3, 5, 0),
             // B too large to pack whole: the per-depth-block rounds.
             (30, 4200, 1100),
+            // Depth blocks packed in groups (three blocks of 1000 columns in one round).
+            (150, 1000, 700),
         ] {
             check(m, n, k);
         }
