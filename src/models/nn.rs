@@ -810,6 +810,64 @@ pub fn chunk2_last(x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((x.narrow(D::Minus1, 0, n)?, x.narrow(D::Minus1, n, n)?))
 }
 
+/// `[B, M, N]` → `[B, N, M]`, contiguous (a parallel, cache-blocked copy on CPU f32 without
+/// gradients: the strided copy behind `transpose(1, 2)?.contiguous()` runs at about a tenth
+/// of memory speed on the transformers' token maps).
+pub fn transpose_last2(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+        return x.contiguous()?.apply_op1_no_bwd(&TransposeLast2);
+    }
+    x.transpose(1, 2)?.contiguous()
+}
+
+struct TransposeLast2;
+
+impl candle_core::CustomOp1 for TransposeLast2 {
+    fn name(&self) -> &'static str {
+        "transpose-last-2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        const T: usize = 32;
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("transpose: f32 only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("transpose: contiguous input only");
+        };
+        let (b, m, n) = layout.shape().dims3()?;
+        let x = &data[start..end];
+        // SAFETY: every output row (one per input column) is written in full below.
+        let mut out = unsafe { super::sgemm::output_buffer(x.len()) };
+        if m > 0 && n > 0 {
+            // Task: one image's band of T output rows (input columns j0..j0+T), all of m.
+            out.par_chunks_mut(n * m)
+                .zip(x.par_chunks(m * n))
+                .for_each(|(o, src)| {
+                    o.par_chunks_mut(T * m).enumerate().for_each(|(band, ob)| {
+                        let j0 = band * T;
+                        let cols = T.min(n - j0);
+                        for i in 0..m {
+                            let row = &src[i * n + j0..i * n + j0 + cols];
+                            for (jj, &v) in row.iter().enumerate() {
+                                ob[jj * m + i] = v;
+                            }
+                        }
+                    })
+                });
+        }
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((b, n, m)),
+        ))
+    }
+}
+
 /// Nearest-neighbour resize of `[B, C, H, W]` to `(h, w)` with PyTorch's `nearest` rule
 /// (`src = floor(dst · in / out)`).
 pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
@@ -1126,6 +1184,22 @@ mod tests {
         ] {
             let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(d < 1e-5, "fused and plain group norm differ by {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn transpose_last2_matches_candle() -> Result<()> {
+        for (b, m, n) in [(2, 33, 70), (1, 1, 5), (3, 64, 32), (2, 5, 1)] {
+            let x = seeded_normal((b, m, n), (b * m * n) as u64)?;
+            let want = x
+                .transpose(1, 2)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let got = transpose_last2(&x)?;
+            assert_eq!(got.dims(), &[b, n, m]);
+            assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, want, "{b}x{m}x{n}");
         }
         Ok(())
     }

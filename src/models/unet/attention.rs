@@ -230,7 +230,7 @@ impl Transformer2D {
         let hs = self.norm.forward(x)?;
         let to_tokens = |t: Tensor| -> Result<Tensor> {
             let ch = t.dim(1)?;
-            t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
+            nn::transpose_last2(&t.reshape((b, ch, h * w))?)
         };
         let _p = crate::models::profile::scope("transformer (all)");
         let mut hs = match &self.proj_in {
@@ -242,9 +242,7 @@ impl Transformer2D {
         }
         let to_map = |t: Tensor| -> Result<Tensor> {
             let ch = t.dim(2)?;
-            t.reshape((b, h, w, ch))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()
+            nn::transpose_last2(&t)?.reshape((b, ch, h, w))
         };
         let out = match &self.proj_out {
             Proj::Conv(p) => p.forward(&to_map(hs)?)?,
