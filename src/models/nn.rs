@@ -575,6 +575,19 @@ impl Module for Conv2d {
     }
 }
 
+impl Conv2d {
+    /// `self(x) + skip`, the skip connection added as the output is written where the fast
+    /// kernel runs (the same rounding as the separate sum: the convolution's value first).
+    pub fn forward_add(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Fast(k) if !x.track_op() && !skip.track_op() => x
+                .contiguous()?
+                .apply_op2_no_bwd(&skip.contiguous()?, &super::kernels::ConvAdd(k.as_ref())),
+            _ => self.forward(x)? + skip,
+        }
+    }
+}
+
 /// Exact (erf) GELU, as `torch.nn.functional.gelu` computes by default.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()

@@ -52,11 +52,11 @@ impl ResnetBlock2D {
             let t = proj.forward(&candle_nn::ops::silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
         };
-        skip + h
+        // diffusers: `input_tensor + conv2(...)`, output scale 1.
+        self.conv2.forward_add(&self.norm2.forward_silu(&h)?, &skip)
     }
 }
