@@ -257,10 +257,8 @@ fn winograd_weights(w: &[f32], co: usize, ci: usize) -> Vec<PackedA> {
     // [o][c][ξ]: one (o, c) pair per chunk of 16.
     let mut u = vec![0f32; co * ci * 16];
     u.par_chunks_mut(16).enumerate().for_each(|(oc, u)| {
-        let g: Vec<f64> = w[oc * 9..oc * 9 + 9]
-            .iter()
-            .map(|&v| f64::from(v))
-            .collect();
+        // Arrays, not vectors: this runs once per channel pair (millions at load time).
+        let g: [f64; 9] = std::array::from_fn(|i| f64::from(w[oc * 9 + i]));
         let gt = |r: [f64; 3]| {
             [
                 r[0],
@@ -270,7 +268,7 @@ fn winograd_weights(w: &[f32], co: usize, ci: usize) -> Vec<PackedA> {
             ]
         };
         // t = G g (4 × 3), by columns.
-        let cols: Vec<[f64; 4]> = (0..3).map(|b| gt([g[b], g[3 + b], g[6 + b]])).collect();
+        let cols: [[f64; 4]; 3] = std::array::from_fn(|b| gt([g[b], g[3 + b], g[6 + b]]));
         for i in 0..4 {
             let row = gt([cols[0][i], cols[1][i], cols[2][i]]);
             for j in 0..4 {
@@ -901,11 +899,14 @@ fn winograd_input_row(
         if y < h {
             let src = &plane[y * w..(y + 1) * w];
             // Padded column p holds src[p − 1]: odd[k] = src[2k], even[k] = src[2k − 1].
-            for (d, &v) in od.iter_mut().zip(src.iter().step_by(2)) {
-                *d = v;
+            // By pairs, which compiles to a vector de-interleave (a stepped iterator does not).
+            let pairs = src.chunks_exact(2);
+            if let [last] = pairs.remainder() {
+                od[w / 2] = *last;
             }
-            for (d, &v) in ev[1..].iter_mut().zip(src[1..].iter().step_by(2)) {
-                *d = v;
+            for ((o, e), p) in od.iter_mut().zip(&mut ev[1..]).zip(pairs) {
+                *o = p[0];
+                *e = p[1];
             }
         }
         // Along the columns: e_i = d_i B (4 values per tile).
@@ -924,16 +925,19 @@ fn winograd_input_row(
     for j in 0..4 {
         let row = |i: usize| &e[(i * 4 + j) * tw..(i * 4 + j + 1) * tw];
         let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
-        let put = |dst: &mut [f32], xi: usize, f: &dyn Fn(usize) -> f32| {
-            let d = &mut dst[xi * nt + off..xi * nt + off + tw];
-            for (t, d) in d.iter_mut().enumerate() {
-                *d = f(t);
-            }
-        };
-        put(dst, j, &|t| r0[t] - r2[t]);
-        put(dst, 4 + j, &|t| r1[t] + r2[t]);
-        put(dst, 8 + j, &|t| r2[t] - r1[t]);
-        put(dst, 12 + j, &|t| r1[t] - r3[t]);
+        let out = |xi: usize| xi * nt + off..xi * nt + off + tw;
+        for ((d, a), b) in dst[out(j)].iter_mut().zip(r0).zip(r2) {
+            *d = a - b;
+        }
+        for ((d, a), b) in dst[out(4 + j)].iter_mut().zip(r1).zip(r2) {
+            *d = a + b;
+        }
+        for ((d, a), b) in dst[out(8 + j)].iter_mut().zip(r2).zip(r1) {
+            *d = a - b;
+        }
+        for ((d, a), b) in dst[out(12 + j)].iter_mut().zip(r1).zip(r3) {
+            *d = a - b;
+        }
     }
 }
 
