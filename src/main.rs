@@ -252,7 +252,8 @@ struct BenchArgs {
     #[arg(long, env = "IP2P_BENCH_REPS", default_value_t = 3)]
     reps: usize,
     /// Only these parts (comma-separated): text, unet, vae (the default set); edit (a whole
-    /// edit at each --res), load (start-to-ready from full-size f32 and f16 files), gemm,
+    /// edit at each --res), load (start-to-ready from full-size f16 and f32 files; load_f16 or
+    /// load_f32 for one of them), gemm,
     /// train_full, train_lora.
     #[arg(long, env = "IP2P_BENCH_ONLY", value_delimiter = ',')]
     only: Vec<String>,

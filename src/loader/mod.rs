@@ -5,12 +5,15 @@
 pub(crate) mod hub;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 pub use self::hub::{resolve_hub, resolve_hub_files, HubOptions};
+use crate::models::stored::{StoredDType, StoredTensor, StoredWeights, WeightData};
 use crate::models::{
     AutoencoderKL, ClipTextConfig, ClipTextModel, ClipTokenizer, UNet2DConditionModel, UNetConfig,
     VaeConfig,
@@ -252,6 +255,15 @@ pub fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
+    let st = map(files)?;
+    Ok(VarBuilder::from_backend(
+        Box::new(Widening(st)),
+        dtype,
+        device.clone(),
+    ))
+}
+
+fn map(files: &[PathBuf]) -> Result<Arc<MmapedSafetensors>> {
     for f in files {
         if !f.is_file() {
             return Err(Error::ModelNotFound(format!(
@@ -262,18 +274,52 @@ pub fn var_builder(
     }
     // SAFETY: the files are mapped read-only. Modifying or truncating them while the model is
     // loaded is undefined behaviour, as for every memory-mapped checkpoint; we never write to them.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
-    Ok(VarBuilder::from_backend(
-        Box::new(Widening(st)),
-        dtype,
-        device.clone(),
-    ))
+    Ok(Arc::new(unsafe { MmapedSafetensors::multi(files) }?))
+}
+
+/// Builds a model with `build` from the weights in safetensors `files`: as [`var_builder`],
+/// and with the layers that keep only a packed copy of their weights (convolutions and linear
+/// layers on the CPU) packing straight from the mapped bytes ([`crate::models::stored`]), so no
+/// widened f32 copy of those weights is ever made.
+pub fn build_from_files<T>(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<std::result::Result<T, candle_core::Error>> {
+    let st = map(files)?;
+    let vb = VarBuilder::from_backend(Box::new(Widening(st.clone())), dtype, device.clone());
+    let stored: Arc<dyn StoredWeights> = Arc::new(Mapped(st));
+    // The layer-choice flag is reset too: the loaders run at once on rayon's threads, and one
+    // may start on a thread that waits inside another's UNet level built for large maps.
+    Ok(crate::models::stored::build_from(Some(stored), || {
+        crate::models::nn::build_for_large_maps(false, || build(vb))
+    }))
+}
+
+/// Mapped safetensors as [`StoredWeights`]: f32, f16 and bf16 tensors, read in place.
+struct Mapped(Arc<MmapedSafetensors>);
+
+impl StoredWeights for Mapped {
+    fn tensor(&self, name: &str) -> Option<StoredTensor<'_>> {
+        let view = self.0.get(name).ok()?;
+        let dtype = match DType::try_from(view.dtype()).ok()? {
+            DType::F32 => StoredDType::F32,
+            DType::F16 => StoredDType::F16,
+            DType::BF16 => StoredDType::BF16,
+            _ => return None,
+        };
+        Some(StoredTensor {
+            shape: view.shape().to_vec(),
+            data: WeightData::new(view.data(), dtype).ok()?,
+        })
+    }
 }
 
 /// Memory-mapped safetensors that widen half-precision weights to f32 on the CPU straight from
 /// the mapped bytes, in parallel (candle's own path copies, then widens on one core); every
 /// other case goes through candle.
-struct Widening(candle_core::safetensors::MmapedSafetensors);
+struct Widening(Arc<MmapedSafetensors>);
 
 impl candle_nn::var_builder::SimpleBackend for Widening {
     fn get(
@@ -368,12 +414,13 @@ pub fn load_text_encoder(
     device: &Device,
 ) -> Result<ClipTextModel> {
     let cfg: ClipTextConfig = dir.config("text_encoder", "config.json")?;
-    let vb = var_builder(
+    let built = build_from_files(
         &dir.weights("text_encoder", "model", variant)?,
         dtype,
         device,
+        |vb| ClipTextModel::new(vb, &cfg),
     )?;
-    with_context(ClipTextModel::new(vb, &cfg), "text_encoder", dir.root())
+    with_context(built, "text_encoder", dir.root())
 }
 
 /// The VAE of a diffusers folder.
@@ -384,12 +431,13 @@ pub fn load_vae(
     device: &Device,
 ) -> Result<AutoencoderKL> {
     let cfg: VaeConfig = dir.config("vae", "config.json")?;
-    let vb = var_builder(
+    let built = build_from_files(
         &dir.weights("vae", "diffusion_pytorch_model", variant)?,
         dtype,
         device,
+        |vb| AutoencoderKL::new(vb, &cfg),
     )?;
-    with_context(AutoencoderKL::new(vb, &cfg), "vae", dir.root())
+    with_context(built, "vae", dir.root())
 }
 
 /// Loads a tokenizer, text encoder, VAE, UNet and scheduler config from a diffusers folder.
@@ -436,7 +484,7 @@ fn load_unet(
         path: root.join("unet/config.json"),
         message: m,
     })?;
-    let unet_vb = var_builder(
+    let built = build_from_files(
         &dir.weights(
             "unet",
             "diffusion_pytorch_model",
@@ -444,6 +492,7 @@ fn load_unet(
         )?,
         dtype,
         device,
+        |vb| UNet2DConditionModel::new(vb, &unet_cfg),
     )?;
-    with_context(UNet2DConditionModel::new(unet_vb, &unet_cfg), "unet", root)
+    with_context(built, "unet", root)
 }

@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 
 use super::sgemm::{self, PackedA, Problem, Strided};
+use super::stored::WeightData;
 
 /// Defines `fn $name(args)` running `$body(args)` compiled for AVX-512F, for AVX2 + FMA or
 /// portably, whichever is the best the CPU has (checked at run time).
@@ -171,21 +172,28 @@ pub struct FastConv {
 impl FastConv {
     /// `weight: [out, in, k, k]` (row-major), `bias: [out]`; `kernel` is 1 or 3; the algorithm
     /// is [`ConvAlgo::auto`].
-    pub fn new(weight: &[f32], bias: &[f32], out_c: usize, in_c: usize, kernel: usize) -> Self {
+    pub fn new<'a>(
+        weight: impl Into<WeightData<'a>>,
+        bias: &[f32],
+        out_c: usize,
+        in_c: usize,
+        kernel: usize,
+    ) -> Self {
         let algo = ConvAlgo::auto(out_c, in_c, kernel, false);
         Self::with_algo(weight, bias, out_c, in_c, kernel, algo)
     }
 
     /// As [`FastConv::new`] with the algorithm chosen by the caller (1×1 kernels are always
     /// direct).
-    pub fn with_algo(
-        weight: &[f32],
+    pub fn with_algo<'a>(
+        weight: impl Into<WeightData<'a>>,
         bias: &[f32],
         out_c: usize,
         in_c: usize,
         kernel: usize,
         algo: ConvAlgo,
     ) -> Self {
+        let weight = weight.into();
         assert!(kernel == 1 || kernel == 3, "FastConv: 1×1 or 3×3 only");
         assert_eq!(
             weight.len(),
@@ -195,10 +203,10 @@ impl FastConv {
         let weight = if kernel == 3 && algo == ConvAlgo::Winograd {
             ConvWeights::Winograd(winograd_weights(weight, out_c, in_c))
         } else if kernel == 3 && algo == ConvAlgo::Narrow {
-            ConvWeights::Narrow(weight.to_vec())
+            ConvWeights::Narrow(weight.to_f32_vec())
         } else {
             // Row o of [out, in·k·k] is exactly the weight's layout: column c·k² + tap.
-            ConvWeights::Direct(PackedA::from_rows(out_c, in_c * kernel * kernel, weight))
+            ConvWeights::Direct(PackedA::from_data(out_c, in_c * kernel * kernel, weight))
         };
         Self {
             weight,
@@ -214,8 +222,8 @@ impl FastConv {
     /// A 3×3, stride-2 convolution with `pad = (before, after)` zero rows and columns, each 0
     /// or 1 (`(1, 1)`: the UNet's downsamplers; `(0, 1)`: the VAE's, which pad only the bottom
     /// and right). Always the direct form.
-    pub fn strided(
-        weight: &[f32],
+    pub fn strided<'a>(
+        weight: impl Into<WeightData<'a>>,
         bias: &[f32],
         out_c: usize,
         in_c: usize,
@@ -252,47 +260,33 @@ impl FastConv {
 }
 
 /// `U_ξ[o][c] = (G g_oc Gᵀ)[ξ]` with `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]`,
-/// computed in f64 and rounded once.
-fn winograd_weights(w: &[f32], co: usize, ci: usize) -> Vec<PackedA> {
-    use rayon::prelude::*;
-    // [o][c][ξ]: one (o, c) pair per chunk of 16.
-    let mut u = vec![0f32; co * ci * 16];
-    u.par_chunks_mut(16).enumerate().for_each(|(oc, u)| {
-        // Arrays, not vectors: this runs once per channel pair (millions at load time).
-        let g: [f64; 9] = std::array::from_fn(|i| f64::from(w[oc * 9 + i]));
-        let gt = |r: [f64; 3]| {
-            [
-                r[0],
-                (r[0] + r[1] + r[2]) / 2.0,
-                (r[0] - r[1] + r[2]) / 2.0,
-                r[2],
-            ]
-        };
-        // t = G g (4 × 3), by columns.
-        let cols: [[f64; 4]; 3] = std::array::from_fn(|b| gt([g[b], g[3 + b], g[6 + b]]));
-        for i in 0..4 {
-            let row = gt([cols[0][i], cols[1][i], cols[2][i]]);
-            for j in 0..4 {
-                u[i * 4 + j] = row[j] as f32;
+/// computed in f64 and rounded once; the 16 matrices are packed as they are computed.
+fn winograd_weights(w: WeightData, co: usize, ci: usize) -> Vec<PackedA> {
+    let packed = PackedA::pack_rows(co, ci, |o, c0, out: &mut [[f32; sgemm::KC]; 16]| {
+        let kc = sgemm::KC.min(ci - c0);
+        let mut g = [0f32; 9 * sgemm::KC];
+        w.read((o * ci + c0) * 9, &mut g[..9 * kc]);
+        for (c, g) in g[..9 * kc].chunks_exact(9).enumerate() {
+            let g: [f64; 9] = std::array::from_fn(|i| f64::from(g[i]));
+            let gt = |r: [f64; 3]| {
+                [
+                    r[0],
+                    (r[0] + r[1] + r[2]) / 2.0,
+                    (r[0] - r[1] + r[2]) / 2.0,
+                    r[2],
+                ]
+            };
+            // t = G g (4 × 3), by columns.
+            let cols: [[f64; 4]; 3] = std::array::from_fn(|b| gt([g[b], g[3 + b], g[6 + b]]));
+            for i in 0..4 {
+                let row = gt([cols[0][i], cols[1][i], cols[2][i]]);
+                for j in 0..4 {
+                    out[i * 4 + j][c] = row[j] as f32;
+                }
             }
         }
     });
-    (0..16)
-        .map(|xi| {
-            // SAFETY: element (o, c) of U_ξ is u[(o·ci + c)·16 + ξ], inside co·ci·16.
-            unsafe {
-                PackedA::new(
-                    co,
-                    ci,
-                    Strided {
-                        ptr: u.as_ptr().add(xi),
-                        rs: ci * 16,
-                        cs: 16,
-                    },
-                )
-            }
-        })
-        .collect()
+    packed.into()
 }
 
 impl CustomOp1 for FastConv {
@@ -977,9 +971,14 @@ pub struct FastLinear {
 
 impl FastLinear {
     /// `weight: [out, in]` row-major, `bias: [out]`.
-    pub fn new(weight: &[f32], bias: Option<&[f32]>, out_dim: usize, in_dim: usize) -> Self {
+    pub fn new<'a>(
+        weight: impl Into<WeightData<'a>>,
+        bias: Option<&[f32]>,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Self {
         Self {
-            weight: sgemm::PackedB::from_transposed(out_dim, in_dim, weight),
+            weight: sgemm::PackedB::from_transposed_data(out_dim, in_dim, weight.into()),
             bias: bias.map(<[f32]>::to_vec),
         }
     }
@@ -1788,6 +1787,55 @@ mod tests {
             }
         }
         worst
+    }
+
+    #[test]
+    fn convolutions_packed_from_stored_half_bytes_match_the_widened_weights() {
+        use crate::models::stored::StoredDType;
+        // Deeper than one depth block (300 > KC) and more rows than one panel group.
+        let (b, ci, co, h, w) = (1, 300, 100, 6, 5);
+        let x: Vec<f32> = (0..b * ci * h * w)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let bias: Vec<f32> = (0..co).map(|i| i as f32 / co as f32).collect();
+        let run = |conv: &FastConv| {
+            let layout = Layout::contiguous((b, ci, h, w));
+            let (CpuStorage::F32(y), _) = conv
+                .cpu_fwd(&CpuStorage::F32(x.clone()), &layout)
+                .expect("conv")
+            else {
+                unreachable!()
+            };
+            y
+        };
+        for (k, algo, strided) in [
+            (3, ConvAlgo::Winograd, false),
+            (3, ConvAlgo::Direct, false),
+            (3, ConvAlgo::Narrow, false),
+            (3, ConvAlgo::Direct, true),
+            (1, ConvAlgo::Direct, false),
+        ] {
+            let n = co * ci * k * k;
+            // Odd byte offset: the unaligned read path, as a safetensors file may store it.
+            let mut bytes = vec![0u8];
+            let mut widened = Vec::with_capacity(n);
+            for i in 0..n {
+                let v = half::f16::from_f32(((i * 7919) % 1999) as f32 / 3000.0 - 0.33);
+                bytes.extend(v.to_bits().to_le_bytes());
+                widened.push(v.to_f32());
+            }
+            let stored = WeightData::new(&bytes[1..], StoredDType::F16).expect("whole elements");
+            let make = |wt: WeightData| {
+                if strided {
+                    FastConv::strided(wt, &bias, co, ci, (0, 1))
+                } else {
+                    FastConv::with_algo(wt, &bias, co, ci, k, algo)
+                }
+            };
+            let (a, c) = (make(stored), make((&widened).into()));
+            assert_eq!(a.algo(), c.algo());
+            assert_eq!(run(&a), run(&c), "k {k} {algo:?} strided {strided}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod nn;
 pub mod profile;
 pub mod resnet;
 pub mod sgemm;
+pub mod stored;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -32,33 +32,60 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
-        Self::from_parts(weight, bias)
+        if let Some(l) = Self::from_stored(&vb, &[out_dim, in_dim], &bias) {
+            return l;
+        }
+        Self::from_parts(vb.get((out_dim, in_dim), "weight")?, bias)
     }
 
     /// Loads a projection stored either as a linear weight `[out, in]` or as a 1×1 convolution
     /// weight `[out, in, 1, 1]` (old VAE attention checkpoints).
     pub fn new_maybe_conv(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let bias = Some(vb.get(out_dim, "bias")?);
+        for shape in [&[out_dim, in_dim][..], &[out_dim, in_dim, 1, 1]] {
+            if let Some(l) = Self::from_stored(&vb, shape, &bias) {
+                return l;
+            }
+        }
         let weight = match vb.get((out_dim, in_dim), "weight") {
             Ok(w) => w,
             Err(_) => vb
                 .get((out_dim, in_dim, 1, 1), "weight")?
                 .reshape((out_dim, in_dim))?,
         };
-        let bias = Some(vb.get(out_dim, "bias")?);
         Self::from_parts(weight, bias)
     }
 
+    /// The packed layer straight from the stored weight of `shape` (`[out, in]`, or a 1×1
+    /// convolution's `[out, in, 1, 1]`), where a loader provides it ([`super::stored`]).
+    fn from_stored(
+        vb: &VarBuilder,
+        shape: &[usize],
+        bias: &Option<Tensor>,
+    ) -> Option<Result<Self>> {
+        if DIFFERENTIABLE.with(|d| d.get()) || bias.as_ref().is_some_and(|b| !Self::fastable(b)) {
+            return None;
+        }
+        let (out_dim, in_dim) = (shape[0], shape[1]);
+        super::stored::with_stored(vb, "weight", shape, |w| {
+            let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+            let fast = super::kernels::FastLinear::new(w, b.as_deref(), out_dim, in_dim);
+            Self::packed(fast, bias.clone(), vb.device())
+        })
+    }
+
+    fn fastable(t: &Tensor) -> bool {
+        t.device().is_cpu() && t.dtype() == DType::F32 && !t.is_variable()
+    }
+
     fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let fastable =
-            |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.is_variable();
-        if fastable(&weight)
-            && bias.as_ref().is_none_or(fastable)
+        if Self::fastable(&weight)
+            && bias.as_ref().is_none_or(Self::fastable)
             && !DIFFERENTIABLE.with(|d| d.get())
         {
             let (out_dim, in_dim) = weight.dims2()?;
@@ -66,20 +93,29 @@ impl Linear {
             let fast = with_cpu_f32(&weight, |w| {
                 super::kernels::FastLinear::new(w, b.as_deref(), out_dim, in_dim)
             })?;
-            let placeholder =
-                Tensor::zeros((), DType::F32, weight.device())?.broadcast_as((out_dim, in_dim))?;
-            return Ok(Self {
-                weight: placeholder,
-                bias,
-                lora: None,
-                fast: Some(std::sync::Arc::new(fast)),
-            });
+            return Self::packed(fast, bias, weight.device());
         }
         Ok(Self {
             weight,
             bias,
             lora: None,
             fast: None,
+        })
+    }
+
+    /// A layer that keeps only its packed weight (`weight` is a zero-sized placeholder).
+    fn packed(
+        fast: super::kernels::FastLinear,
+        bias: Option<Tensor>,
+        dev: &candle_core::Device,
+    ) -> Result<Self> {
+        let (out_dim, in_dim) = fast.dims();
+        let placeholder = Tensor::zeros((), DType::F32, dev)?.broadcast_as((out_dim, in_dim))?;
+        Ok(Self {
+            weight: placeholder,
+            bias,
+            lora: None,
+            fast: Some(std::sync::Arc::new(fast)),
         })
     }
 
@@ -509,8 +545,6 @@ impl Conv2d {
         stride: usize,
         padding: (usize, usize),
     ) -> Result<Self> {
-        let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
-        let bias = vb.get(out_c, "bias")?;
         if padding.1 < padding.0 {
             candle_core::bail!(
                 "conv2d: padding after ({}) below before ({})",
@@ -518,28 +552,39 @@ impl Conv2d {
                 padding.0
             );
         }
+        let bias = vb.get(out_c, "bias")?;
         let fast_shape = match (kernel, stride, padding) {
             (3, 1, (1, 1)) | (1, 1, (0, 0)) => true,
             (3, 2, (lo, hi)) => lo <= 1 && hi <= 1,
             _ => false,
         };
-        if fast_shape
-            && weight.device().is_cpu()
-            && weight.dtype() == DType::F32
-            && !weight.is_variable()
-            && !DIFFERENTIABLE.with(|d| d.get())
-        {
+        let fast_ok = |t: &Tensor| {
+            fast_shape
+                && t.device().is_cpu()
+                && t.dtype() == DType::F32
+                && !t.is_variable()
+                && !DIFFERENTIABLE.with(|d| d.get())
+        };
+        let fast = |w: super::stored::WeightData| -> Result<Self> {
             let bias = bias.to_vec1::<f32>()?;
-            let fast = with_cpu_f32(&weight, |w| {
-                if stride == 2 {
-                    super::kernels::FastConv::strided(w, &bias, out_c, in_c, padding)
-                } else {
-                    let large = LARGE_MAPS.with(|l| l.get());
-                    let algo = super::kernels::ConvAlgo::auto(out_c, in_c, kernel, large);
-                    super::kernels::FastConv::with_algo(w, &bias, out_c, in_c, kernel, algo)
-                }
-            })?;
-            return Ok(Self::Fast(std::sync::Arc::new(fast)));
+            let fast = if stride == 2 {
+                super::kernels::FastConv::strided(w, &bias, out_c, in_c, padding)
+            } else {
+                let large = LARGE_MAPS.with(|l| l.get());
+                let algo = super::kernels::ConvAlgo::auto(out_c, in_c, kernel, large);
+                super::kernels::FastConv::with_algo(w, &bias, out_c, in_c, kernel, algo)
+            };
+            Ok(Self::Fast(std::sync::Arc::new(fast)))
+        };
+        let shape = [out_c, in_c, kernel, kernel];
+        if fast_ok(&bias) {
+            if let Some(conv) = super::stored::with_stored(&vb, "weight", &shape, fast) {
+                return conv;
+            }
+        }
+        let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
+        if fast_ok(&weight) {
+            return with_cpu_f32(&weight, |w| fast(w.into()))?;
         }
         let cfg = candle_nn::Conv2dConfig {
             padding: padding.0,

@@ -16,6 +16,8 @@
 
 use rayon::prelude::*;
 
+use super::stored::WeightData;
+
 /// A buffer of `len` floats with unspecified contents, for an output that is written in full
 /// before anything reads it: it skips the zero fill that `vec![0.0; len]` does on one thread
 /// (hundreds of megabytes per UNet step, while the other cores wait).
@@ -298,19 +300,31 @@ impl PackedA {
 
     /// From a row-major `[m, k]` slice.
     pub fn from_rows(m: usize, k: usize, a: &[f32]) -> Self {
-        assert_eq!(a.len(), m * k, "PackedA::from_rows: shape");
-        // SAFETY: a holds m·k elements, row stride k.
-        unsafe {
-            Self::new(
-                m,
-                k,
-                Strided {
-                    ptr: a.as_ptr(),
-                    rs: k,
-                    cs: 1,
-                },
-            )
-        }
+        Self::from_data(m, k, a.into())
+    }
+
+    /// From row-major `[m, k]` elements as stored (a weight, widened as it is packed).
+    pub fn from_data(m: usize, k: usize, a: WeightData) -> Self {
+        assert_eq!(a.len(), m * k, "PackedA::from_data: shape");
+        let [p] = Self::pack_rows(m, k, |i, p0, out: &mut [[f32; KC]; 1]| {
+            let kc = KC.min(k - p0);
+            a.read(i * k + p0, &mut out[0][..kc]);
+        });
+        p
+    }
+
+    /// Packs `N` matrices `[m, k]` that are computed together, row segment by row segment:
+    /// `rows(i, p0, out)` writes elements `p0..p0 + min(KC, k − p0)` of row `i` of matrix `ξ`
+    /// to `out[ξ]` (Winograd's 16 transformed weights come from one 3×3 kernel each; N = 1
+    /// packs a weight read from its stored form). Each packed matrix is written once, in
+    /// parallel, with no intermediate copy.
+    pub fn pack_rows<const N: usize>(
+        m: usize,
+        k: usize,
+        rows: impl Fn(usize, usize, &mut [[f32; KC]; N]) + Sync,
+    ) -> [Self; N] {
+        let mr = kernel().mr;
+        pack_panels(m, k, mr, rows).map(|data| Self { m, k, mr, data })
     }
 
     pub fn dims(&self) -> (usize, usize) {
@@ -339,19 +353,19 @@ impl PackedB {
 
     /// `Wᵀ` of a row-major weight `W [n, k]` (a linear layer's `[out, in]`).
     pub fn from_transposed(n: usize, k: usize, w: &[f32]) -> Self {
-        assert_eq!(w.len(), n * k, "PackedB::from_transposed: shape");
-        // SAFETY: element (p, j) of Wᵀ is w[j·k + p], inside the n·k elements.
-        unsafe {
-            Self::new(
-                k,
-                n,
-                Strided {
-                    ptr: w.as_ptr(),
-                    rs: 1,
-                    cs: k,
-                },
-            )
-        }
+        Self::from_transposed_data(n, k, w.into())
+    }
+
+    /// `Wᵀ` of a row-major weight `W [n, k]` as stored (widened as it is packed).
+    pub fn from_transposed_data(n: usize, k: usize, w: WeightData) -> Self {
+        assert_eq!(w.len(), n * k, "PackedB::from_transposed_data: shape");
+        let nr = kernel().nr;
+        // Column j of Wᵀ is row j of W, and a B panel [kc][nr] of Wᵀ is an A panel of W.
+        let [data] = pack_panels(n, k, nr, |j, p0, out: &mut [[f32; KC]; 1]| {
+            let kc = KC.min(k - p0);
+            w.read(j * k + p0, &mut out[0][..kc]);
+        });
+        Self { k, n, nr, data }
     }
 
     pub fn dims(&self) -> (usize, usize) {
@@ -407,6 +421,69 @@ fn pack_whole(
         }
     }
     data
+}
+
+/// A raw pointer that packing tasks share, each writing its own disjoint part.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint elements (see `pack_panels`); the owner waits for all of them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// `N` operands packed together from their rows: per depth block of [`KC`], `extent` rows in
+/// panels of `width` (`[kc][width]`, rows past `extent` zero) — `PackedA`'s layout, and
+/// `PackedB`'s for the transpose. `rows(i, p0, out)` gives elements `p0..p0 + kc` of row `i` of
+/// each operand. Tasks of [`PACK_GROUP`] panels of one depth block run in parallel; every
+/// element is written exactly once (no zero fill first).
+fn pack_panels<const N: usize>(
+    extent: usize,
+    k: usize,
+    width: usize,
+    rows: impl Fn(usize, usize, &mut [[f32; KC]; N]) + Sync,
+) -> [Vec<f32>; N] {
+    let pad = extent.div_ceil(width) * width;
+    let len = pad * k;
+    let mut bufs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::with_capacity(len));
+    let outs: [SharedOut; N] = std::array::from_fn(|x| SharedOut(bufs[x].as_mut_ptr()));
+    let panels = pad / width;
+    let groups = panels.div_ceil(PACK_GROUP);
+    let task = |t: usize| {
+        let (blk, g) = (t / groups, t % groups);
+        let p0 = blk * KC;
+        let kc = KC.min(k - p0);
+        let mut seg = [[0f32; KC]; N];
+        for ip in g * PACK_GROUP..panels.min((g + 1) * PACK_GROUP) {
+            // Panel ip of block blk: [kc][width] at p0·pad + ip·width·kc.
+            let base = p0 * pad + ip * width * kc;
+            for r in 0..width {
+                let i = ip * width + r;
+                if i < extent {
+                    rows(i, p0, &mut seg);
+                } else {
+                    seg.iter_mut().for_each(|s| s[..kc].fill(0.0));
+                }
+                for (out, s) in outs.iter().zip(&seg) {
+                    for (p, &v) in s[..kc].iter().enumerate() {
+                        // SAFETY: base + p·width + r < (p0 + kc)·pad ≤ len; each (block,
+                        // panel, p, r) is written by this task only.
+                        unsafe { *out.0.add(base + p * width + r) = v };
+                    }
+                }
+            }
+        }
+    };
+    let tasks = k.div_ceil(KC) * groups;
+    if len * N >= PARALLEL_PACK {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+    for b in &mut bufs {
+        // SAFETY: the tasks above wrote all `len` elements (every row of every panel of every
+        // depth block, padding rows as zeros).
+        unsafe { b.set_len(len) };
+    }
+    bufs
 }
 
 /// Packs rows `i0..i0+mc`, depth `p0..p0+kc` of A into `mr`-row panels `[kc][mr]`
@@ -1065,6 +1142,57 @@ mod tests {
             (150, 1000, 700),
         ] {
             check(m, n, k);
+        }
+    }
+
+    #[test]
+    fn weights_pack_alike_from_every_stored_form() {
+        use crate::models::stored::StoredDType;
+        // Ragged edges, several depth blocks, and one large enough to pack in parallel.
+        for &(rows, k) in &[(1, 1), (13, 257), (37, 600), (700, 530)] {
+            let w = data(rows * k, 7);
+            let halves: Vec<u8> = w
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+                .collect();
+            let widened: Vec<f32> = w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+            let stored = WeightData::new(&halves, StoredDType::F16).expect("whole elements");
+            // Through strided reads (the runtime path) and through the row packer.
+            let a_strided = unsafe {
+                PackedA::new(
+                    rows,
+                    k,
+                    Strided {
+                        ptr: widened.as_ptr(),
+                        rs: k,
+                        cs: 1,
+                    },
+                )
+            };
+            let b_strided = unsafe {
+                PackedB::new(
+                    k,
+                    rows,
+                    Strided {
+                        ptr: widened.as_ptr(),
+                        rs: 1,
+                        cs: k,
+                    },
+                )
+            };
+            for a in [
+                PackedA::from_rows(rows, k, &widened),
+                PackedA::from_data(rows, k, stored),
+            ] {
+                assert_eq!(a.data, a_strided.data, "A {rows}x{k}");
+            }
+            for b in [
+                PackedB::from_transposed(rows, k, &widened),
+                PackedB::from_transposed_data(rows, k, stored),
+            ] {
+                assert_eq!(b.data, b_strided.data, "B {rows}x{k}");
+                assert_eq!(b.to_transposed(), widened);
+            }
         }
     }
 

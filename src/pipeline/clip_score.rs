@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::loader::{hub, read_json, var_builder, HubOptions};
+use crate::loader::{build_from_files, hub, read_json, HubOptions};
 use crate::models::clip::{ClipConfig, ClipModel};
 use crate::models::ClipTokenizer;
 use crate::{Error, Result};
@@ -207,9 +207,10 @@ impl ClipScorer {
                 file: "model.safetensors".into(),
             });
         }
-        let vb = var_builder(&[weights], DType::F32, device)?;
-        let model = ClipModel::new(vb, &config)
-            .map_err(|e| Error::IncompatibleModel(format!("CLIP in {}: {e}", dir.display())))?;
+        let model = build_from_files(&[weights], DType::F32, device, |vb| {
+            ClipModel::new(vb, &config)
+        })?
+        .map_err(|e| Error::IncompatibleModel(format!("CLIP in {}: {e}", dir.display())))?;
         let pp = dir.join("preprocessor_config.json");
         let preprocess = if pp.is_file() {
             read_json(&pp)?

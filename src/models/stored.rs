@@ -1,0 +1,281 @@
+//! Weights read where they are stored: the bytes of a memory-mapped safetensors file, in the
+//! file's own precision, widened to f32 as the layer that keeps them reads them.
+//!
+//! Convolutions and linear layers on the CPU keep only a packed (or Winograd-transformed) copy
+//! of their weights. Getting them as an f32 tensor first means one more fresh copy of every
+//! weight — 3.4 GB for SD 1.5's UNet, whose every page the kernel must fault in and zero — that
+//! lives only until it is packed. While a loader builds a model inside [`build_from`], those
+//! layers pack from the mapped bytes instead; everywhere else they take their weights from the
+//! `VarBuilder` as before.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use candle_core::{DType, Result};
+use candle_nn::VarBuilder;
+
+/// How the elements of a stored tensor are encoded (little-endian).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredDType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl StoredDType {
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+        }
+    }
+}
+
+/// The elements of a tensor as stored: `len` values of `dtype`, little-endian, at any
+/// alignment (a safetensors file does not align its tensors). Widening half precision to f32
+/// is exact, so packing from here gives the same bits as packing the widened tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightData<'a> {
+    bytes: &'a [u8],
+    dtype: StoredDType,
+}
+
+impl<'a> From<&'a [f32]> for WeightData<'a> {
+    fn from(v: &'a [f32]) -> Self {
+        Self {
+            bytes: bytemuck::cast_slice(v),
+            dtype: StoredDType::F32,
+        }
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for WeightData<'a> {
+    fn from(v: &'a Vec<f32>) -> Self {
+        v.as_slice().into()
+    }
+}
+
+impl<'a> WeightData<'a> {
+    /// `bytes` holds whole elements of `dtype`.
+    pub fn new(bytes: &'a [u8], dtype: StoredDType) -> Result<Self> {
+        if !bytes.len().is_multiple_of(dtype.size()) {
+            candle_core::bail!("{} bytes are not whole {dtype:?} elements", bytes.len());
+        }
+        Ok(Self { bytes, dtype })
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len() / self.dtype.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Elements `start..start + out.len()`, widened to f32.
+    ///
+    /// Panics if that range is outside the data.
+    pub fn read(&self, start: usize, out: &mut [f32]) {
+        let size = self.dtype.size();
+        let src = &self.bytes[start * size..(start + out.len()) * size];
+        match self.dtype {
+            StoredDType::F32 => match bytemuck::try_cast_slice::<u8, f32>(src) {
+                Ok(s) => out.copy_from_slice(s),
+                Err(_) => {
+                    for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                }
+            },
+            StoredDType::F16 => widen::<half::f16>(src, out),
+            StoredDType::BF16 => widen::<half::bf16>(src, out),
+        }
+    }
+
+    /// Element `i`, widened to f32.
+    pub fn get(&self, i: usize) -> f32 {
+        let mut v = [0f32];
+        self.read(i, &mut v);
+        v[0]
+    }
+
+    /// Every element, widened to f32.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.len()];
+        self.read(0, &mut v);
+        v
+    }
+}
+
+/// Half-precision little-endian bytes to f32: the `half` crate's vectorised conversion (F16C on
+/// x86) where the bytes are aligned for `H` on a little-endian machine, one element at a time
+/// otherwise.
+fn widen<H>(src: &[u8], out: &mut [f32])
+where
+    H: bytemuck::Pod + HalfBits,
+    [H]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    if cfg!(target_endian = "little") {
+        if let Ok(h) = bytemuck::try_cast_slice::<u8, H>(src) {
+            h.convert_to_f32_slice(out);
+            return;
+        }
+    }
+    for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+        *o = H::widen(u16::from_le_bytes([c[0], c[1]]));
+    }
+}
+
+trait HalfBits {
+    fn widen(bits: u16) -> f32;
+}
+
+impl HalfBits for half::f16 {
+    fn widen(bits: u16) -> f32 {
+        half::f16::from_bits(bits).to_f32()
+    }
+}
+
+impl HalfBits for half::bf16 {
+    fn widen(bits: u16) -> f32 {
+        half::bf16::from_bits(bits).to_f32()
+    }
+}
+
+/// A stored tensor: its shape and its elements.
+#[derive(Clone, Debug)]
+pub struct StoredTensor<'a> {
+    pub shape: Vec<usize>,
+    pub data: WeightData<'a>,
+}
+
+/// Tensors by full name (`down_blocks.0.resnets.0.conv1.weight`), as a checkpoint stores them.
+pub trait StoredWeights: Send + Sync {
+    /// The tensor `name`, if it is stored in a precision [`WeightData`] reads.
+    fn tensor(&self, name: &str) -> Option<StoredTensor<'_>>;
+}
+
+thread_local! {
+    static SOURCE: RefCell<Option<Arc<dyn StoredWeights>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (a model's constructor) with its layers packing straight from `source` where the
+/// `VarBuilder` they are given asks for CPU f32 weights of a name `source` has; `None` turns
+/// that off for `f` (a model built from other tensors inside a loader). The previous source is
+/// restored afterwards, also on panic, so constructors run by a rayon worker while it waits
+/// inside another one (work stealing) see their own.
+///
+/// `source` must hold the same tensors the `VarBuilder`s used inside `f` read.
+pub fn build_from<T>(source: Option<Arc<dyn StoredWeights>>, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Arc<dyn StoredWeights>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            SOURCE.with(|s| *s.borrow_mut() = prev);
+        }
+    }
+    let _restore = Restore(SOURCE.with(|s| s.replace(source)));
+    f()
+}
+
+/// Calls `f` with the stored tensor `name` under `vb`'s prefix, if a source is set for this
+/// thread, `vb` produces CPU f32 tensors and the stored one has the expected `shape`; `None`
+/// means: take the weight from `vb`.
+pub(crate) fn with_stored<T>(
+    vb: &VarBuilder,
+    name: &str,
+    shape: &[usize],
+    f: impl FnOnce(WeightData) -> T,
+) -> Option<T> {
+    if vb.dtype() != DType::F32 || !vb.device().is_cpu() {
+        return None;
+    }
+    let source = SOURCE.with(|s| s.borrow().clone())?;
+    let prefix = vb.prefix();
+    let full = if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    };
+    let t = source.tensor(&full)?;
+    (t.shape == shape && t.data.len() == shape.iter().product::<usize>()).then(|| f(t.data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_widens_exactly_at_any_alignment() {
+        let vals = [0.0f32, -1.5, 65504.0, 6.1e-5, 3.0e-8, -0.333_251_95];
+        for dtype in [StoredDType::F16, StoredDType::BF16, StoredDType::F32] {
+            let mut bytes = vec![0u8];
+            for &v in &vals {
+                match dtype {
+                    StoredDType::F16 => {
+                        bytes.extend(half::f16::from_f32(v).to_bits().to_le_bytes())
+                    }
+                    StoredDType::BF16 => {
+                        bytes.extend(half::bf16::from_f32(v).to_bits().to_le_bytes())
+                    }
+                    StoredDType::F32 => bytes.extend(v.to_le_bytes()),
+                }
+            }
+            let want: Vec<f32> = vals
+                .iter()
+                .map(|&v| match dtype {
+                    StoredDType::F16 => half::f16::from_f32(v).to_f32(),
+                    StoredDType::BF16 => half::bf16::from_f32(v).to_f32(),
+                    StoredDType::F32 => v,
+                })
+                .collect();
+            // Offset 1: unaligned; offset 0 of a copy: aligned (the vectorised path).
+            let unaligned = WeightData::new(&bytes[1..], dtype).expect("whole elements");
+            let mut words = vec![0u32; bytes.len() / 4 + 1];
+            let aligned_bytes =
+                &mut bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len() - 1];
+            aligned_bytes.copy_from_slice(&bytes[1..]);
+            let aligned = WeightData::new(aligned_bytes, dtype).expect("whole elements");
+            for d in [unaligned, aligned] {
+                assert_eq!(d.len(), vals.len());
+                assert_eq!(d.to_f32_vec(), want, "{dtype:?}");
+                let mut mid = [0f32; 3];
+                d.read(2, &mut mid);
+                assert_eq!(mid, want[2..5], "{dtype:?}");
+                assert_eq!(d.get(5), want[5]);
+            }
+        }
+        assert!(WeightData::new(&[0u8; 3], StoredDType::F16).is_err());
+    }
+
+    struct One(Vec<usize>, Vec<f32>);
+    impl StoredWeights for One {
+        fn tensor(&self, name: &str) -> Option<StoredTensor<'_>> {
+            (name == "a.b.weight").then(|| StoredTensor {
+                shape: self.0.clone(),
+                data: self.1.as_slice().into(),
+            })
+        }
+    }
+
+    #[test]
+    fn stored_weights_are_found_by_prefix_and_shape_only_inside_build_from() {
+        let dev = candle_core::Device::Cpu;
+        let vb = VarBuilder::zeros(DType::F32, &dev).pp("a").pp("b");
+        let src: Arc<dyn StoredWeights> = Arc::new(One(vec![2, 3], vec![1.0; 6]));
+        let sum = |vb: &VarBuilder, shape: &[usize]| {
+            with_stored(vb, "weight", shape, |d| d.to_f32_vec().iter().sum::<f32>())
+        };
+        assert_eq!(sum(&vb, &[2, 3]), None, "no source outside build_from");
+        build_from(Some(src.clone()), || {
+            assert_eq!(sum(&vb, &[2, 3]), Some(6.0));
+            assert_eq!(sum(&vb, &[3, 2]), None, "shape differs");
+            assert_eq!(sum(&vb.pp("c"), &[2, 3]), None, "other name");
+            assert_eq!(sum(&vb.to_dtype(DType::F16), &[2, 3]), None, "f16 wanted");
+            build_from(None, || assert_eq!(sum(&vb, &[2, 3]), None, "turned off"));
+            assert_eq!(sum(&vb, &[2, 3]), Some(6.0), "restored");
+        });
+        assert_eq!(sum(&vb, &[2, 3]), None, "restored after");
+    }
+}
