@@ -280,7 +280,8 @@ fn map(files: &[PathBuf]) -> Result<Arc<MmapedSafetensors>> {
 /// Builds a model with `build` from the weights in safetensors `files`: as [`var_builder`],
 /// and with the layers that keep only a packed copy of their weights (convolutions and linear
 /// layers on the CPU) packing straight from the mapped bytes ([`crate::models::stored`]), so no
-/// widened f32 copy of those weights is ever made.
+/// widened f32 copy of those weights is ever made. The outer error is the files' (missing,
+/// unreadable); the inner one is `build`'s, for the caller to put in its own context.
 pub fn build_from_files<T>(
     files: &[PathBuf],
     dtype: DType,

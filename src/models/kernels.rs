@@ -1723,6 +1723,18 @@ mod tests {
         }
     }
 
+    /// `conv(x)` for `x` of shape `(b, c, h, w)`, through the op's CPU entry point.
+    fn forward(conv: &FastConv, x: &[f32], shape: (usize, usize, usize, usize)) -> Vec<f32> {
+        let layout = Layout::contiguous(shape);
+        let (CpuStorage::F32(y), _) = conv
+            .cpu_fwd(&CpuStorage::F32(x.to_vec()), &layout)
+            .expect("conv")
+        else {
+            unreachable!()
+        };
+        y
+    }
+
     /// `(max |y − y64| / (|bias| + Σ|w·x|))` of a 3×3 padding-1 convolution computed by `algo`.
     fn conv_error(
         b: usize,
@@ -1749,16 +1761,7 @@ mod tests {
             ConvWeights::Winograd(u) => {
                 winograd_conv(u, &bias, &x, (b, ci, co, h, w), chunk_bytes, None)
             }
-            ConvWeights::Direct(_) | ConvWeights::Narrow(_) => {
-                let layout = Layout::contiguous((b, ci, h, w));
-                let (CpuStorage::F32(y), _) = conv
-                    .cpu_fwd(&CpuStorage::F32(x.clone()), &layout)
-                    .expect("conv")
-                else {
-                    unreachable!()
-                };
-                y
-            }
+            ConvWeights::Direct(_) | ConvWeights::Narrow(_) => forward(&conv, &x, (b, ci, h, w)),
         };
         let mut worst = 0f64;
         for bi in 0..b {
@@ -1798,16 +1801,7 @@ mod tests {
             .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
             .collect();
         let bias: Vec<f32> = (0..co).map(|i| i as f32 / co as f32).collect();
-        let run = |conv: &FastConv| {
-            let layout = Layout::contiguous((b, ci, h, w));
-            let (CpuStorage::F32(y), _) = conv
-                .cpu_fwd(&CpuStorage::F32(x.clone()), &layout)
-                .expect("conv")
-            else {
-                unreachable!()
-            };
-            y
-        };
+        let run = |conv: &FastConv| forward(conv, &x, (b, ci, h, w));
         for (k, algo, strided) in [
             (3, ConvAlgo::Winograd, false),
             (3, ConvAlgo::Direct, false),
