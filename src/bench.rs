@@ -99,6 +99,8 @@ pub struct BenchOptions {
     pub tokenizer: std::path::PathBuf,
     /// Where the `load` figure writes its model folders (reused when already complete).
     pub weights_dir: std::path::PathBuf,
+    /// A packed-weight cache folder for the `load` figure (see `LoadOptions::packed_cache`).
+    pub packed_cache: Option<std::path::PathBuf>,
 }
 
 fn emit(v: serde_json::Value) {
@@ -200,6 +202,7 @@ pub fn run(o: &BenchOptions) -> Result<()> {
             // Each model is dropped outside the timing.
             let mut times = Vec::with_capacity(o.reps + 1);
             let mut anon = 0;
+            let mut steps = [0f64; 2];
             for _ in 0..=o.reps.max(1) {
                 let t = Instant::now();
                 let md = crate::loader::ModelDir::from_dir(&dir)?;
@@ -208,6 +211,7 @@ pub fn run(o: &BenchOptions) -> Result<()> {
                     &dev,
                     &crate::loader::LoadOptions {
                         variant,
+                        packed_cache: o.packed_cache.clone(),
                         ..Default::default()
                     },
                 )?;
@@ -215,6 +219,17 @@ pub fn run(o: &BenchOptions) -> Result<()> {
                 if times.len() == 1 {
                     // What the model keeps of its own (the mapped files not counted).
                     anon = proc_status_bytes("RssAnon:");
+                    // The first UNet step after the start against the next one (batch 3 at
+                    // 256 px): what reading mapped weights in for the first time costs.
+                    let x =
+                        Tensor::randn(0f32, 1.0, (3, c.unet.config().in_channels, 32, 32), &dev)?;
+                    let ehs = Tensor::randn(0f32, 1.0, (3, 77, 768), &dev)?;
+                    let tt = Tensor::new(500f32, &dev)?;
+                    for s in &mut steps {
+                        let t = Instant::now();
+                        c.unet.forward(&x, &tt, &ehs)?;
+                        *s = t.elapsed().as_secs_f64();
+                    }
                 }
                 drop(c);
             }
@@ -223,7 +238,8 @@ pub fn run(o: &BenchOptions) -> Result<()> {
             let s = times[times.len() / 2];
             emit(serde_json::json!({
                 "component": name, "s": s, "first_s": first, "threads": threads,
-                "model_anon_bytes": anon,
+                "model_anon_bytes": anon, "packed_cache": o.packed_cache.is_some(),
+                "first_unet_step_s": steps[0], "next_unet_step_s": steps[1],
             }));
         }
     }

@@ -270,6 +270,10 @@ struct BenchArgs {
     /// Where the `load` figure writes (and reuses) its full-size random-weight model folders.
     #[arg(long, env = "IP2P_BENCH_WEIGHTS_DIR")]
     weights_dir: Option<PathBuf>,
+    /// The `load` figure with a packed-weight cache in this folder (written by the first load
+    /// when absent, mapped by the later ones).
+    #[arg(long, env = "IP2P_BENCH_PACKED_CACHE")]
+    packed_cache: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -297,6 +301,10 @@ struct ModelArgs {
     /// LoRA weights (diffusers/PEFT `pytorch_lora_weights.safetensors`) folded into the UNet.
     #[arg(long, env = "IP2P_LORA")]
     lora: Option<PathBuf>,
+    /// A folder for caches of packed weights (CPU): the first start writes them (about 5 GB
+    /// for SD 1.5), later starts map them instead of packing. Off when not given.
+    #[arg(long, env = "IP2P_PACKED_CACHE")]
+    packed_cache: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -372,6 +380,7 @@ fn load_pipeline(m: &ModelArgs) -> Result<EditPipeline> {
     tracing::info!(model = %dir.root().display(), device = ?dev, "loading");
     let opts = LoadOptions {
         variant: m.variant,
+        packed_cache: m.packed_cache.clone(),
         ..Default::default()
     };
     let mut components = loader::load(&dir, &dev, &opts)?;
@@ -596,6 +605,7 @@ fn run() -> Result<()> {
             weights_dir: a
                 .weights_dir
                 .unwrap_or_else(|| std::env::temp_dir().join("ip2p-bench-weights")),
+            packed_cache: a.packed_cache,
         })?),
         Command::Extend(a) => extend(a),
         Command::Train(a) => train(a),

@@ -157,6 +157,172 @@ fn layers_packed_from_the_mapped_files_compute_what_the_widened_weights_do() -> 
     Ok(())
 }
 
+#[test]
+fn a_packed_weight_cache_is_written_then_mapped_and_survives_damage() -> R {
+    let case = Case::load(&fixtures().join("parity/components_64x64.safetensors"))?;
+    let tmp = tempfile::tempdir()?;
+    let cached = |fp16: bool| LoadOptions {
+        unet_variant: fp16.then_some(Variant::Fp16),
+        packed_cache: Some(tmp.path().join("packed")),
+        ..Default::default()
+    };
+    let outputs = |c: &loader::Components| -> Result<Vec<Tensor>, Box<dyn std::error::Error>> {
+        Ok(vec![
+            unet_out(c, &case)?,
+            c.vae.encode(case.t("vae_in")?)?.mean,
+            c.vae.decode(case.t("vae_z")?)?,
+            c.text_encoder.forward(case.t("input_ids")?)?,
+        ])
+    };
+    let same = |a: &[Tensor], b: &[Tensor], what: &str| -> R {
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(max_abs_diff(x, y)?, 0.0, "{what}");
+        }
+        Ok(())
+    };
+    let files = || -> std::io::Result<Vec<std::path::PathBuf>> {
+        let mut v: Vec<_> = std::fs::read_dir(tmp.path().join("packed"))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        v.sort();
+        Ok(v)
+    };
+    let want = outputs(&tiny("tiny-ip2p", &LoadOptions::default())?)?;
+
+    // First load: computed, and one cache file per network written.
+    same(
+        &outputs(&tiny("tiny-ip2p", &cached(false))?)?,
+        &want,
+        "writing load",
+    )?;
+    let written = files()?;
+    assert_eq!(written.len(), 3, "{written:?}");
+    let stamp = |f: &Path| std::fs::metadata(f).and_then(|m| m.modified());
+    let stamps = written
+        .iter()
+        .map(|f| stamp(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Second load: mapped, bit for bit the same model, and the files left as they were.
+    same(
+        &outputs(&tiny("tiny-ip2p", &cached(false))?)?,
+        &want,
+        "mapped load",
+    )?;
+    assert_eq!(files()?, written);
+    for (f, t) in written.iter().zip(&stamps) {
+        assert_eq!(&stamp(f)?, t, "{} rewritten", f.display());
+    }
+    // Other weight files (the fp16 UNet) get a cache of their own.
+    let want16 = outputs(&tiny(
+        "tiny-ip2p",
+        &LoadOptions {
+            unet_variant: Some(Variant::Fp16),
+            ..Default::default()
+        },
+    )?)?;
+    same(
+        &outputs(&tiny("tiny-ip2p", &cached(true))?)?,
+        &want16,
+        "fp16 writing load",
+    )?;
+    assert_eq!(files()?.len(), 4);
+    same(
+        &outputs(&tiny("tiny-ip2p", &cached(true))?)?,
+        &want16,
+        "fp16 mapped load",
+    )?;
+
+    // Damaged caches (cut short, emptied, garbage) are noticed: the model is packed anew
+    // and the cache written again.
+    for (i, damage) in [
+        &|f: &Path| -> std::io::Result<()> {
+            let len = std::fs::metadata(f)?.len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(f)?
+                .set_len(len / 2)
+        } as &dyn Fn(&Path) -> std::io::Result<()>,
+        // Cut at an odd length: no whole number of floats.
+        &|f: &Path| {
+            let len = std::fs::metadata(f)?.len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(f)?
+                .set_len(len / 2 + 1)
+        },
+        &|f: &Path| std::fs::write(f, b""),
+        &|f: &Path| std::fs::write(f, vec![7u8; 4096]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for f in &written {
+            damage(f)?;
+        }
+        same(
+            &outputs(&tiny("tiny-ip2p", &cached(false))?)?,
+            &want,
+            &format!("damage {i}"),
+        )?;
+        for f in &written {
+            assert!(
+                std::fs::metadata(f)?.len() > 4096,
+                "{} not rewritten",
+                f.display()
+            );
+        }
+        same(
+            &outputs(&tiny("tiny-ip2p", &cached(false))?)?,
+            &want,
+            &format!("after damage {i}"),
+        )?;
+    }
+    // New weights (a rewritten file) get a new cache, which replaces the old one.
+    let model = tmp.path().join("model");
+    copy_dir(&fixtures().join("tiny-ip2p"), &model)?;
+    let cache = tmp.path().join("cache2");
+    let opts = LoadOptions {
+        packed_cache: Some(cache.clone()),
+        ..Default::default()
+    };
+    let load = || loader::load(&ModelDir::from_dir(&model)?, &Device::Cpu, &opts);
+    let names = || -> std::io::Result<Vec<String>> {
+        let mut v: Vec<String> = std::fs::read_dir(&cache)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        v.sort();
+        Ok(v)
+    };
+    same(&outputs(&load()?)?, &want, "copied model")?;
+    let before = names()?;
+    let unet = model.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&unet)?;
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&unet, bytes)?;
+    same(&outputs(&load()?)?, &want, "rewritten weights")?;
+    let after = names()?;
+    assert_eq!(after.len(), 3, "{after:?}");
+    let changed: Vec<_> = after.iter().filter(|n| !before.contains(n)).collect();
+    assert!(
+        changed.len() == 1 && changed[0].starts_with("unet-"),
+        "{before:?} -> {after:?}"
+    );
+
+    // A cache folder that cannot be created costs only the cache.
+    let blocked = tmp.path().join("a-file");
+    std::fs::write(&blocked, b"")?;
+    let opts = LoadOptions {
+        packed_cache: Some(blocked.join("packed")),
+        ..Default::default()
+    };
+    same(
+        &outputs(&tiny("tiny-ip2p", &opts)?)?,
+        &want,
+        "unwritable cache",
+    )?;
+    Ok(())
+}
+
 fn pipeline() -> Result<EditPipeline, Error> {
     EditPipeline::new(tiny("tiny-ip2p", &LoadOptions::default())?)
 }

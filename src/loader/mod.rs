@@ -286,16 +286,140 @@ pub fn build_from_files<T>(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
-    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+    build: impl Fn(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<std::result::Result<T, candle_core::Error>> {
+    build_cached(files, dtype, device, None, build)
+}
+
+/// As [`build_from_files`], with the packed weights kept in `cache = (dir, name)`: replayed
+/// (memory-mapped) from `dir/name-<key>.ip2p-packed` when that file matches, else computed and
+/// written there for the next start. The key covers the weight files (path, size, modification
+/// time), this build of ip2p and the CPU's packing layout, so a changed model or program
+/// writes a new file. A cache that cannot be written only costs the write; one that does not
+/// match what the model packs is removed and the model built again without it.
+fn build_cached<T>(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    cache: Option<(&Path, &str)>,
+    build: impl Fn(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<std::result::Result<T, candle_core::Error>> {
+    use crate::models::stored::{with_pack_cache, PackCache};
     let st = map(files)?;
-    let vb = VarBuilder::from_backend(Box::new(Widening(st.clone())), dtype, device.clone());
-    let stored: Arc<dyn StoredWeights> = Arc::new(Mapped(st));
-    // The layer-choice flag is reset too: the loaders run at once on rayon's threads, and one
-    // may start on a thread that waits inside another's UNet level built for large maps.
-    Ok(crate::models::stored::build_from(Some(stored), || {
-        crate::models::nn::build_for_large_maps(false, || build(vb))
-    }))
+    let run = |cache: Option<Arc<PackCache>>| {
+        let vb = VarBuilder::from_backend(Box::new(Widening(st.clone())), dtype, device.clone());
+        let stored: Arc<dyn StoredWeights> = Arc::new(Mapped(st.clone()));
+        // The layer-choice flag is reset too: the loaders run at once on rayon's threads, and
+        // one may start on a thread that waits inside another's UNet level built for large maps.
+        crate::models::stored::build_from(Some(stored), || {
+            with_pack_cache(cache, || {
+                crate::models::nn::build_for_large_maps(false, || build(vb))
+            })
+        })
+    };
+    // The model holds its own references to a replayed map; the cache's are released here.
+    let finish = |c: Arc<PackCache>| {
+        Arc::try_unwrap(c)
+            .map_err(|_| std::io::Error::other("the cache is still in use"))
+            .and_then(PackCache::finish)
+    };
+    let packs = dtype == DType::F32 && device.is_cpu();
+    let Some((dir, name)) = cache.filter(|_| packs) else {
+        return Ok(run(None));
+    };
+    let (which, key) = match cache_key(files) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!("packed-weight cache: {e}; loading without it");
+            return Ok(run(None));
+        }
+    };
+    // `which` names the weight files, `key` also their versions: a new version's cache
+    // replaces the old one's.
+    let stem = format!("{name}-{which:016x}-");
+    let file = dir.join(format!("{stem}{key:016x}.ip2p-packed"));
+    if let Some(c) = PackCache::open(&file) {
+        let c = Arc::new(c);
+        let built = run(Some(c.clone()));
+        match (built, finish(c)) {
+            (Ok(m), Ok(())) => return Ok(Ok(m)),
+            (Err(e), _) => return Ok(Err(e)),
+            (Ok(_), Err(e)) => {
+                tracing::warn!("packed-weight cache {}: {e}; rebuilding it", file.display());
+                let _ = std::fs::remove_file(&file);
+            }
+        }
+    }
+    // Computed, and recorded into a temporary file renamed into place once complete.
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let rec = std::fs::create_dir_all(dir).and_then(|()| PackCache::create(&tmp));
+    let rec = match rec {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::warn!("packed-weight cache {}: not written: {e}", file.display());
+            None
+        }
+    };
+    let built = run(rec.clone());
+    if let Some(c) = rec {
+        let done = if built.is_ok() {
+            finish(c).and_then(|()| std::fs::rename(&tmp, &file))
+        } else {
+            Err(std::io::Error::other("the model did not build"))
+        };
+        match done {
+            Ok(()) => {
+                tracing::info!("packed-weight cache written: {}", file.display());
+                remove_stale(dir, &stem, &file);
+            }
+            Err(e) => {
+                tracing::warn!("packed-weight cache {}: not written: {e}", file.display());
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+    Ok(built)
+}
+
+/// Which weight files a packed-weight cache is for (their paths), and everything it depends on:
+/// also their sizes and modification times, this build and the packing layout.
+fn cache_key(files: &[PathBuf]) -> std::io::Result<(u64, u64)> {
+    use std::hash::{Hash, Hasher};
+    let (mut which, mut key) = (
+        std::collections::hash_map::DefaultHasher::new(),
+        std::collections::hash_map::DefaultHasher::new(),
+    );
+    env!("CARGO_PKG_VERSION").hash(&mut key);
+    crate::models::sgemm::layout_key().hash(&mut key);
+    for f in files {
+        let meta = std::fs::metadata(f)?;
+        let path = std::fs::canonicalize(f)?;
+        path.hash(&mut which);
+        path.hash(&mut key);
+        meta.len().hash(&mut key);
+        meta.modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .hash(&mut key);
+    }
+    Ok((which.finish(), key.finish()))
+}
+
+/// Removes the caches in `dir` for the same weight files (`stem…`) other than `keep`.
+fn remove_stale(dir: &Path, stem: &str, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for p in entries.flatten().map(|e| e.path()) {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if p != keep && name.starts_with(stem) && name.ends_with(".ip2p-packed") {
+            match std::fs::remove_file(&p) {
+                Ok(()) => tracing::info!("stale packed-weight cache removed: {}", p.display()),
+                Err(e) => tracing::warn!("stale packed-weight cache {}: {e}", p.display()),
+            }
+        }
+    }
 }
 
 /// Mapped safetensors as [`StoredWeights`]: f32, f16 and bf16 tensors, read in place.
@@ -401,6 +525,11 @@ pub struct LoadOptions {
     pub unet_variant: Option<Variant>,
     /// Defaults to the device's compute dtype.
     pub dtype: Option<DType>,
+    /// A folder for caches of packed weights (CPU, f32): the first load writes one file per
+    /// network (as large as the model in f32 and Winograd form, about 5 GB for SD 1.5), later
+    /// loads map it instead of packing, which makes a start several times faster, the most
+    /// on virtual machines that take freed memory back. `None`: no cache.
+    pub packed_cache: Option<PathBuf>,
 }
 
 fn with_context<T>(r: candle_core::Result<T>, what: &str, dir: &Path) -> Result<T> {
@@ -414,11 +543,22 @@ pub fn load_text_encoder(
     dtype: DType,
     device: &Device,
 ) -> Result<ClipTextModel> {
+    text_encoder(dir, variant, dtype, device, None)
+}
+
+fn text_encoder(
+    dir: &ModelDir,
+    variant: Variant,
+    dtype: DType,
+    device: &Device,
+    cache: Option<&Path>,
+) -> Result<ClipTextModel> {
     let cfg: ClipTextConfig = dir.config("text_encoder", "config.json")?;
-    let built = build_from_files(
+    let built = build_cached(
         &dir.weights("text_encoder", "model", variant)?,
         dtype,
         device,
+        cache.map(|c| (c, "text_encoder")),
         |vb| ClipTextModel::new(vb, &cfg),
     )?;
     with_context(built, "text_encoder", dir.root())
@@ -431,11 +571,22 @@ pub fn load_vae(
     dtype: DType,
     device: &Device,
 ) -> Result<AutoencoderKL> {
+    vae(dir, variant, dtype, device, None)
+}
+
+fn vae(
+    dir: &ModelDir,
+    variant: Variant,
+    dtype: DType,
+    device: &Device,
+    cache: Option<&Path>,
+) -> Result<AutoencoderKL> {
     let cfg: VaeConfig = dir.config("vae", "config.json")?;
-    let built = build_from_files(
+    let built = build_cached(
         &dir.weights("vae", "diffusion_pytorch_model", variant)?,
         dtype,
         device,
+        cache.map(|c| (c, "vae")),
         |vb| AutoencoderKL::new(vb, &cfg),
     )?;
     with_context(built, "vae", dir.root())
@@ -449,13 +600,14 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
     let root = dir.root();
     let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
 
+    let cache = opts.packed_cache.as_deref();
     // The three networks load at once (reading, widening and packing their weights).
     let (unet, (text_encoder, vae)) = rayon::join(
         || load_unet(dir, opts, dtype, device),
         || {
             rayon::join(
-                || load_text_encoder(dir, opts.variant, dtype, device),
-                || load_vae(dir, opts.variant, dtype, device),
+                || text_encoder(dir, opts.variant, dtype, device, cache),
+                || vae(dir, opts.variant, dtype, device, cache),
             )
         },
     );
@@ -485,7 +637,7 @@ fn load_unet(
         path: root.join("unet/config.json"),
         message: m,
     })?;
-    let built = build_from_files(
+    let built = build_cached(
         &dir.weights(
             "unet",
             "diffusion_pytorch_model",
@@ -493,6 +645,7 @@ fn load_unet(
         )?,
         dtype,
         device,
+        opts.packed_cache.as_deref().map(|c| (c, "unet")),
         |vb| UNet2DConditionModel::new(vb, &unet_cfg),
     )?;
     with_context(built, "unet", root)

@@ -257,6 +257,13 @@ pub enum B<'a> {
     Panel(*const f32),
 }
 
+/// What packed operands' layout depends on (the micro-kernel's panel sizes, the depth block),
+/// for caches of packed weights.
+pub fn layout_key() -> (usize, usize, usize) {
+    let k = kernel();
+    (k.mr, k.nr, KC)
+}
+
 /// The column width of a packed panel (the micro-kernel's `nr`).
 pub fn nr() -> usize {
     kernel().nr
@@ -273,7 +280,7 @@ pub struct PackedA {
     m: usize,
     k: usize,
     mr: usize,
-    data: Vec<f32>,
+    data: Floats,
 }
 
 /// A right operand packed once (weights): per k block, `nr`-column panels.
@@ -282,7 +289,43 @@ pub struct PackedB {
     k: usize,
     n: usize,
     nr: usize,
-    data: Vec<f32>,
+    data: Floats,
+}
+
+/// A packed operand's values: computed here, or mapped from a cache of packed weights
+/// ([`super::stored::cached`]).
+#[derive(Clone)]
+pub enum Floats {
+    Owned(Vec<f32>),
+    Mapped {
+        map: std::sync::Arc<memmap2::Mmap>,
+        /// In floats from the start of the map (whose start is page-aligned).
+        start: usize,
+        len: usize,
+    },
+}
+
+impl std::ops::Deref for Floats {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Self::Owned(v) => v,
+            // The cache reader checked that the entry lies inside the map; the map's start is
+            // page-aligned and entries start at multiples of 64 bytes, so the floats are aligned.
+            Self::Mapped { map, start, len } => {
+                bytemuck::cast_slice(&map[start * 4..(start + len) * 4])
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Floats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Owned(v) => write!(f, "Owned({} floats)", v.len()),
+            Self::Mapped { start, len, .. } => write!(f, "Mapped({len} floats at {start})"),
+        }
+    }
 }
 
 impl PackedA {
@@ -295,7 +338,12 @@ impl PackedA {
         let data = pack_whole(k, m, mr, |p0, kc, i0, rows, dst| {
             pack_a(s, i0, rows, p0, kc, mr, dst)
         });
-        Self { m, k, mr, data }
+        Self {
+            m,
+            k,
+            mr,
+            data: Floats::Owned(data),
+        }
     }
 
     /// From a row-major `[m, k]` slice.
@@ -324,7 +372,13 @@ impl PackedA {
         rows: impl Fn(usize, usize, &mut [[f32; KC]; N]) + Sync,
     ) -> [Self; N] {
         let mr = kernel().mr;
-        pack_panels(m, k, mr, rows).map(|data| Self { m, k, mr, data })
+        let len = m.div_ceil(mr) * mr * k;
+        super::stored::cached(len, || pack_panels(m, k, mr, rows)).map(|data| Self {
+            m,
+            k,
+            mr,
+            data,
+        })
     }
 
     pub fn dims(&self) -> (usize, usize) {
@@ -348,7 +402,12 @@ impl PackedB {
         let data = pack_whole(k, n, nr, |p0, kc, j0, cols, dst| {
             pack_b(B::Strided(s), p0, kc, j0, cols, nr, dst)
         });
-        Self { k, n, nr, data }
+        Self {
+            k,
+            n,
+            nr,
+            data: Floats::Owned(data),
+        }
     }
 
     /// `Wᵀ` of a row-major weight `W [n, k]` (a linear layer's `[out, in]`).
@@ -361,9 +420,12 @@ impl PackedB {
         assert_eq!(w.len(), n * k, "PackedB::from_transposed_data: shape");
         let nr = kernel().nr;
         // Column j of Wᵀ is row j of W, and a B panel [kc][nr] of Wᵀ is an A panel of W.
-        let [data] = pack_panels(n, k, nr, |j, p0, out: &mut [[f32; KC]; 1]| {
-            let kc = KC.min(k - p0);
-            w.read(j * k + p0, &mut out[0][..kc]);
+        let len = n.div_ceil(nr) * nr * k;
+        let [data] = super::stored::cached(len, || {
+            pack_panels(n, k, nr, |j, p0, out: &mut [[f32; KC]; 1]| {
+                let kc = KC.min(k - p0);
+                w.read(j * k + p0, &mut out[0][..kc]);
+            })
         });
         Self { k, n, nr, data }
     }
@@ -1184,13 +1246,13 @@ mod tests {
                 PackedA::from_rows(rows, k, &widened),
                 PackedA::from_data(rows, k, stored),
             ] {
-                assert_eq!(a.data, a_strided.data, "A {rows}x{k}");
+                assert_eq!(a.data[..], a_strided.data[..], "A {rows}x{k}");
             }
             for b in [
                 PackedB::from_transposed(rows, k, &widened),
                 PackedB::from_transposed_data(rows, k, stored),
             ] {
-                assert_eq!(b.data, b_strided.data, "B {rows}x{k}");
+                assert_eq!(b.data[..], b_strided.data[..], "B {rows}x{k}");
                 assert_eq!(b.to_transposed(), widened);
             }
         }

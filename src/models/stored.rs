@@ -12,6 +12,8 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use candle_core::{DType, Result};
+
+use super::sgemm::Floats;
 use candle_nn::VarBuilder;
 
 /// How the elements of a stored tensor are encoded (little-endian).
@@ -200,6 +202,156 @@ pub(crate) fn with_stored<T>(
     };
     let t = source.tensor(&full)?;
     (t.shape == shape && t.data.len() == shape.iter().product::<usize>()).then(|| f(t.data))
+}
+
+/// Packed weights kept in a file, so that a later start maps them instead of computing them
+/// into fresh memory (which, on a virtual machine that hands freed memory back to its host, is
+/// the slowest part of a start). One file per model, written in the order its constructor packs
+/// (deterministic: constructors run on one thread), each entry a 64-byte header with its length
+/// in floats, then the floats, padded to 64 bytes.
+pub struct PackCache {
+    mode: std::sync::Mutex<CacheMode>,
+}
+
+enum CacheMode {
+    /// Entries are read from `map` at byte `at`.
+    Replay {
+        map: Arc<memmap2::Mmap>,
+        at: usize,
+        failed: bool,
+    },
+    /// Entries are appended to `out` (`Err` once a write failed).
+    Record {
+        out: std::io::Result<std::io::BufWriter<std::fs::File>>,
+    },
+}
+
+const CACHE_MAGIC: &[u8; 16] = b"ip2p-packed-v1\0\0";
+const CACHE_ALIGN: usize = 64;
+
+impl PackCache {
+    /// Replays the packed weights in `file`, if it starts as one of ours.
+    pub fn open(file: &std::path::Path) -> Option<Self> {
+        let f = std::fs::File::open(file).ok()?;
+        // SAFETY: read-only; a cache file modified while mapped is undefined behaviour, as for
+        // every memory-mapped checkpoint. Every entry's bounds are checked before use.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }.ok()?;
+        (map.len() >= CACHE_ALIGN && &map[..16] == CACHE_MAGIC).then(|| Self {
+            mode: std::sync::Mutex::new(CacheMode::Replay {
+                map: Arc::new(map),
+                at: CACHE_ALIGN,
+                failed: false,
+            }),
+        })
+    }
+
+    /// Records packed weights into `file` (created or truncated).
+    pub fn create(file: &std::path::Path) -> std::io::Result<Self> {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(file)?);
+        out.write_all(CACHE_MAGIC)?;
+        out.write_all(&[0u8; CACHE_ALIGN - 16])?;
+        Ok(Self {
+            mode: std::sync::Mutex::new(CacheMode::Record { out: Ok(out) }),
+        })
+    }
+
+    /// Whether every entry was replayed from a cache that held exactly them, or written in full.
+    pub fn finish(self) -> std::io::Result<()> {
+        match self.mode.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            CacheMode::Replay { map, at, failed } => {
+                if failed || at != map.len() {
+                    return Err(std::io::Error::other("the cache does not match the model"));
+                }
+                Ok(())
+            }
+            CacheMode::Record { out } => out?.into_inner().map_err(|e| e.into_error())?.sync_all(),
+        }
+    }
+
+    fn take<const N: usize>(
+        &self,
+        len: usize,
+        make: impl FnOnce() -> [Vec<f32>; N],
+    ) -> [Floats; N] {
+        use std::io::Write;
+        let mut mode = self.mode.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *mode {
+            CacheMode::Replay { map, at, failed } => {
+                let bytes = (len * 4).next_multiple_of(CACHE_ALIGN);
+                let mut out = Vec::with_capacity(N);
+                for _ in 0..N {
+                    let ok = !*failed
+                        && *at + CACHE_ALIGN + bytes <= map.len()
+                        && map[*at..*at + 8] == (len as u64).to_le_bytes();
+                    if !ok {
+                        *failed = true;
+                        break;
+                    }
+                    out.push(Floats::Mapped {
+                        map: map.clone(),
+                        start: (*at + CACHE_ALIGN) / 4,
+                        len,
+                    });
+                    *at += CACHE_ALIGN + bytes;
+                }
+                match out.try_into() {
+                    Ok(all) => all,
+                    Err(_) => make().map(Floats::Owned),
+                }
+            }
+            CacheMode::Record { out } => {
+                let data = make();
+                if let Ok(w) = out {
+                    let mut write = || -> std::io::Result<()> {
+                        for d in &data {
+                            let mut header = [0u8; CACHE_ALIGN];
+                            header[..8].copy_from_slice(&(d.len() as u64).to_le_bytes());
+                            w.write_all(&header)?;
+                            w.write_all(bytemuck::cast_slice(d))?;
+                            let pad = (d.len() * 4).next_multiple_of(CACHE_ALIGN) - d.len() * 4;
+                            w.write_all(&[0u8; CACHE_ALIGN][..pad])?;
+                        }
+                        Ok(())
+                    };
+                    if let Err(e) = write() {
+                        *out = Err(e);
+                    }
+                }
+                data.map(Floats::Owned)
+            }
+        }
+    }
+}
+
+thread_local! {
+    static CACHE: RefCell<Option<Arc<PackCache>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (a model's constructor) with its packed weights replayed from or recorded into
+/// `cache` (`None`: computed as usual); the previous cache is restored afterwards.
+pub fn with_pack_cache<T>(cache: Option<Arc<PackCache>>, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Arc<PackCache>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            CACHE.with(|s| *s.borrow_mut() = prev);
+        }
+    }
+    let _restore = Restore(CACHE.with(|s| s.replace(cache)));
+    f()
+}
+
+/// `N` packed operands of `len` floats each: from the cache of the model being built if it has
+/// them, else `make()` (recorded into the cache if one is being written).
+pub(crate) fn cached<const N: usize>(
+    len: usize,
+    make: impl FnOnce() -> [Vec<f32>; N],
+) -> [Floats; N] {
+    match CACHE.with(|s| s.borrow().clone()) {
+        Some(c) => c.take(len, make),
+        None => make().map(Floats::Owned),
+    }
 }
 
 #[cfg(test)]
