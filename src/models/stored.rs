@@ -170,14 +170,26 @@ thread_local! {
 ///
 /// `source` must hold the same tensors the `VarBuilder`s used inside `f` read.
 pub fn build_from<T>(source: Option<Arc<dyn StoredWeights>>, f: impl FnOnce() -> T) -> T {
-    struct Restore(Option<Arc<dyn StoredWeights>>);
-    impl Drop for Restore {
+    with_local(&SOURCE, source, f)
+}
+
+/// Runs `f` with the thread-local `key` set to `value`, then restores it (also on panic).
+fn with_local<V: 'static, T>(
+    key: &'static std::thread::LocalKey<RefCell<Option<V>>>,
+    value: Option<V>,
+    f: impl FnOnce() -> T,
+) -> T {
+    struct Restore<V: 'static>(
+        &'static std::thread::LocalKey<RefCell<Option<V>>>,
+        Option<V>,
+    );
+    impl<V: 'static> Drop for Restore<V> {
         fn drop(&mut self) {
-            let prev = self.0.take();
-            SOURCE.with(|s| *s.borrow_mut() = prev);
+            let prev = self.1.take();
+            self.0.with(|s| *s.borrow_mut() = prev);
         }
     }
-    let _restore = Restore(SOURCE.with(|s| s.replace(source)));
+    let _restore = Restore(key, key.with(|s| s.replace(value)));
     f()
 }
 
@@ -331,15 +343,7 @@ thread_local! {
 /// Runs `f` (a model's constructor) with its packed weights replayed from or recorded into
 /// `cache` (`None`: computed as usual); the previous cache is restored afterwards.
 pub fn with_pack_cache<T>(cache: Option<Arc<PackCache>>, f: impl FnOnce() -> T) -> T {
-    struct Restore(Option<Arc<PackCache>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let prev = self.0.take();
-            CACHE.with(|s| *s.borrow_mut() = prev);
-        }
-    }
-    let _restore = Restore(CACHE.with(|s| s.replace(cache)));
-    f()
+    with_local(&CACHE, cache, f)
 }
 
 /// `N` packed operands of `len` floats each: from the cache of the model being built if it has
