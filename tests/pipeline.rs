@@ -18,9 +18,12 @@ fn tiny(name: &str, opts: &LoadOptions) -> Result<loader::Components, Error> {
     loader::load(&dir, &Device::Cpu, opts)
 }
 
-fn unet_out(c: &loader::Components, case: &Case) -> Result<Tensor, Box<dyn std::error::Error>> {
+fn unet_out(
+    unet: &UNet2DConditionModel,
+    case: &Case,
+) -> Result<Tensor, Box<dyn std::error::Error>> {
     let t = case.meta_f64("unet_timestep").ok_or("timestep")? as f32;
-    Ok(c.unet.forward(
+    Ok(unet.forward(
         case.t("unet_sample")?,
         &Tensor::new(t, &Device::Cpu)?,
         case.t("unet_ehs")?,
@@ -38,8 +41,8 @@ fn fp16_unet_variant_matches_fp32_within_half_rounding() -> R {
             ..Default::default()
         },
     )?;
-    let want = unet_out(&full, &case)?;
-    let got = unet_out(&half, &case)?;
+    let want = unet_out(&full.unet, &case)?;
+    let got = unet_out(&half.unet, &case)?;
     let diff = max_abs_diff(&got, &want)?;
     let scale = max_abs_diff(&want, &want.zeros_like()?)?;
     // The fp16 file really was used (its weights differ) ...
@@ -64,13 +67,7 @@ fn fp16_unet_variant_matches_fp32_within_half_rounding() -> R {
         .map(|(k, v)| Ok((k, v.to_dtype(DType::F16)?.to_dtype(DType::F32)?)))
         .collect::<candle_core::Result<std::collections::HashMap<_, _>>>()?;
     let vb = candle_nn::VarBuilder::from_tensors(rounded, DType::F32, &Device::Cpu);
-    let unet = UNet2DConditionModel::new(vb, &cfg)?;
-    let t = case.meta_f64("unet_timestep").ok_or("timestep")? as f32;
-    let ours = unet.forward(
-        case.t("unet_sample")?,
-        &Tensor::new(t, &Device::Cpu)?,
-        case.t("unet_ehs")?,
-    )?;
+    let ours = unet_out(&UNet2DConditionModel::new(vb, &cfg)?, &case)?;
     let d2 = max_abs_diff(&ours, &got)?;
     assert!(
         d2 <= case.tol("unet_out")?,
@@ -118,14 +115,9 @@ fn layers_packed_from_the_mapped_files_compute_what_the_widened_weights_do() -> 
             widened_vb(&dir, "unet", "diffusion_pytorch_model", v)?,
             &cfg,
         )?;
-        let t = case.meta_f64("unet_timestep").ok_or("timestep")? as f32;
-        let want = plain.forward(
-            case.t("unet_sample")?,
-            &Tensor::new(t, &Device::Cpu)?,
-            case.t("unet_ehs")?,
-        )?;
+        let want = unet_out(&plain, &case)?;
         assert_eq!(
-            max_abs_diff(&unet_out(&loaded, &case)?, &want)?,
+            max_abs_diff(&unet_out(&loaded.unet, &case)?, &want)?,
             0.0,
             "unet {v:?}"
         );
@@ -168,7 +160,7 @@ fn a_packed_weight_cache_is_written_then_mapped_and_survives_damage() -> R {
     };
     let outputs = |c: &loader::Components| -> Result<Vec<Tensor>, Box<dyn std::error::Error>> {
         Ok(vec![
-            unet_out(c, &case)?,
+            unet_out(&c.unet, &case)?,
             c.vae.encode(case.t("vae_in")?)?.mean,
             c.vae.decode(case.t("vae_z")?)?,
             c.text_encoder.forward(case.t("input_ids")?)?,

@@ -546,24 +546,6 @@ pub fn load_text_encoder(
     text_encoder(dir, variant, dtype, device, None)
 }
 
-fn text_encoder(
-    dir: &ModelDir,
-    variant: Variant,
-    dtype: DType,
-    device: &Device,
-    cache: Option<&Path>,
-) -> Result<ClipTextModel> {
-    let cfg: ClipTextConfig = dir.config("text_encoder", "config.json")?;
-    let built = build_cached(
-        &dir.weights("text_encoder", "model", variant)?,
-        dtype,
-        device,
-        cache.map(|c| (c, "text_encoder")),
-        |vb| ClipTextModel::new(vb, &cfg),
-    )?;
-    with_context(built, "text_encoder", dir.root())
-}
-
 /// The VAE of a diffusers folder.
 pub fn load_vae(
     dir: &ModelDir,
@@ -574,22 +556,60 @@ pub fn load_vae(
     vae(dir, variant, dtype, device, None)
 }
 
+fn text_encoder(
+    dir: &ModelDir,
+    v: Variant,
+    dtype: DType,
+    dev: &Device,
+    cache: Option<&Path>,
+) -> Result<ClipTextModel> {
+    let cfg: ClipTextConfig = dir.config("text_encoder", "config.json")?;
+    load_part(dir, "text_encoder", "model", v, dtype, dev, cache, |vb| {
+        ClipTextModel::new(vb, &cfg)
+    })
+}
+
 fn vae(
     dir: &ModelDir,
+    v: Variant,
+    dtype: DType,
+    dev: &Device,
+    cache: Option<&Path>,
+) -> Result<AutoencoderKL> {
+    let cfg: VaeConfig = dir.config("vae", "config.json")?;
+    load_part(
+        dir,
+        "vae",
+        "diffusion_pytorch_model",
+        v,
+        dtype,
+        dev,
+        cache,
+        |vb| AutoencoderKL::new(vb, &cfg),
+    )
+}
+
+/// One network of a diffusers folder, `component/stem.safetensors`, built by `build` (with its
+/// packed weights in `cache`, if given; see [`build_cached`]).
+#[allow(clippy::too_many_arguments)]
+fn load_part<T>(
+    dir: &ModelDir,
+    component: &str,
+    stem: &str,
     variant: Variant,
     dtype: DType,
     device: &Device,
     cache: Option<&Path>,
-) -> Result<AutoencoderKL> {
-    let cfg: VaeConfig = dir.config("vae", "config.json")?;
+    build: impl Fn(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<T> {
     let built = build_cached(
-        &dir.weights("vae", "diffusion_pytorch_model", variant)?,
+        &dir.weights(component, stem, variant)?,
         dtype,
         device,
-        cache.map(|c| (c, "vae")),
-        |vb| AutoencoderKL::new(vb, &cfg),
+        cache.map(|c| (c, component)),
+        build,
     )?;
-    with_context(built, "vae", dir.root())
+    with_context(built, component, dir.root())
 }
 
 /// Loads a tokenizer, text encoder, VAE, UNet and scheduler config from a diffusers folder.
@@ -637,16 +657,16 @@ fn load_unet(
         path: root.join("unet/config.json"),
         message: m,
     })?;
-    let built = build_cached(
-        &dir.weights(
-            "unet",
-            "diffusion_pytorch_model",
-            opts.unet_variant.unwrap_or(opts.variant),
-        )?,
+    let variant = opts.unet_variant.unwrap_or(opts.variant);
+    let cache = opts.packed_cache.as_deref();
+    load_part(
+        dir,
+        "unet",
+        "diffusion_pytorch_model",
+        variant,
         dtype,
         device,
-        opts.packed_cache.as_deref().map(|c| (c, "unet")),
+        cache,
         |vb| UNet2DConditionModel::new(vb, &unet_cfg),
-    )?;
-    with_context(built, "unet", root)
+    )
 }

@@ -94,13 +94,6 @@ impl<'a> WeightData<'a> {
         }
     }
 
-    /// Element `i`, widened to f32.
-    pub fn get(&self, i: usize) -> f32 {
-        let mut v = [0f32];
-        self.read(i, &mut v);
-        v[0]
-    }
-
     /// Every element, widened to f32.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         let mut v = vec![0f32; self.len()];
@@ -399,7 +392,6 @@ mod tests {
                 let mut mid = [0f32; 3];
                 d.read(2, &mut mid);
                 assert_eq!(mid, want[2..5], "{dtype:?}");
-                assert_eq!(d.get(5), want[5]);
             }
         }
         assert!(WeightData::new(&[0u8; 3], StoredDType::F16).is_err());
