@@ -44,6 +44,8 @@ macro_rules! simd_dispatch {
     };
 }
 
+mod winograd;
+
 /// Lanes of the f64 partial sums in [`sum_f64`] and [`sum_sq_dev_f64`].
 const SUM_LANES: usize = 16;
 
@@ -201,7 +203,7 @@ impl FastConv {
             "FastConv: shape"
         );
         let weight = if kernel == 3 && algo == ConvAlgo::Winograd {
-            ConvWeights::Winograd(winograd_weights(weight, out_c, in_c))
+            ConvWeights::Winograd(winograd::weights(weight, out_c, in_c))
         } else if kernel == 3 && algo == ConvAlgo::Narrow {
             ConvWeights::Narrow(weight.to_f32_vec())
         } else {
@@ -259,36 +261,6 @@ impl FastConv {
     }
 }
 
-/// `U_ξ[o][c] = (G g_oc Gᵀ)[ξ]` with `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]`,
-/// computed in f64 and rounded once; the 16 matrices are packed as they are computed.
-fn winograd_weights(w: WeightData, co: usize, ci: usize) -> Vec<PackedA> {
-    let packed = PackedA::pack_rows(co, ci, |o, c0, out: &mut [[f32; sgemm::KC]; 16]| {
-        let kc = sgemm::KC.min(ci - c0);
-        let mut g = [0f32; 9 * sgemm::KC];
-        w.read((o * ci + c0) * 9, &mut g[..9 * kc]);
-        for (c, g) in g[..9 * kc].chunks_exact(9).enumerate() {
-            let g: [f64; 9] = std::array::from_fn(|i| f64::from(g[i]));
-            let gt = |r: [f64; 3]| {
-                [
-                    r[0],
-                    (r[0] + r[1] + r[2]) / 2.0,
-                    (r[0] - r[1] + r[2]) / 2.0,
-                    r[2],
-                ]
-            };
-            // t = G g (4 × 3), by columns.
-            let cols: [[f64; 4]; 3] = std::array::from_fn(|b| gt([g[b], g[3 + b], g[6 + b]]));
-            for i in 0..4 {
-                let row = gt([cols[0][i], cols[1][i], cols[2][i]]);
-                for j in 0..4 {
-                    out[i * 4 + j][c] = row[j] as f32;
-                }
-            }
-        }
-    });
-    packed.into()
-}
-
 impl CustomOp1 for FastConv {
     fn name(&self) -> &'static str {
         "fast-conv"
@@ -313,7 +285,7 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f
 /// `dst[i] += res[off + i]` where there is a residual: a convolution's output plus a skip
 /// connection, rounded as the unfused `conv(x) + skip` is (the convolution's value, bias
 /// included, first).
-#[inline]
+#[inline(always)]
 fn add_residual(dst: &mut [f32], res: Option<&[f32]>, off: usize) {
     if let Some(r) = res {
         let n = dst.len();
@@ -393,7 +365,7 @@ impl FastConv {
         let co = self.out_c;
         let weight = match &self.weight {
             ConvWeights::Winograd(u) => {
-                let out = winograd_conv(
+                let out = winograd::conv(
                     u,
                     &self.bias,
                     x,
@@ -730,236 +702,6 @@ fn im2col_conv(
             });
     }
     out
-}
-
-/// A 3×3, padding-1 convolution by Winograd F(2×2, 3×3) (see [`ConvAlgo::Winograd`]).
-///
-/// The output is cut into 2×2 tiles, `th × tw` per image; a tile row is one image's row of
-/// tiles. Tile rows are processed in chunks: for a chunk of `nt` tiles, the input transform
-/// writes `V [in][16][nt]`, 16 products `M_ξ = U_ξ V_ξ` write `M [out][16][nt]`, and the output
-/// transform adds the bias and writes the output rows.
-#[allow(clippy::too_many_arguments)]
-fn winograd_conv(
-    u: &[PackedA],
-    bias: &[f32],
-    x: &[f32],
-    (b, ci, co, h, w): (usize, usize, usize, usize, usize),
-    chunk_bytes: usize,
-    res: Option<&[f32]>,
-) -> Vec<f32> {
-    use rayon::prelude::*;
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let tile_rows = b * th;
-    let row_bytes = 16 * tw * (ci + co) * std::mem::size_of::<f32>();
-    let chunk = (chunk_bytes / row_bytes).clamp(1, tile_rows);
-    // SAFETY: per chunk, the input transform writes V's ci × 16 × nt values and the products
-    // M's co × 16 × nt before either is read; the output transforms write every plane's rows.
-    let (mut out, mut v, mut m) = unsafe {
-        (
-            sgemm::output_buffer(b * co * h * w),
-            sgemm::output_buffer(ci * 16 * chunk * tw),
-            sgemm::output_buffer(co * 16 * chunk * tw),
-        )
-    };
-    for r0 in (0..tile_rows).step_by(chunk) {
-        let rows = chunk.min(tile_rows - r0);
-        let nt = rows * tw;
-        let p = super::profile::scope("winograd input");
-        v[..ci * 16 * nt]
-            .par_chunks_mut(16 * nt)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; 24 * tw + 8],
-                |scratch, (c, vc)| {
-                    for rl in 0..rows {
-                        let (bi, ty) = ((r0 + rl) / th, (r0 + rl) % th);
-                        let plane = &x[(bi * ci + c) * h * w..(bi * ci + c + 1) * h * w];
-                        winograd_input_row(plane, h, w, ty, tw, scratch, vc, nt, rl * tw);
-                    }
-                },
-            );
-        drop(p);
-        let p = super::profile::scope("winograd products");
-        let (vp, mp) = (v.as_ptr() as usize, m.as_mut_ptr() as usize);
-        // SAFETY: item ξ reads V_ξ (c, t) at v[c·16·nt + ξ·nt + t] and writes M_ξ (o, t) at
-        // m[o·16·nt + ξ·nt + t]: inside both buffers, disjoint between items.
-        unsafe {
-            sgemm::gemm_batch_independent(16, co, nt, ci, sgemm::Epilogue::default(), &|xi| {
-                Problem {
-                    a: sgemm::A::Packed(&u[xi]),
-                    b: sgemm::B::Strided(Strided {
-                        ptr: (vp as *const f32).add(xi * nt),
-                        rs: 16 * nt,
-                        cs: 1,
-                    }),
-                    c: (mp as *mut f32).add(xi * nt),
-                    rs_c: 16 * nt,
-                }
-            })
-        };
-        drop(p);
-        let _p = super::profile::scope("winograd output");
-        let (img0, img1) = (r0 / th, (r0 + rows - 1) / th);
-        out[img0 * co * h * w..(img1 + 1) * co * h * w]
-            .par_chunks_mut(h * w)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; 12 * tw],
-                |scratch, (idx, plane)| {
-                    let (bi, o) = (img0 + idx / co, idx % co);
-                    let mo = &m[o * 16 * nt..(o + 1) * 16 * nt];
-                    let rp = res.map(|r| &r[(bi * co + o) * h * w..(bi * co + o + 1) * h * w]);
-                    for rl in 0..rows {
-                        let r = r0 + rl;
-                        if r / th == bi {
-                            winograd_output_row(
-                                mo,
-                                nt,
-                                rl * tw,
-                                bias[o],
-                                plane,
-                                rp,
-                                h,
-                                w,
-                                r % th,
-                                tw,
-                                scratch,
-                            );
-                        }
-                    }
-                },
-            );
-    }
-    out
-}
-
-/// `V = Bᵀ d B` for one channel's tile row `ty` (tiles `d` are the 4×4 windows at
-/// `(2ty − 1, 2tx − 1)`, zero outside the plane), `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0],
-/// [0, −1, 1, 0], [0, 1, 0, −1]]`. Writes `dst[ξ·nt + off + tx]`. `scratch` holds `24·tw + 8`.
-#[allow(clippy::too_many_arguments)]
-fn winograd_input_row(
-    plane: &[f32],
-    h: usize,
-    w: usize,
-    ty: usize,
-    tw: usize,
-    scratch: &mut [f32],
-    dst: &mut [f32],
-    nt: usize,
-    off: usize,
-) {
-    // Row i of the windows, split into even and odd padded columns: window column s of tile
-    // tx is padded column 2tx + s, i.e. even[tx], odd[tx], even[tx + 1], odd[tx + 1].
-    let (eo, e) = scratch.split_at_mut(8 * (tw + 1));
-    for i in 0..4 {
-        let base = i * 2 * (tw + 1);
-        let (ev, od) = eo[base..base + 2 * (tw + 1)].split_at_mut(tw + 1);
-        ev.fill(0.0);
-        od.fill(0.0);
-        let y = (2 * ty + i).wrapping_sub(1);
-        if y < h {
-            let src = &plane[y * w..(y + 1) * w];
-            // Padded column p holds src[p − 1]: odd[k] = src[2k], even[k] = src[2k − 1].
-            for (d, &v) in od.iter_mut().zip(src.iter().step_by(2)) {
-                *d = v;
-            }
-            for (d, &v) in ev[1..].iter_mut().zip(src[1..].iter().step_by(2)) {
-                *d = v;
-            }
-        }
-        // Along the columns: e_i = d_i B (4 values per tile).
-        let (e0, rest) = e[i * 4 * tw..(i + 1) * 4 * tw].split_at_mut(tw);
-        let (e1, rest) = rest.split_at_mut(tw);
-        let (e2, e3) = rest.split_at_mut(tw);
-        for t in 0..tw {
-            let (d0, d1, d2, d3) = (ev[t], od[t], ev[t + 1], od[t + 1]);
-            e0[t] = d0 - d2;
-            e1[t] = d1 + d2;
-            e2[t] = d2 - d1;
-            e3[t] = d1 - d3;
-        }
-    }
-    // Along the rows: V = Bᵀ e.
-    for j in 0..4 {
-        let row = |i: usize| &e[(i * 4 + j) * tw..(i * 4 + j + 1) * tw];
-        let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
-        let out = |xi: usize| xi * nt + off..xi * nt + off + tw;
-        for ((d, a), b) in dst[out(j)].iter_mut().zip(r0).zip(r2) {
-            *d = a - b;
-        }
-        for ((d, a), b) in dst[out(4 + j)].iter_mut().zip(r1).zip(r2) {
-            *d = a + b;
-        }
-        for ((d, a), b) in dst[out(8 + j)].iter_mut().zip(r2).zip(r1) {
-            *d = a - b;
-        }
-        for ((d, a), b) in dst[out(12 + j)].iter_mut().zip(r1).zip(r3) {
-            *d = a - b;
-        }
-    }
-}
-
-/// `Y = Aᵀ m A + bias` for one output channel's tile row `ty`, `Aᵀ = [[1, 1, 1, 0],
-/// [0, 1, −1, −1]]`, reading `m[ξ·nt + off + tx]`, writing output rows `2ty` and `2ty + 1`
-/// (those inside the plane). `scratch` holds `12·tw`.
-#[allow(clippy::too_many_arguments)]
-fn winograd_output_row(
-    m: &[f32],
-    nt: usize,
-    off: usize,
-    bias: f32,
-    plane: &mut [f32],
-    res: Option<&[f32]>,
-    h: usize,
-    w: usize,
-    ty: usize,
-    tw: usize,
-    scratch: &mut [f32],
-) {
-    let mrow = |xi: usize| &m[xi * nt + off..xi * nt + off + tw];
-    // Along the columns: f_i = m_i A (2 values per tile).
-    let (f, y) = scratch.split_at_mut(8 * tw);
-    for i in 0..4 {
-        let (m0, m1, m2, m3) = (
-            mrow(4 * i),
-            mrow(4 * i + 1),
-            mrow(4 * i + 2),
-            mrow(4 * i + 3),
-        );
-        let (f0, f1) = f[i * 2 * tw..(i + 1) * 2 * tw].split_at_mut(tw);
-        for t in 0..tw {
-            f0[t] = m0[t] + m1[t] + m2[t];
-            f1[t] = m1[t] - m2[t] - m3[t];
-        }
-    }
-    // Along the rows: Y = Aᵀ f, then interleaved into the output rows.
-    for k in 0..2 {
-        let frow = |i: usize| &f[(i * 2 + k) * tw..(i * 2 + k + 1) * tw];
-        let (f0, f1, f2, f3) = (frow(0), frow(1), frow(2), frow(3));
-        let (y0, y1) = y[k * 2 * tw..(k + 1) * 2 * tw].split_at_mut(tw);
-        for t in 0..tw {
-            y0[t] = f0[t] + f1[t] + f2[t] + bias;
-            y1[t] = f1[t] - f2[t] - f3[t] + bias;
-        }
-    }
-    for a in 0..2 {
-        let yy = 2 * ty + a;
-        if yy >= h {
-            break;
-        }
-        // y holds [k][a][tx]: output column 2tx + k of row a.
-        let (ya0, ya1) = (&y[a * tw..(a + 1) * tw], &y[(2 + a) * tw..(2 + a + 1) * tw]);
-        let row = &mut plane[yy * w..(yy + 1) * w];
-        let mut pairs = row.chunks_exact_mut(2);
-        for ((p, &v0), &v1) in (&mut pairs).zip(ya0).zip(ya1) {
-            p[0] = v0;
-            p[1] = v1;
-        }
-        if let [last] = pairs.into_remainder() {
-            *last = ya0[tw - 1];
-        }
-        add_residual(row, res, yy * w);
-    }
 }
 
 /// A dense layer `y = x Wᵀ + b` with `Wᵀ` packed once.
@@ -1759,7 +1501,7 @@ mod tests {
         assert_eq!(conv.algo(), algo);
         let got = match &conv.weight {
             ConvWeights::Winograd(u) => {
-                winograd_conv(u, &bias, &x, (b, ci, co, h, w), chunk_bytes, None)
+                winograd::conv(u, &bias, &x, (b, ci, co, h, w), chunk_bytes, None)
             }
             ConvWeights::Direct(_) | ConvWeights::Narrow(_) => forward(&conv, &x, (b, ci, h, w)),
         };
