@@ -433,8 +433,8 @@ mod x86 {
             }
             let mask = lanes(tw - t0);
             let out = dst.as_mut_ptr().add(off + t0);
-            for j in 0..4 {
-                let (r0, r1, r2, r3) = (e[0][j], e[1][j], e[2][j], e[3][j]);
+            let [e0, e1, e2, e3] = e;
+            for (j, (((r0, r1), r2), r3)) in e0.into_iter().zip(e1).zip(e2).zip(e3).enumerate() {
                 _mm512_mask_storeu_ps(out.add(j * nt), mask, _mm512_sub_ps(r0, r2));
                 _mm512_mask_storeu_ps(out.add((4 + j) * nt), mask, _mm512_add_ps(r1, r2));
                 _mm512_mask_storeu_ps(out.add((8 + j) * nt), mask, _mm512_sub_ps(r2, r1));
