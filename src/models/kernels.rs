@@ -44,6 +44,9 @@ macro_rules! simd_dispatch {
     };
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod narrow;
 mod winograd;
 
 /// Lanes of the f64 partial sums in [`sum_f64`] and [`sum_sq_dev_f64`].
@@ -376,36 +379,29 @@ impl FastConv {
                 return Ok((CpuStorage::F32(out), Shape::from((b, co, h, w))));
             }
             ConvWeights::Narrow(wt) => {
-                let out = narrow_conv(wt, &self.bias, x, (b, ci, co, h, w), res);
+                let out = narrow::conv(wt, &self.bias, x, (b, ci, co, h, w), res);
                 return Ok((CpuStorage::F32(out), Shape::from((b, co, h, w))));
             }
             ConvWeights::Direct(weight) => weight,
         };
-        if self.stride != 1 {
-            let g = ConvGeom {
-                b,
-                ci,
-                co,
-                h,
-                w,
-                stride: self.stride,
-                pad: self.pad.0,
-                ho,
-                wo,
-            };
-            return Ok((
-                CpuStorage::F32(im2col_conv(weight, &self.bias, x, g, IM2COL_MAX, res)),
-                Shape::from((b, co, ho, wo)),
-            ));
-        }
-        // SAFETY: both paths below write every output element (the 1×1 product covers every
-        // item's co × hw; the 3×3 copy-out every plane's rows).
-        let mut out = unsafe { sgemm::output_buffer(b * co * h * w) };
-        let epi = sgemm::Epilogue {
-            row_bias: Some(&self.bias),
-            ..Default::default()
+        let g = ConvGeom {
+            b,
+            ci,
+            co,
+            h,
+            w,
+            stride: self.stride,
+            pad: self.pad.0,
+            ho,
+            wo,
         };
         if self.kernel == 1 {
+            // SAFETY: the product covers every item's co × hw.
+            let mut out = unsafe { sgemm::output_buffer(b * co * h * w) };
+            let epi = sgemm::Epilogue {
+                row_bias: Some(&self.bias),
+                ..Default::default()
+            };
             let (xp, op) = (x.as_ptr() as usize, out.as_mut_ptr() as usize);
             let hw = h * w;
             // SAFETY: item bi reads x[bi·ci·hw..][ci × hw] and writes out[bi·co·hw..][co × hw],
@@ -429,156 +425,162 @@ impl FastConv {
             }
             return Ok((CpuStorage::F32(out), Shape::from((b, co, h, w))));
         }
-        let (hp, wp) = (h + 2, w + 2);
+        // Shifted views compute on a padded row pitch: where that wastes more than an eighth
+        // of the product (small maps), an explicit column matrix is cheaper.
+        let views = Shifted::pitch(g);
+        let dense = b * ho * wo;
+        let out = if views.n > dense + dense / 8 && ci * 9 * dense <= IM2COL_MAX {
+            im2col_conv(weight, &self.bias, x, g, IM2COL_MAX, res)
+        } else {
+            shifted_conv(weight, &self.bias, x, g, res)
+        };
+        Ok((CpuStorage::F32(out), Shape::from((b, co, ho, wo))))
+    }
+}
+
+/// Where a 3×3 convolution's input taps lie as shifted views of one buffer (see
+/// [`Shifted::build`]): output column `j = image·plane + y·wp + x` of the product (`n` of
+/// them, a few per row past the output's width computed and dropped) reads tap row `r` at
+/// `rows[r] + j`.
+struct Shifted {
+    wp: usize,
+    plane: usize,
+    n: usize,
+}
+
+impl Shifted {
+    /// The pitch of `g`'s views.
+    fn pitch(g: ConvGeom) -> Self {
+        let (hp, wp) = match g.stride {
+            1 => (g.h + 2, g.w + 2),
+            _ => (g.ho + 1, g.wo + 1),
+        };
         let plane = hp * wp;
-        let dense = b * h * w;
-        if (b - 1) * plane + h * wp > dense + dense / 8 && ci * 9 * dense <= IM2COL_MAX {
-            let g = ConvGeom {
-                b,
-                ci,
-                co,
-                h,
-                w,
-                stride: 1,
-                pad: 1,
-                ho: h,
-                wo: w,
-            };
-            return Ok((
-                CpuStorage::F32(im2col_conv(weight, &self.bias, x, g, IM2COL_MAX, res)),
-                Shape::from((b, co, h, w)),
-            ));
+        Self {
+            wp,
+            plane,
+            n: (g.b - 1) * plane + g.ho * wp,
         }
-        // Padded planes laid out [channel][image][plane], so that one product covers the whole
-        // batch: column j = image·plane + y·wp + x runs through every image's rows (with the
-        // padding rows and columns in between computed and dropped).
-        let n = (b - 1) * plane + h * wp;
-        // The last channel's shifted reads run up to 2 elements past its last plane (into
-        // garbage columns only): keep that slack allocated.
-        let mut padded = vec![0f32; ci * b * plane + 2];
-        padded[..ci * b * plane]
+    }
+
+    /// The views' buffer and each tap row's offset in it (row `c·9 + tap`, as the direct
+    /// weights `[out, in·9]`). Stride 1: each channel's zero-padded planes, laid out
+    /// `[channel][image][plane]`. Stride 2: the four phase planes of the padded input
+    /// (`P_ab[i][j] = padded[2i + a][2j + b]`), laid out `[channel][a][b][image][plane]`; tap
+    /// `(dy, dx)` of output `(y, x)` is phase `(dy % 2, dx % 2)` at `(y + dy/2, x + dx/2)`. The
+    /// last tap rows' reads run up to 2 floats past the planes (into dropped columns only): the
+    /// buffer keeps that slack.
+    fn build(&self, x: &[f32], g: ConvGeom) -> (Vec<f32>, Vec<usize>) {
+        use rayon::prelude::*;
+        let ConvGeom {
+            b, ci, h, w, pad, ..
+        } = g;
+        let (wp, plane) = (self.wp, self.plane);
+        let phases = if g.stride == 1 { 1 } else { 4 };
+        let len = ci * phases * b * plane;
+        // SAFETY: every plane is written in full below (zeros included); the slack is zeroed.
+        let mut buf = unsafe { sgemm::output_buffer(len + 2) };
+        buf[len..].fill(0.0);
+        buf[..len]
             .par_chunks_mut(plane)
             .enumerate()
             .for_each(|(idx, p)| {
-                let (c, bi) = (idx / b, idx % b);
+                let (c, ph, bi) = (idx / (phases * b), idx / b % phases, idx % b);
                 let src = &x[(bi * ci + c) * h * w..(bi * ci + c + 1) * h * w];
-                for y in 0..h {
-                    p[(y + 1) * wp + 1..(y + 1) * wp + 1 + w]
-                        .copy_from_slice(&src[y * w..(y + 1) * w]);
+                if g.stride == 1 {
+                    p[..wp].fill(0.0);
+                    for (y, prow) in p[wp..].chunks_exact_mut(wp).enumerate() {
+                        if y < h {
+                            prow[0] = 0.0;
+                            prow[1..=w].copy_from_slice(&src[y * w..(y + 1) * w]);
+                            prow[w + 1] = 0.0;
+                        } else {
+                            prow.fill(0.0);
+                        }
+                    }
+                } else {
+                    let (a, bb) = (ph / 2, ph % 2);
+                    for (i, prow) in p.chunks_exact_mut(wp).enumerate() {
+                        let y = (2 * i + a).wrapping_sub(pad);
+                        if y >= h {
+                            prow.fill(0.0);
+                            continue;
+                        }
+                        let srow = &src[y * w..(y + 1) * w];
+                        for (j, d) in prow.iter_mut().enumerate() {
+                            let xx = (2 * j + bb).wrapping_sub(pad);
+                            *d = if xx < w { srow[xx] } else { 0.0 };
+                        }
+                    }
                 }
             });
-        let rows: Vec<usize> = (0..ci * 9)
+        let rows = (0..ci * 9)
             .map(|r| {
-                let (c, tap) = (r / 9, r % 9);
-                c * b * plane + (tap / 3) * wp + tap % 3
+                let (c, dy, dx) = (r / 9, r % 9 / 3, r % 3);
+                if g.stride == 1 {
+                    c * b * plane + dy * wp + dx
+                } else {
+                    (c * 4 + (dy % 2) * 2 + dx % 2) * b * plane + (dy / 2) * wp + dx / 2
+                }
             })
             .collect();
-        // SAFETY: the product writes all of acc's co × n (no accumulation).
-        let mut acc = unsafe { sgemm::output_buffer(co * n) };
-        // SAFETY: column j < n of row r reads padded[rows[r] + j]: the largest index is
-        // (ci−1)·b·plane + 2·wp + 2 + (b−1)·plane + h·wp − 1 = ci·b·plane + 1, inside the
-        // buffer of ci·b·plane + 2. acc holds co × n.
-        unsafe {
-            sgemm::gemm(
-                co,
-                n,
-                ci * 9,
-                sgemm::A::Packed(weight),
-                sgemm::B::Rows {
-                    ptr: padded.as_ptr(),
-                    rows: &rows,
-                },
-                acc.as_mut_ptr(),
-                n,
-                epi,
-            )
-        };
-        drop(padded);
-        out.par_chunks_mut(h * w).enumerate().for_each(|(idx, o)| {
-            let (bi, oc) = (idx / co, idx % co);
-            let a = &acc[oc * n + bi * plane..];
-            for y in 0..h {
-                let row = &mut o[y * w..(y + 1) * w];
-                row.copy_from_slice(&a[y * wp..y * wp + w]);
-                add_residual(row, res, idx * h * w + y * w);
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((b, co, h, w))))
+        (buf, rows)
     }
 }
 
-#[inline(always)]
-fn narrow_row_body(acc: &mut [f32], prow: &[f32], k0: f32, k1: f32, k2: f32) {
-    for (((a, &p0), &p1), &p2) in acc.iter_mut().zip(prow).zip(&prow[1..]).zip(&prow[2..]) {
-        *a += k0 * p0 + k1 * p1 + k2 * p2;
-    }
-}
-
-simd_dispatch! {
-    /// `acc[x] += k0·prow[x] + k1·prow[x + 1] + k2·prow[x + 2]` (one row of taps).
-    fn narrow_row(acc: &mut [f32], prow: &[f32], k0: f32, k1: f32, k2: f32) => narrow_row_body
-}
-
-thread_local! {
-    /// One output row of every channel, and one zero-padded input row ([`narrow_conv`]).
-    static NARROW: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// A 3×3, stride-1, padding-1 convolution by [`ConvAlgo::Narrow`]: one task per output row
-/// (image, y), which accumulates all `co` output rows over every input channel's three rows.
-#[allow(clippy::too_many_arguments)]
-fn narrow_conv(
-    wt: &[f32],
+/// A direct 3×3 convolution (stride 1 with padding 1, or stride 2) as one product over
+/// shifted views of the input ([`Shifted`]): the 9×-larger column matrix is never built, and
+/// one product covers the whole batch.
+fn shifted_conv(
+    weight: &PackedA,
     bias: &[f32],
     x: &[f32],
-    (b, ci, co, h, w): (usize, usize, usize, usize, usize),
+    g: ConvGeom,
     res: Option<&[f32]>,
 ) -> Vec<f32> {
     use rayon::prelude::*;
-    let hw = h * w;
-    // SAFETY: task (bi, y) writes row y of every output plane of image bi: all rows once.
-    let mut out = unsafe { sgemm::output_buffer(b * co * hw) };
-    let op = out.as_mut_ptr() as usize;
-    (0..b * h).into_par_iter().for_each(|t| {
-        let (bi, y) = (t / h, t % h);
-        NARROW.with(|s| {
-            let mut s = s.borrow_mut();
-            let (acc, prow) = &mut *s;
-            acc.clear();
-            for &bv in bias {
-                acc.extend(std::iter::repeat_n(bv, w));
+    let ConvGeom {
+        b, ci, co, ho, wo, ..
+    } = g;
+    let views = Shifted::pitch(g);
+    let (buf, rows) = views.build(x, g);
+    let (wp, plane, n) = (views.wp, views.plane, views.n);
+    // SAFETY: the product writes all of acc's co × n (no accumulation).
+    let mut acc = unsafe { sgemm::output_buffer(co * n) };
+    // SAFETY: column j < n of tap row r reads buf[rows[r] + j], at most 2 floats past the
+    // planes (see Shifted::build), inside the buffer's slack. acc holds co × n.
+    unsafe {
+        sgemm::gemm(
+            co,
+            n,
+            ci * 9,
+            sgemm::A::Packed(weight),
+            sgemm::B::Rows {
+                ptr: buf.as_ptr(),
+                rows: &rows,
+            },
+            acc.as_mut_ptr(),
+            n,
+            sgemm::Epilogue {
+                row_bias: Some(bias),
+                ..Default::default()
+            },
+        )
+    };
+    drop(buf);
+    // SAFETY: the copy-out below writes every plane's rows.
+    let mut out = unsafe { sgemm::output_buffer(b * co * ho * wo) };
+    out.par_chunks_mut(ho * wo)
+        .enumerate()
+        .for_each(|(idx, o)| {
+            let (bi, oc) = (idx / co, idx % co);
+            let a = &acc[oc * n + bi * plane..];
+            for y in 0..ho {
+                let row = &mut o[y * wo..(y + 1) * wo];
+                row.copy_from_slice(&a[y * wp..y * wp + wo]);
+                add_residual(row, res, idx * ho * wo + y * wo);
             }
-            // Zero padding at both ends (the buffer may hold a longer row from earlier).
-            prow.resize(w + 2, 0.0);
-            prow[0] = 0.0;
-            prow[w + 1] = 0.0;
-            for c in 0..ci {
-                for dy in 0..3 {
-                    let iy = (y + dy).wrapping_sub(1);
-                    if iy >= h {
-                        continue;
-                    }
-                    prow[1..=w].copy_from_slice(&x[((bi * ci + c) * h + iy) * w..][..w]);
-                    for (o, a) in acc.chunks_exact_mut(w).enumerate() {
-                        let k = &wt[(o * ci + c) * 9 + dy * 3..][..3];
-                        narrow_row(a, prow, k[0], k[1], k[2]);
-                    }
-                }
-            }
-            for (o, a) in acc.chunks_exact(w).enumerate() {
-                // SAFETY: row y of plane (bi, o) lies inside out and only this task writes it.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (op as *mut f32).add((bi * co + o) * hw + y * w),
-                        w,
-                    )
-                };
-                dst.copy_from_slice(a);
-                add_residual(dst, res, (bi * co + o) * hw + y * w);
-            }
-        })
-    });
+        });
     out
 }
 
@@ -1677,6 +1679,8 @@ mod tests {
             (2, 3, 4, 6, 6, (0, 1), 3 * 9 * 7),
             (1, 2, 2, 3, 3, (0, 0), 1 << 24),
             (1, 300, 9, 5, 4, (1, 1), 1 << 24),
+            (2, 3, 4, 1, 2, (1, 1), 1 << 24),
+            (1, 7, 5, 40, 34, (0, 1), 1 << 24),
         ];
         let mut seed = 0x9e37_79b9u32;
         let mut rnd = || {
@@ -1708,6 +1712,14 @@ mod tests {
                 wo,
             };
             let got = im2col_conv(pw, &bias, &x, g, col_max, None);
+            // The shifted views read the same values in the same order: the same sums.
+            let shifted = shifted_conv(pw, &bias, &x, g, None);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&shifted),
+                bits(&got),
+                "{b}x{ci}->{co} {h}x{w} pad {pad:?}"
+            );
             // Through the op as well (the full column budget).
             let (CpuStorage::F32(via_op), shape) = conv
                 .cpu_fwd(

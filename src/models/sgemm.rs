@@ -615,10 +615,7 @@ unsafe fn pack_b(b: B, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, ds
                         *o = *src.add(j * s.cs);
                     }
                 }
-                B::Rows { ptr, rows } => {
-                    let src = std::slice::from_raw_parts(ptr.add(rows[p0 + p] + jj), cols);
-                    out[..cols].copy_from_slice(src);
-                }
+                B::Rows { ptr, rows } => copy_row(ptr.add(rows[p0 + p] + jj), out, cols),
                 B::Packed(_) | B::Panel(_) => unreachable!("packed operands are not repacked"),
             }
             out[cols..].fill(0.0);

@@ -359,27 +359,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    /// Lanes `0..n` set.
-    #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
-    }
-
-    /// `src[c..c + 16]`, zero past `src.len()`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load_upto(src: &[f32], c: usize) -> __m512 {
-        let n = src.len().saturating_sub(c);
-        if n == 0 {
-            _mm512_setzero_ps()
-        } else {
-            _mm512_maskz_loadu_ps(lanes(n), src.as_ptr().add(c))
-        }
-    }
+    use super::super::avx512::{lanes, load_upto, shift_in_first, shift_in_last};
 
     /// See [`super::input_row_body`].
     ///
@@ -413,17 +393,9 @@ mod x86 {
                 let (lo, hi) = (load_upto(src, c0), load_upto(src, c0 + 16));
                 let d1 = _mm512_permutex2var_ps(lo, even, hi);
                 let d2 = _mm512_permutex2var_ps(lo, odd, hi);
-                let before = if c0 > 0 { src[c0 - 1] } else { 0.0 };
-                let after = src.get(c0 + 32).copied().unwrap_or(0.0);
-                // d0 = [before, d2[0..15]], d3 = [d1[1..16], after].
-                let d0 = _mm512_castsi512_ps(_mm512_alignr_epi32::<15>(
-                    _mm512_castps_si512(d2),
-                    _mm512_castps_si512(_mm512_set1_ps(before)),
-                ));
-                let d3 = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
-                    _mm512_castps_si512(_mm512_set1_ps(after)),
-                    _mm512_castps_si512(d1),
-                ));
+                // d0 = [src[c0 − 1], d2[0..15]], d3 = [d1[1..16], src[c0 + 32]].
+                let d0 = shift_in_first(d2, src, c0.wrapping_sub(1));
+                let d3 = shift_in_last(d1, src, c0 + 32);
                 *ei = [
                     _mm512_sub_ps(d0, d2),
                     _mm512_add_ps(d1, d2),
