@@ -287,11 +287,26 @@ fn a_packed_weight_cache_is_written_then_mapped_and_survives_damage() -> R {
     };
     same(&outputs(&load()?)?, &want, "copied model")?;
     let before = names()?;
+    // Temporary files of writers that were killed (a process id that cannot be running) are
+    // removed when the cache is written next; a running writer's (this process) are left.
+    let stem = before
+        .iter()
+        .find(|n| n.starts_with("unet-"))
+        .and_then(|n| n.strip_suffix(".ip2p-packed")?.rsplit_once('-'))
+        .map(|(stem, _)| stem.to_owned())
+        .ok_or("no unet cache")?;
+    let orphan = cache.join(format!("{stem}-0123456789abcdef.tmp4294967295"));
+    let running = cache.join(format!("{stem}-0123456789abcdef.tmp{}", std::process::id()));
+    for f in [&orphan, &running] {
+        std::fs::write(f, b"partial")?;
+    }
     let unet = model.join("unet/diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&unet)?;
     std::thread::sleep(std::time::Duration::from_millis(20));
     std::fs::write(&unet, bytes)?;
     same(&outputs(&load()?)?, &want, "rewritten weights")?;
+    assert!(!orphan.exists() && running.exists());
+    std::fs::remove_file(&running)?;
     let after = names()?;
     assert_eq!(after.len(), 3, "{after:?}");
     let changed: Vec<_> = after.iter().filter(|n| !before.contains(n)).collect();

@@ -351,6 +351,7 @@ fn build_cached<T>(
         }
     }
     // Computed, and recorded into a temporary file renamed into place once complete.
+    remove_orphans(dir, &stem);
     let tmp = file.with_extension(format!("tmp{}", std::process::id()));
     let rec = std::fs::create_dir_all(dir).and_then(|()| PackCache::create(&tmp));
     let rec = match rec {
@@ -417,6 +418,32 @@ fn remove_stale(dir: &Path, stem: &str, keep: &Path) {
             match std::fs::remove_file(&p) {
                 Ok(()) => tracing::info!("stale packed-weight cache removed: {}", p.display()),
                 Err(e) => tracing::warn!("stale packed-weight cache {}: {e}", p.display()),
+            }
+        }
+    }
+}
+
+/// Removes temporary caches for the same weight files (`stem….tmp<pid>`) whose writer is gone
+/// (killed while writing: several gigabytes each for SD 1.5). Where it cannot tell whether a
+/// process runs (no `/proc`), it leaves them.
+fn remove_orphans(dir: &Path, stem: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let alive = |pid: u32| {
+        let proc = Path::new("/proc");
+        !proc.is_dir() || pid == std::process::id() || proc.join(pid.to_string()).exists()
+    };
+    for p in entries.flatten().map(|e| e.path()) {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let pid = name
+            .strip_prefix(stem)
+            .and_then(|rest| rest.rsplit_once(".tmp"))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !alive(pid)) {
+            match std::fs::remove_file(&p) {
+                Ok(()) => tracing::info!("orphaned packed-weight cache removed: {}", p.display()),
+                Err(e) => tracing::warn!("orphaned packed-weight cache {}: {e}", p.display()),
             }
         }
     }

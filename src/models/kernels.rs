@@ -1,11 +1,13 @@
 //! Fused CPU kernels for inference (no gradients recorded).
 //!
-//! [`FastConv`]: stride-1 convolutions (3×3 with padding 1, and 1×1) as one matrix product per
-//! image on [`super::sgemm`], with the weights packed once at load. The 3×3 case reads its
-//! right operand straight from a zero-padded copy of the input (an implicit im2col: row
-//! `c·9 + tap` of the operand is channel `c`'s padded plane shifted by the tap), so the 9×-larger
-//! column matrix is never built. The output is computed on the padded row pitch (two garbage
-//! columns per row, dropped when copied out).
+//! [`FastConv`]: convolutions (3×3 with padding 1, 1×1, and the downsamplers' 3×3 with
+//! stride 2) as matrix products on [`super::sgemm`], with the weights packed once at load.
+//! The direct 3×3 form reads its right operand straight from a zero-padded copy of the input
+//! (an implicit im2col: row `c·9 + tap` of the operand is channel `c`'s padded plane — or, with
+//! stride 2, one of its four phase planes — shifted by the tap), so the 9×-larger column matrix
+//! is never built; the output is computed on the padded row pitch (the extra columns dropped
+//! when copied out). Most 3×3 convolutions go through Winograd F(2×2, 3×3) instead
+//! ([`winograd`]); those with few channels on a side through a row loop ([`narrow`]).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 
@@ -606,9 +608,9 @@ struct ConvGeom {
 
 /// A direct 3×3 convolution over an explicit column matrix `[in·9, columns]` (columns are
 /// `image·ho·wo + y·wo + x` across the batch). For small maps (the UNet's inner levels, 4×4 to
-/// 16×16), where computing on the padded pitch would waste a third to half of the product on
-/// padding columns, and for strided convolutions (the downsamplers). Chunks of output columns
-/// keep the column matrix within `col_max` floats ([`IM2COL_MAX`]).
+/// 16×16, and the downsamplers into them), where computing on the padded pitch of
+/// [`shifted_conv`] would waste a fifth to half of the product on padding columns. Chunks of
+/// output columns keep the column matrix within `col_max` floats ([`IM2COL_MAX`]).
 fn im2col_conv(
     weight: &PackedA,
     bias: &[f32],

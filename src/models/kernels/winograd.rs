@@ -1,6 +1,8 @@
 //! Winograd F(2×2, 3×3) convolutions: weight transform at load, and per call the input
 //! transform, 16 products on [`sgemm`] and the output transform (see
-//! [`super::ConvAlgo::Winograd`]).
+//! [`super::ConvAlgo::Winograd`]). Where the CPU has AVX-512 the transforms run 16 tiles at a
+//! time in registers (bit for bit what the portable code computes; that code, compiled for
+//! AVX2 or baseline x86-64, serves the other CPUs).
 
 use super::super::stored::WeightData;
 use super::add_residual;
