@@ -78,7 +78,15 @@ pub(super) fn conv(
                 for rl in 0..rows {
                     let (bi, ty) = ((r0 + rl) / th, (r0 + rl) % th);
                     let plane = &x[(bi * ci + c) * h * w..(bi * ci + c + 1) * h * w];
-                    input_row(plane, h, w, ty, tw, scratch, vc, nt, rl * tw);
+                    let r = TileRow {
+                        h,
+                        w,
+                        tw,
+                        nt,
+                        ty,
+                        off: rl * tw,
+                    };
+                    input_row(plane, r, scratch, vc);
                 }
             },
         );
@@ -114,21 +122,16 @@ pub(super) fn conv(
                     let mo = &m[o * ld..o * ld + 16 * nt];
                     let rp = res.map(|r| &r[(bi * co + o) * h * w..(bi * co + o + 1) * h * w]);
                     for rl in 0..rows {
-                        let r = r0 + rl;
-                        if r / th == bi {
-                            output_row(
-                                mo,
-                                nt,
-                                rl * tw,
-                                bias[o],
-                                plane,
-                                rp,
+                        if (r0 + rl) / th == bi {
+                            let r = TileRow {
                                 h,
                                 w,
-                                r % th,
                                 tw,
-                                scratch,
-                            );
+                                nt,
+                                ty: (r0 + rl) % th,
+                                off: rl * tw,
+                            };
+                            output_row(mo, r, bias[o], plane, rp, scratch);
                         }
                     }
                 },
@@ -141,33 +144,24 @@ simd_dispatch! {
     /// `V = Bᵀ d B` for one channel's tile row `ty` (tiles `d` are the 4×4 windows at
     /// `(2ty − 1, 2tx − 1)`, zero outside the plane), `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0],
     /// [0, −1, 1, 0], [0, 1, 0, −1]]`. Writes `dst[ξ·nt + off + tx]`. `scratch` holds `24·tw + 8`.
-    #[allow(clippy::too_many_arguments)]
     fn input_row_portable(
         plane: &[f32],
-        h: usize,
-        w: usize,
-        ty: usize,
-        tw: usize,
+        r: TileRow,
         scratch: &mut [f32],
-        dst: &mut [f32],
-        nt: usize,
-        off: usize
+        dst: &mut [f32]
     ) => input_row_body
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn input_row_body(
-    plane: &[f32],
-    h: usize,
-    w: usize,
-    ty: usize,
-    tw: usize,
-    scratch: &mut [f32],
-    dst: &mut [f32],
-    nt: usize,
-    off: usize,
-) {
+fn input_row_body(plane: &[f32], r: TileRow, scratch: &mut [f32], dst: &mut [f32]) {
+    let TileRow {
+        h,
+        w,
+        tw,
+        nt,
+        ty,
+        off,
+    } = r;
     // Row i of the windows, split into even and odd padded columns: window column s of tile
     // tx is padded column 2tx + s, i.e. even[tx], odd[tx], even[tx + 1], odd[tx + 1].
     let (eo, e) = scratch.split_at_mut(8 * (tw + 1));
@@ -223,37 +217,33 @@ simd_dispatch! {
     /// `Y = Aᵀ m A + bias` for one output channel's tile row `ty`, `Aᵀ = [[1, 1, 1, 0],
     /// [0, 1, −1, −1]]`, reading `m[ξ·nt + off + tx]`, writing output rows `2ty` and `2ty + 1`
     /// (those inside the plane). `scratch` holds `12·tw`.
-    #[allow(clippy::too_many_arguments)]
     fn output_row_portable(
         m: &[f32],
-        nt: usize,
-        off: usize,
+        r: TileRow,
         bias: f32,
         plane: &mut [f32],
         res: Option<&[f32]>,
-        h: usize,
-        w: usize,
-        ty: usize,
-        tw: usize,
         scratch: &mut [f32]
     ) => output_row_body
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn output_row_body(
     m: &[f32],
-    nt: usize,
-    off: usize,
+    r: TileRow,
     bias: f32,
     plane: &mut [f32],
     res: Option<&[f32]>,
-    h: usize,
-    w: usize,
-    ty: usize,
-    tw: usize,
     scratch: &mut [f32],
 ) {
+    let TileRow {
+        h,
+        w,
+        tw,
+        nt,
+        ty,
+        off,
+    } = r;
     let mrow = |xi: usize| &m[xi * nt + off..xi * nt + off + tw];
     // Along the columns: f_i = m_i A (2 values per tile).
     let (f, y) = scratch.split_at_mut(8 * tw);
@@ -302,51 +292,53 @@ fn output_row_body(
 
 /// [`input_row_portable`], or its AVX-512 form where the CPU has one (the same operations in the
 /// same order, so the same values to the bit).
-#[allow(clippy::too_many_arguments)]
-fn input_row(
-    plane: &[f32],
-    h: usize,
-    w: usize,
-    ty: usize,
-    tw: usize,
-    scratch: &mut [f32],
-    dst: &mut [f32],
-    nt: usize,
-    off: usize,
-) {
+fn input_row(plane: &[f32], r: TileRow, scratch: &mut [f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        assert!(plane.len() >= h * w && dst.len() >= 15 * nt + off + tw && off + tw <= nt);
+        assert!(plane.len() >= r.h * r.w && r.fits(dst.len()));
         // SAFETY: the CPU has AVX-512F; the bounds are checked above.
-        return unsafe { x86::input_row_avx512(plane, h, w, ty, tw, dst, nt, off) };
+        return unsafe { x86::input_row_avx512(plane, r, dst) };
     }
-    input_row_portable(plane, h, w, ty, tw, scratch, dst, nt, off)
+    input_row_portable(plane, r, scratch, dst)
 }
 
 /// [`output_row_portable`], or its AVX-512 form where the CPU has one (the same operations in
 /// the same order, so the same values to the bit).
-#[allow(clippy::too_many_arguments)]
 fn output_row(
     m: &[f32],
-    nt: usize,
-    off: usize,
+    r: TileRow,
     bias: f32,
     plane: &mut [f32],
     res: Option<&[f32]>,
-    h: usize,
-    w: usize,
-    ty: usize,
-    tw: usize,
     scratch: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        assert!(m.len() >= 15 * nt + off + tw && off + tw <= nt && plane.len() >= h * w);
-        assert!(res.is_none_or(|r| r.len() >= h * w));
+        let hw = r.h * r.w;
+        assert!(r.fits(m.len()) && plane.len() >= hw && res.is_none_or(|s| s.len() >= hw));
         // SAFETY: the CPU has AVX-512F; the bounds are checked above.
-        return unsafe { x86::output_row_avx512(m, nt, off, bias, plane, res, h, w, ty, tw) };
+        return unsafe { x86::output_row_avx512(m, r, bias, plane, res) };
     }
-    output_row_portable(m, nt, off, bias, plane, res, h, w, ty, tw, scratch)
+    output_row_portable(m, r, bias, plane, res, scratch)
+}
+
+/// One tile row in a chunk: tile row `ty` of an `h × w` plane (`tw` tiles per row), at tiles
+/// `off..off + tw` of the chunk's `nt` (the transformed values of tile `t` for ξ at `ξ·nt + t`).
+#[derive(Debug, Clone, Copy)]
+struct TileRow {
+    h: usize,
+    w: usize,
+    tw: usize,
+    nt: usize,
+    ty: usize,
+    off: usize,
+}
+
+impl TileRow {
+    /// Whether a buffer of `len` floats holds this row's tiles for all 16 ξ.
+    fn fits(&self, len: usize) -> bool {
+        self.off + self.tw <= self.nt && len >= 15 * self.nt + self.off + self.tw
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -362,23 +354,22 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::avx512::{lanes, load_upto, shift_in_first, shift_in_last};
+    use super::TileRow;
 
     /// See [`super::input_row_body`].
     ///
     /// # Safety
-    /// AVX-512F; `plane` holds `h·w` values; `dst` holds `15·nt + off + tw`; `off + tw ≤ nt`.
+    /// AVX-512F; `plane` holds `h·w` values; `r.fits(dst.len())`.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn input_row_avx512(
-        plane: &[f32],
-        h: usize,
-        w: usize,
-        ty: usize,
-        tw: usize,
-        dst: &mut [f32],
-        nt: usize,
-        off: usize,
-    ) {
+    pub(super) unsafe fn input_row_avx512(plane: &[f32], r: TileRow, dst: &mut [f32]) {
+        let TileRow {
+            h,
+            w,
+            tw,
+            nt,
+            ty,
+            off,
+        } = r;
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
         let rows: [Option<&[f32]>; 4] = std::array::from_fn(|i| {
@@ -420,21 +411,23 @@ mod x86 {
     /// See [`super::output_row_body`].
     ///
     /// # Safety
-    /// AVX-512F; `m` holds `15·nt + off + tw`, `off + tw ≤ nt`; `plane` (and `res`) hold `h·w`.
+    /// AVX-512F; `r.fits(m.len())`; `plane` (and `res`) hold `h·w`.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn output_row_avx512(
         m: &[f32],
-        nt: usize,
-        off: usize,
+        r: TileRow,
         bias: f32,
         plane: &mut [f32],
         res: Option<&[f32]>,
-        h: usize,
-        w: usize,
-        ty: usize,
-        tw: usize,
     ) {
+        let TileRow {
+            h,
+            w,
+            tw,
+            nt,
+            ty,
+            off,
+        } = r;
         let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
         let hi_idx =
             _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -524,16 +517,24 @@ mod tests {
             for ty in 0..th {
                 let mut want = vec![f32::NAN; 16 * nt];
                 let mut got = want.clone();
-                input_row_body(&plane, h, w, ty, tw, &mut scratch, &mut want, nt, off);
-                input_row(&plane, h, w, ty, tw, &mut scratch, &mut got, nt, off);
+                let r = TileRow {
+                    h,
+                    w,
+                    tw,
+                    nt,
+                    ty,
+                    off,
+                };
+                input_row_body(&plane, r, &mut scratch, &mut want);
+                input_row(&plane, r, &mut scratch, &mut got);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "input {h}x{w} row {ty}");
                 let m = values(16 * nt, (ty * 7 + w) as u64);
-                for r in [None, Some(&res[..])] {
+                for res in [None, Some(&res[..])] {
                     let mut want = vec![f32::NAN; h * w];
                     let mut got = want.clone();
-                    output_row_body(&m, nt, off, 0.25, &mut want, r, h, w, ty, tw, &mut scratch);
-                    output_row(&m, nt, off, 0.25, &mut got, r, h, w, ty, tw, &mut scratch);
+                    output_row_body(&m, r, 0.25, &mut want, res, &mut scratch);
+                    output_row(&m, r, 0.25, &mut got, res, &mut scratch);
                     assert_eq!(bits(&got), bits(&want), "output {h}x{w} row {ty}");
                 }
             }
