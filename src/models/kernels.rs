@@ -451,13 +451,12 @@ struct Shifted {
 }
 
 impl Shifted {
-    /// The pitch of `g`'s views.
+    /// The pitch of `g`'s views: the output's rows and columns plus the taps' reach past them
+    /// in a phase plane (`⌊2 / stride⌋`).
     fn pitch(g: ConvGeom) -> Self {
-        let (hp, wp) = match g.stride {
-            1 => (g.h + 2, g.w + 2),
-            _ => (g.ho + 1, g.wo + 1),
-        };
-        let plane = hp * wp;
+        let reach = 2 / g.stride;
+        let wp = g.wo + reach;
+        let plane = (g.ho + reach) * wp;
         Self {
             wp,
             plane,
@@ -466,20 +465,24 @@ impl Shifted {
     }
 
     /// The views' buffer and each tap row's offset in it (row `c·9 + tap`, as the direct
-    /// weights `[out, in·9]`). Stride 1: each channel's zero-padded planes, laid out
-    /// `[channel][image][plane]`. Stride 2: the four phase planes of the padded input
-    /// (`P_ab[i][j] = padded[2i + a][2j + b]`), laid out `[channel][a][b][image][plane]`; tap
-    /// `(dy, dx)` of output `(y, x)` is phase `(dy % 2, dx % 2)` at `(y + dy/2, x + dx/2)`. The
-    /// last tap rows' reads run up to 2 floats past the planes (into dropped columns only): the
-    /// buffer keeps that slack.
+    /// weights `[out, in·9]`). With stride `s`, each channel's padded input is split into `s²`
+    /// phase planes `P_ab[i][j] = padded[s·i + a][s·j + b]` (stride 1: the padded plane itself),
+    /// laid out `[channel][a][b][image][plane]`; tap `(dy, dx)` of output `(y, x)` is phase
+    /// `(dy mod s, dx mod s)` at `(y + ⌊dy/s⌋, x + ⌊dx/s⌋)`. The last tap rows' reads run up to
+    /// 2 floats past the planes (into dropped columns only): the buffer keeps that slack.
     fn build(&self, x: &[f32], g: ConvGeom) -> (Vec<f32>, Vec<usize>) {
         use rayon::prelude::*;
         let ConvGeom {
-            b, ci, h, w, pad, ..
+            b,
+            ci,
+            h,
+            w,
+            stride: s,
+            pad,
+            ..
         } = g;
         let (wp, plane) = (self.wp, self.plane);
-        let phases = if g.stride == 1 { 1 } else { 4 };
-        let len = ci * phases * b * plane;
+        let len = ci * s * s * b * plane;
         // SAFETY: every plane is written in full below (zeros included); the slack is zeroed.
         let mut buf = unsafe { sgemm::output_buffer(len + 2) };
         buf[len..].fill(0.0);
@@ -487,43 +490,31 @@ impl Shifted {
             .par_chunks_mut(plane)
             .enumerate()
             .for_each(|(idx, p)| {
-                let (c, ph, bi) = (idx / (phases * b), idx / b % phases, idx % b);
+                let (c, ph, bi) = (idx / (s * s * b), idx / b % (s * s), idx % b);
+                let (a, bb) = (ph / s, ph % s);
                 let src = &x[(bi * ci + c) * h * w..(bi * ci + c + 1) * h * w];
-                if g.stride == 1 {
-                    p[..wp].fill(0.0);
-                    for (y, prow) in p[wp..].chunks_exact_mut(wp).enumerate() {
-                        if y < h {
-                            prow[0] = 0.0;
-                            prow[1..=w].copy_from_slice(&src[y * w..(y + 1) * w]);
-                            prow[w + 1] = 0.0;
-                        } else {
-                            prow.fill(0.0);
-                        }
+                // Columns j0..j1 of a phase row lie inside the input: s·j + bb − pad in 0..w.
+                let j0 = pad.saturating_sub(bb).div_ceil(s);
+                let j1 = (w + pad).saturating_sub(bb).div_ceil(s).clamp(j0, wp);
+                for (i, prow) in p.chunks_exact_mut(wp).enumerate() {
+                    let y = (s * i + a).wrapping_sub(pad);
+                    if y >= h {
+                        prow.fill(0.0);
+                        continue;
                     }
-                } else {
-                    let (a, bb) = (ph / 2, ph % 2);
-                    for (i, prow) in p.chunks_exact_mut(wp).enumerate() {
-                        let y = (2 * i + a).wrapping_sub(pad);
-                        if y >= h {
-                            prow.fill(0.0);
-                            continue;
-                        }
-                        let srow = &src[y * w..(y + 1) * w];
-                        for (j, d) in prow.iter_mut().enumerate() {
-                            let xx = (2 * j + bb).wrapping_sub(pad);
-                            *d = if xx < w { srow[xx] } else { 0.0 };
-                        }
+                    let first = s * j0 + bb - pad;
+                    let srow = src[y * w + first..(y + 1) * w].iter().step_by(s);
+                    prow[..j0].fill(0.0);
+                    for (d, &v) in prow[j0..j1].iter_mut().zip(srow) {
+                        *d = v;
                     }
+                    prow[j1..].fill(0.0);
                 }
             });
         let rows = (0..ci * 9)
             .map(|r| {
                 let (c, dy, dx) = (r / 9, r % 9 / 3, r % 3);
-                if g.stride == 1 {
-                    c * b * plane + dy * wp + dx
-                } else {
-                    (c * 4 + (dy % 2) * 2 + dx % 2) * b * plane + (dy / 2) * wp + dx / 2
-                }
+                (c * s * s + (dy % s) * s + dx % s) * b * plane + (dy / s) * wp + dx / s
             })
             .collect();
         (buf, rows)
