@@ -101,9 +101,52 @@ pub struct BenchOptions {
     pub weights_dir: std::path::PathBuf,
     /// A packed-weight cache folder for the `load` figure (see `LoadOptions::packed_cache`).
     pub packed_cache: Option<std::path::PathBuf>,
+    /// The device of the `text`, `unet`, `vae` and `edit` figures (the others run on the CPU).
+    pub device: Device,
+    /// Their dtype (`None`: the device's compute dtype, f32 on the CPU, f16 on a GPU).
+    pub dtype: Option<DType>,
+    /// Their kernels.
+    pub kernels: crate::models::nn::Kernels,
+}
+
+impl BenchOptions {
+    fn dtype(&self) -> DType {
+        self.dtype
+            .unwrap_or_else(|| crate::device::compute_dtype(&self.device))
+    }
+
+    /// A network of config `c` with random weights, on the figures' device, dtype and kernels.
+    fn random<T>(
+        &self,
+        build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+    ) -> Result<T> {
+        let vb = random_vb(self.dtype(), &self.device);
+        Ok(crate::models::nn::build_with_kernels(self.kernels, || {
+            build(vb)
+        })?)
+    }
+
+    /// What every line of the networks' figures says about where they ran.
+    fn run_fields(&self) -> serde_json::Value {
+        serde_json::json!({
+            "device": crate::device::label(&self.device),
+            "dtype": format!("{:?}", self.dtype()).to_lowercase(),
+            "kernels": self.kernels.name(),
+        })
+    }
 }
 
 fn emit(v: serde_json::Value) {
+    emit_with(v, &serde_json::Value::Null);
+}
+
+/// `v` with the fields of `extra` (an object) added.
+fn emit_with(mut v: serde_json::Value, extra: &serde_json::Value) {
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, x) in e {
+            o.insert(k.clone(), x.clone());
+        }
+    }
     println!("{v}");
     for (name, s, calls, flops) in crate::models::profile::take() {
         let rate = if flops > 0 {
@@ -117,63 +160,72 @@ fn emit(v: serde_json::Value) {
 
 /// Runs the benchmarks, printing JSON lines.
 pub fn run(o: &BenchOptions) -> Result<()> {
-    let dev = Device::Cpu;
+    let cpu = Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
     let want = |k: &str| o.only.is_empty() || o.only.iter().any(|x| x == k);
     // Training steps are opt-in (minutes and ~20 GB for the full UNet).
     let asked = |k: &str| o.only.iter().any(|x| x == k);
     let cfg = |c: &str| -> std::path::PathBuf { Path::new(&o.shapes).join(c).join("config.json") };
+    let dev = &o.device;
+    let (dt, at) = (o.dtype(), o.run_fields());
+    // Time what the device has finished, not what it has queued.
+    let sync = || -> Result<()> { Ok(dev.synchronize()?) };
     if want("text") {
         let c: ClipTextConfig = read_json(&cfg("text_encoder"))?;
-        let te = ClipTextModel::new(random_vb(DType::F32, &dev), &c)?;
+        let te = o.random(|vb| ClipTextModel::new(vb, &c))?;
         let ids = Tensor::from_vec(
             (0..154u32).map(|i| (i * 311) % 49408).collect::<Vec<_>>(),
             (2, 77),
-            &dev,
+            dev,
         )?;
         let s = median_secs(o.reps, || {
             te.forward(&ids)?;
-            Ok(())
+            sync()
         })?;
-        emit(
+        emit_with(
             serde_json::json!({"component": "text_encoder", "batch": 2, "s": s, "threads": threads}),
+            &at,
         );
     }
     if want("unet") {
         let c: UNetConfig = read_json(&cfg("unet"))?;
-        let unet = UNet2DConditionModel::new(random_vb(DType::F32, &dev), &c)?;
+        let unet = o.random(|vb| UNet2DConditionModel::new(vb, &c))?;
         for &r in &o.resolutions {
-            let x = Tensor::randn(0f32, 1.0, (3, c.in_channels, r / 8, r / 8), &dev)?;
-            let ehs = Tensor::randn(0f32, 1.0, (3, 77, 768), &dev)?;
-            let t = Tensor::new(500f32, &dev)?;
+            let x =
+                Tensor::randn(0f32, 1.0, (3, c.in_channels, r / 8, r / 8), dev)?.to_dtype(dt)?;
+            let ehs = Tensor::randn(0f32, 1.0, (3, 77, 768), dev)?.to_dtype(dt)?;
+            let t = Tensor::new(500f32, dev)?;
             let s = median_secs(o.reps, || {
                 unet.forward(&x, &t, &ehs)?;
-                Ok(())
+                sync()
             })?;
-            emit(
+            emit_with(
                 serde_json::json!({"component": "unet8_dual_cfg_step", "res": r, "batch": 3, "s": s, "threads": threads}),
+                &at,
             );
         }
     }
     if want("vae") {
         let c: VaeConfig = read_json(&cfg("vae"))?;
-        let vae = AutoencoderKL::new(random_vb(DType::F32, &dev), &c)?;
+        let vae = o.random(|vb| AutoencoderKL::new(vb, &c))?;
         for &r in &o.resolutions {
-            let img = Tensor::randn(0f32, 1.0, (1, 3, r, r), &dev)?;
-            let z = Tensor::randn(0f32, 1.0, (1, 4, r / 8, r / 8), &dev)?;
+            let img = Tensor::randn(0f32, 1.0, (1, 3, r, r), dev)?.to_dtype(dt)?;
+            let z = Tensor::randn(0f32, 1.0, (1, 4, r / 8, r / 8), dev)?.to_dtype(dt)?;
             let s = median_secs(o.reps, || {
                 vae.encode(&img)?;
-                Ok(())
+                sync()
             })?;
-            emit(
+            emit_with(
                 serde_json::json!({"component": "vae_encode", "res": r, "s": s, "threads": threads}),
+                &at,
             );
             let s = median_secs(o.reps, || {
                 vae.decode(&z)?;
-                Ok(())
+                sync()
             })?;
-            emit(
+            emit_with(
                 serde_json::json!({"component": "vae_decode", "res": r, "s": s, "threads": threads}),
+                &at,
             );
         }
     }
@@ -182,11 +234,14 @@ pub fn run(o: &BenchOptions) -> Result<()> {
     }
     if asked("edit") {
         for &r in &o.resolutions {
-            let (s, peak) = edit_secs(o, r, &dev)?;
-            emit(serde_json::json!({
-                "component": "edit", "res": r, "steps": o.steps, "s": s, "threads": threads,
-                "peak_rss_bytes": peak,
-            }));
+            let (s, peak) = edit_secs(o, r)?;
+            emit_with(
+                serde_json::json!({
+                    "component": "edit", "res": r, "steps": o.steps, "s": s, "threads": threads,
+                    "peak_rss_bytes": peak,
+                }),
+                &at,
+            );
         }
     }
     for (name, variant, dtype) in [
@@ -195,7 +250,8 @@ pub fn run(o: &BenchOptions) -> Result<()> {
     ] {
         if asked("load") || asked(name) {
             let dir = o.weights_dir.join(name.trim_start_matches("load_"));
-            write_random_model(o, &dir, variant, dtype, &dev)?;
+            let dev = &cpu;
+            write_random_model(o, &dir, variant, dtype, dev)?;
             // Start to ready: the first load of this process (`first_s`) is what `ip2p serve`
             // does (the files are in the page cache since they were written or read before);
             // later ones (`s`, their median) may reuse memory the previous model gave back.
@@ -208,7 +264,7 @@ pub fn run(o: &BenchOptions) -> Result<()> {
                 let md = crate::loader::ModelDir::from_dir(&dir)?;
                 let c = crate::loader::load(
                     &md,
-                    &dev,
+                    dev,
                     &crate::loader::LoadOptions {
                         variant,
                         packed_cache: o.packed_cache.clone(),
@@ -222,9 +278,9 @@ pub fn run(o: &BenchOptions) -> Result<()> {
                     // The first UNet step after the start against the next one (batch 3 at
                     // 256 px): what reading mapped weights in for the first time costs.
                     let x =
-                        Tensor::randn(0f32, 1.0, (3, c.unet.config().in_channels, 32, 32), &dev)?;
-                    let ehs = Tensor::randn(0f32, 1.0, (3, 77, 768), &dev)?;
-                    let tt = Tensor::new(500f32, &dev)?;
+                        Tensor::randn(0f32, 1.0, (3, c.unet.config().in_channels, 32, 32), dev)?;
+                    let ehs = Tensor::randn(0f32, 1.0, (3, 77, 768), dev)?;
+                    let tt = Tensor::new(500f32, dev)?;
                     for s in &mut steps {
                         let t = Instant::now();
                         c.unet.forward(&x, &tt, &ehs)?;
@@ -249,7 +305,7 @@ pub fn run(o: &BenchOptions) -> Result<()> {
         }
         let c: UNetConfig = read_json(&cfg("unet"))?;
         for &r in &o.resolutions {
-            let s = train_step_secs(&c, r, lora, o.reps, &dev)?;
+            let s = train_step_secs(&c, r, lora, o.reps, &cpu)?;
             emit(serde_json::json!({
                 "component": part, "res": r, "batch": 1, "s": s, "threads": threads,
                 "peak_rss_bytes": peak_rss_bytes(),
@@ -458,29 +514,29 @@ fn gemm_figures(reps: usize) -> Result<()> {
 }
 
 /// Components of full SD 1.5 shape with random weights (in memory), the tokenizer from `o`.
-fn random_components(o: &BenchOptions, dev: &Device) -> Result<crate::loader::Components> {
+fn random_components(o: &BenchOptions) -> Result<crate::loader::Components> {
     let cfg = |c: &str| Path::new(&o.shapes).join(c).join("config.json");
     let tc: ClipTextConfig = read_json(&cfg("text_encoder"))?;
     let vc: VaeConfig = read_json(&cfg("vae"))?;
     let uc: UNetConfig = read_json(&cfg("unet"))?;
     Ok(crate::loader::Components {
         tokenizer: crate::models::ClipTokenizer::from_dir(&o.tokenizer)?,
-        text_encoder: ClipTextModel::new(random_vb(DType::F32, dev), &tc)?,
-        vae: AutoencoderKL::new(random_vb(DType::F32, dev), &vc)?,
-        unet: UNet2DConditionModel::new(random_vb(DType::F32, dev), &uc)?,
+        text_encoder: o.random(|vb| ClipTextModel::new(vb, &tc))?,
+        vae: o.random(|vb| AutoencoderKL::new(vb, &vc))?,
+        unet: o.random(|vb| UNet2DConditionModel::new(vb, &uc))?,
         scheduler: read_json(&o.shapes.join("scheduler").join("scheduler_config.json"))?,
-        device: dev.clone(),
-        dtype: DType::F32,
+        device: o.device.clone(),
+        dtype: o.dtype(),
     })
 }
 
 /// A whole edit (`o.steps` steps, dual guidance, encode + denoise + decode) of a `res`² image:
 /// median seconds and the process's peak RSS afterwards (run `--only edit --res N` alone for the
 /// edit's own peak).
-fn edit_secs(o: &BenchOptions, res: usize, dev: &Device) -> Result<(f64, u64)> {
+fn edit_secs(o: &BenchOptions, res: usize) -> Result<(f64, u64)> {
     use crate::pipeline::edit::{EditParams, EditPipeline};
     use crate::pipeline::image::InputImage;
-    let pipe = EditPipeline::new(random_components(o, dev)?)?;
+    let pipe = EditPipeline::new(random_components(o)?)?;
     let rgb = image::RgbImage::from_fn(res as u32, res as u32, |x, y| {
         image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
     });

@@ -31,19 +31,69 @@ impl std::str::FromStr for DeviceChoice {
     }
 }
 
-/// Opens the chosen device.
+/// Opens the chosen device. `Auto` takes the first CUDA device when the build has CUDA and
+/// one can be opened, and otherwise the CPU, saying why in the log.
 pub fn open(choice: DeviceChoice) -> Result<Device> {
     Ok(match choice {
         DeviceChoice::Cpu => Device::Cpu,
         DeviceChoice::Cuda(n) => Device::new_cuda(n)?,
-        DeviceChoice::Auto => {
-            if candle_core::utils::cuda_is_available() {
-                Device::new_cuda(0)?
-            } else {
-                Device::Cpu
-            }
-        }
+        DeviceChoice::Auto => auto(),
     })
+}
+
+fn auto() -> Device {
+    // `cuda_is_available` only says whether CUDA was compiled in: opening the device says
+    // whether there is one (and a driver).
+    if !candle_core::utils::cuda_is_available() {
+        return Device::Cpu;
+    }
+    match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "no usable CUDA device: running on the CPU");
+            Device::Cpu
+        }
+    }
+}
+
+/// One or more devices (`cpu`, `cuda:0,cuda:1`, …): the server runs one model worker on each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceList(pub Vec<DeviceChoice>);
+
+impl Default for DeviceList {
+    fn default() -> Self {
+        Self(vec![DeviceChoice::Auto])
+    }
+}
+
+impl DeviceList {
+    /// The first device (a single-device command's).
+    pub fn first(&self) -> DeviceChoice {
+        self.0.first().copied().unwrap_or_default()
+    }
+}
+
+impl std::str::FromStr for DeviceList {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let v = s
+            .split(',')
+            .map(|d| d.trim().parse())
+            .collect::<std::result::Result<Vec<DeviceChoice>, _>>()?;
+        if v.is_empty() {
+            return Err("no device named".into());
+        }
+        Ok(Self(v))
+    }
+}
+
+/// A short label for metrics and logs: `cpu`, `cuda:0`.
+pub fn label(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 /// The dtype models compute in on a device: f32 on CPU (f16 weights are widened at load), f16 on CUDA.

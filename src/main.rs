@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use ip2p::device::{self, DeviceChoice};
+use ip2p::device::{self, DeviceChoice, DeviceList};
 use ip2p::loader::{self, HubOptions, LoadOptions, ModelDir, Variant};
+use ip2p::models::nn::Kernels;
 use ip2p::pipeline::{image as img, Control, EditParams, EditPipeline, ResizePolicy, StepInfo};
 use ip2p::schedulers::SchedulerKind;
 
@@ -274,6 +275,33 @@ struct BenchArgs {
     /// when absent, mapped by the later ones).
     #[arg(long, env = "IP2P_BENCH_PACKED_CACHE")]
     packed_cache: Option<PathBuf>,
+    /// The device of the text, unet, vae and edit figures: auto, cpu, cuda, cuda:N.
+    #[arg(long, env = "IP2P_BENCH_DEVICE", default_value = "cpu")]
+    device: DeviceChoice,
+    /// Their dtype: auto (f32 on the CPU, f16 on a GPU), f32, f16, bf16.
+    #[arg(long, env = "IP2P_BENCH_DTYPE", default_value = "auto")]
+    dtype: DTypeChoice,
+    /// Their kernels: auto or generic.
+    #[arg(long, env = "IP2P_BENCH_KERNELS", default_value = "auto")]
+    kernels: Kernels,
+}
+
+/// `--dtype`: `auto` (the device's), `f32`, `f16`, `bf16`.
+#[derive(Debug, Clone, Copy)]
+struct DTypeChoice(Option<candle_core::DType>);
+
+impl std::str::FromStr for DTypeChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        use candle_core::DType;
+        Ok(Self(match s {
+            "auto" => None,
+            "f32" | "fp32" => Some(DType::F32),
+            "f16" | "fp16" => Some(DType::F16),
+            "bf16" => Some(DType::BF16),
+            _ => return Err(format!("unknown dtype `{s}` (auto, f32, f16, bf16)")),
+        }))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -292,9 +320,17 @@ struct ModelArgs {
     /// Weight files to use: auto (full precision if present, else fp16), fp32, fp16.
     #[arg(long, env = "IP2P_VARIANT", default_value = "auto")]
     variant: Variant,
-    /// auto, cpu, cuda, cuda:N.
+    /// auto (the first CUDA device if the build has CUDA and one can be opened, else the CPU),
+    /// cpu, cuda, cuda:N. `serve` takes a list (cuda:0,cuda:1): one model worker per device.
     #[arg(long, env = "IP2P_DEVICE", default_value = "auto")]
-    device: DeviceChoice,
+    device: DeviceList,
+    /// What the networks compute in: auto (f32 on the CPU, f16 on a GPU), f32, f16, bf16.
+    #[arg(long, env = "IP2P_DTYPE", default_value = "auto")]
+    dtype: DTypeChoice,
+    /// auto (the fused CPU kernels where they apply) or generic (candle's ops only: the graph
+    /// a GPU runs, on any device).
+    #[arg(long, env = "IP2P_KERNELS", default_value = "auto")]
+    kernels: Kernels,
     /// Use only the local Hugging Face cache (also HF_HUB_OFFLINE=1).
     #[arg(long, env = "IP2P_OFFLINE")]
     offline: bool,
@@ -370,7 +406,14 @@ fn save(image: &image::DynamicImage, path: &Path) -> Result<()> {
 }
 
 fn load_pipeline(m: &ModelArgs) -> Result<EditPipeline> {
-    let dev = device::open(m.device)?;
+    if m.device.0.len() > 1 {
+        anyhow::bail!("an edit runs on one device; a list is for `ip2p serve`");
+    }
+    load_pipeline_on(m, m.device.first())
+}
+
+fn load_pipeline_on(m: &ModelArgs, device: DeviceChoice) -> Result<EditPipeline> {
+    let dev = device::open(device)?;
     let hub = HubOptions {
         offline: m.offline,
         fp16: m.variant == Variant::Fp16,
@@ -381,6 +424,8 @@ fn load_pipeline(m: &ModelArgs) -> Result<EditPipeline> {
     let opts = LoadOptions {
         variant: m.variant,
         packed_cache: m.packed_cache.clone(),
+        dtype: m.dtype.0,
+        kernels: m.kernels,
         ..Default::default()
     };
     let mut components = loader::load(&dir, &dev, &opts)?;
@@ -552,12 +597,18 @@ fn edit_remote(a: EditArgs) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
-    let pipe = load_pipeline(&a.model)?;
+    let pipes = a
+        .model
+        .device
+        .0
+        .iter()
+        .map(|&d| load_pipeline_on(&a.model, d))
+        .collect::<Result<Vec<_>>>()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let handle = ip2p::server::start(a.server, pipe, a.model.model.clone()).await?;
+        let handle = ip2p::server::start_many(a.server, pipes, a.model.model.clone()).await?;
         eprintln!(
             "ip2p serving {} on {} (gRPC, gRPC-Web, HTTP)",
             a.model.model, handle.addr
@@ -606,6 +657,9 @@ fn run() -> Result<()> {
                 .weights_dir
                 .unwrap_or_else(|| std::env::temp_dir().join("ip2p-bench-weights")),
             packed_cache: a.packed_cache,
+            device: device::open(a.device)?,
+            dtype: a.dtype.0,
+            kernels: a.kernels,
         })?),
         Command::Extend(a) => extend(a),
         Command::Train(a) => train(a),

@@ -1,8 +1,15 @@
 //! Parity with the Python reference (diffusers / transformers, float32).
 //!
 //! Runs every case in `../shared/fixtures/parity/` and, when `IP2P_PARITY_DIR` names another
-//! directory of cases in the same formats, those too. One line per case:
-//! `parity <file>: ok (max abs err …)` or the failure. An unknown kind is a failure.
+//! directory of cases in the same formats, those too. One line per case and mode:
+//! `parity <file> [mode]: ok (max abs err …)` or the failure. An unknown kind is a failure.
+//!
+//! Every inference case runs in each mode of the device: on the CPU with the fused kernels
+//! (`fused f32`), with candle's generic ops only (`generic f32`, exactly the graph a GPU runs)
+//! and, for the cases that carry half-precision bounds (`tol_f16.<name>`, recorded by
+//! `tools/gen_parity_f16.py`), that generic graph in f16 (`generic f16`). `IP2P_TEST_DEVICE`
+//! (`cpu`, `cuda:0`, …) picks the device; a GPU asked for on a machine without one is reported
+//! as skipped.
 
 mod common;
 
@@ -12,6 +19,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, Case, Checks};
 use ip2p::loader::{self, Components, LoadOptions, ModelDir};
+use ip2p::models::nn::Kernels;
 use ip2p::models::ClipTokenizer;
 use ip2p::pipeline::clip_score::{ClipScorer, Similarities};
 use ip2p::pipeline::{
@@ -26,7 +34,35 @@ fn e<E: std::fmt::Display>(x: E) -> String {
     x.to_string()
 }
 
+/// How a case is run: device, kernels and dtype.
+#[derive(Debug, Clone)]
+struct Mode {
+    device: Device,
+    kernels: Kernels,
+    dtype: DType,
+}
+
+impl Mode {
+    fn half(&self) -> bool {
+        self.dtype != DType::F32
+    }
+
+    fn name(&self) -> String {
+        let dev = ip2p::device::label(&self.device);
+        let k = match self.kernels {
+            Kernels::Auto if self.device.is_cpu() => "fused",
+            _ => "generic",
+        };
+        format!("{dev} {k} {}", if self.half() { "f16" } else { "f32" })
+    }
+
+    fn checks(&self) -> Checks {
+        Checks::new(self.half())
+    }
+}
+
 struct Models {
+    mode: Mode,
     cache: HashMap<String, Components>,
 }
 
@@ -34,7 +70,12 @@ impl Models {
     fn get(&mut self, name: &str) -> R<&Components> {
         if !self.cache.contains_key(name) {
             let dir = ModelDir::from_dir(&fixtures().join(name)).map_err(e)?;
-            let c = loader::load(&dir, &Device::Cpu, &LoadOptions::default()).map_err(e)?;
+            let opts = LoadOptions {
+                dtype: Some(self.mode.dtype),
+                kernels: self.mode.kernels,
+                ..LoadOptions::default()
+            };
+            let c = loader::load(&dir, &self.mode.device, &opts).map_err(e)?;
             self.cache.insert(name.to_owned(), c);
         }
         self.cache.get(name).ok_or_else(|| "model cache".into())
@@ -73,20 +114,28 @@ fn tokenizer_cases(path: &Path) -> R<Checks> {
 }
 
 fn components(case: &Case, models: &mut Models) -> R<Checks> {
+    let mut checks = models.mode.checks();
     let c = models.get(&model_for(case, "tiny-ip2p"))?;
-    let mut checks = Checks::default();
+    // An input on the models' device, in their dtype (ids keep theirs).
+    let input = |name: &str| -> R<Tensor> {
+        let t = case.t(name)?.to_device(&c.device).map_err(e)?;
+        if t.dtype().is_float() {
+            t.to_dtype(c.dtype).map_err(e)
+        } else {
+            Ok(t)
+        }
+    };
     if case.has("input_ids") {
-        let ids = case.t("input_ids")?;
-        let hidden = c.text_encoder.forward(ids).map_err(e)?;
+        let hidden = c.text_encoder.forward(&input("input_ids")?).map_err(e)?;
         checks.within(case, "text_hidden", &hidden)?;
     }
     if case.has("vae_in") {
-        let dist = c.vae.encode(case.t("vae_in")?).map_err(e)?;
+        let dist = c.vae.encode(&input("vae_in")?).map_err(e)?;
         checks.within(case, "vae_mean", &dist.mean)?;
         checks.within(case, "vae_logvar", &dist.logvar)?;
     }
     if case.has("vae_z") {
-        let dec = c.vae.decode(case.t("vae_z")?).map_err(e)?;
+        let dec = c.vae.decode(&input("vae_z")?).map_err(e)?;
         checks.within(case, "vae_decoded", &dec)?;
     }
     if case.has("unet_sample") {
@@ -94,9 +143,9 @@ fn components(case: &Case, models: &mut Models) -> R<Checks> {
         let out = c
             .unet
             .forward(
-                case.t("unet_sample")?,
-                &Tensor::new(t as f32, &Device::Cpu).map_err(e)?,
-                case.t("unet_ehs")?,
+                &input("unet_sample")?,
+                &Tensor::new(t as f32, &c.device).map_err(e)?,
+                &input("unet_ehs")?,
             )
             .map_err(e)?;
         checks.within(case, "unet_out", &out)?;
@@ -134,6 +183,10 @@ fn u8_image(t: &Tensor) -> R<image::RgbImage> {
 }
 
 fn check_u8(checks: &mut Checks, name: &str, out_float: &Tensor, want: &Tensor) -> R<()> {
+    if checks.half {
+        // No 8-bit bound is recorded for half precision; output_float's bound covers it.
+        return Ok(());
+    }
     let got = img::unit_hwc_to_rgb(out_float).map_err(e)?;
     let got = Tensor::from_vec(got.into_raw(), want.dims(), &Device::Cpu).map_err(e)?;
     checks.bound(
@@ -153,12 +206,12 @@ fn timesteps_check(checks: &mut Checks, case: &Case, got: &[f64]) -> R<()> {
 }
 
 fn ip2p(case: &Case, models: &mut Models) -> R<Checks> {
+    let mut checks = models.mode.checks();
     let c = models.get(&model_for(case, "tiny-ip2p"))?.clone();
     let pipe = EditPipeline::new(c).map_err(e)?;
     let (kind, cfg) = scheduler_of(case)?;
     let steps = case.meta_f64("steps").ok_or("no steps")? as usize;
     let mut sched = schedulers::build(kind, &cfg, steps).map_err(e)?;
-    let mut checks = Checks::default();
     timesteps_check(&mut checks, case, sched.timesteps())?;
     let image = img::to_tensor(&u8_image(case.t("image")?)?, &Device::Cpu).map_err(e)?;
     let mut noise = replay(case)?;
@@ -198,12 +251,12 @@ fn ip2p(case: &Case, models: &mut Models) -> R<Checks> {
 }
 
 fn txt2img_pair(case: &Case, models: &mut Models) -> R<Checks> {
+    let mut checks = models.mode.checks();
     let c = models.get(&model_for(case, "tiny-sd"))?.clone();
     let pipe = Txt2ImgPipeline::new(c).map_err(e)?;
     let (kind, cfg) = scheduler_of(case)?;
     let steps = case.meta_f64("steps").ok_or("no steps")? as usize;
     let mut sched = schedulers::build(kind, &cfg, steps).map_err(e)?;
-    let mut checks = Checks::default();
     timesteps_check(&mut checks, case, sched.timesteps())?;
     let prompts: Vec<String> = case
         .meta
@@ -347,13 +400,17 @@ fn u8_rgb(t: &Tensor) -> R<image::RgbImage> {
 }
 
 /// CLIP image and text towers and the four filter similarities.
-fn clip(case: &Case) -> R<Checks> {
+fn clip(case: &Case, mode: &Mode) -> R<Checks> {
     let dir = fixtures().join(model_for(case, "tiny-clip"));
-    let scorer = ClipScorer::from_dir(&dir, &Device::Cpu).map_err(e)?;
+    let scorer = ip2p::models::nn::build_with_kernels(mode.kernels, || {
+        ClipScorer::from_dir(&dir, &mode.device)
+    })
+    .map_err(e)?;
     let model = scorer.model();
-    let image = model.image_embeds(case.t("pixel_values")?).map_err(e)?;
-    let text = model.text_embeds(case.t("input_ids")?).map_err(e)?;
-    let mut checks = Checks::default();
+    let on_dev = |n: &str| -> R<Tensor> { case.t(n)?.to_device(&mode.device).map_err(e) };
+    let image = model.image_embeds(&on_dev("pixel_values")?).map_err(e)?;
+    let text = model.text_embeds(&on_dev("input_ids")?).map_err(e)?;
+    let mut checks = mode.checks();
     // Cases that carry the raw images check the preprocessing too.
     if case.has("images") {
         let raw = case.t("images")?;
@@ -381,21 +438,39 @@ fn clip(case: &Case) -> R<Checks> {
     Ok(checks)
 }
 
-fn run_case(path: &Path, models: &mut Models) -> R<Checks> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if name.ends_with(".json") {
-        return tokenizer_cases(path);
+/// What a case file is for: run in which modes.
+enum Plan {
+    /// The tokenizer's cases and training steps: once, on the CPU in f32.
+    Once,
+    /// Inference: in every mode of the device (the half-precision ones only for cases that
+    /// carry `tol_f16` bounds).
+    Modes { half: bool },
+}
+
+fn plan(path: &Path) -> R<(Plan, Option<Case>)> {
+    if path.extension().is_some_and(|x| x == "json") {
+        return Ok((Plan::Once, None));
     }
     let case = Case::load(path)?;
+    let plan = match case.kind().as_str() {
+        "train_step" => Plan::Once,
+        _ => Plan::Modes {
+            half: case.tensors.keys().any(|k| k.starts_with("tol_f16.")),
+        },
+    };
+    Ok((plan, Some(case)))
+}
+
+fn run_case(path: &Path, case: Option<&Case>, models: &mut Models) -> R<Checks> {
+    let Some(case) = case else {
+        return tokenizer_cases(path);
+    };
     match case.kind().as_str() {
-        "components" => components(&case, models),
-        "ip2p" => ip2p(&case, models),
-        "txt2img_pair" => txt2img_pair(&case, models),
-        "clip" => clip(&case),
-        "train_step" => train_step(&case),
+        "components" => components(case, models),
+        "ip2p" => ip2p(case, models),
+        "txt2img_pair" => txt2img_pair(case, models),
+        "clip" => clip(case, &models.mode),
+        "train_step" => train_step(case),
         other => Err(format!("unknown case kind `{other}`")),
     }
 }
@@ -419,23 +494,101 @@ fn case_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The modes of the device `IP2P_TEST_DEVICE` names (the CPU by default), or why there are
+/// none.
+fn modes() -> Result<Vec<Mode>, String> {
+    let want = std::env::var("IP2P_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let choice: ip2p::device::DeviceChoice = want.parse()?;
+    let device = match choice {
+        ip2p::device::DeviceChoice::Cpu => Device::Cpu,
+        other => ip2p::device::open(other)
+            .map_err(|err| format!("IP2P_TEST_DEVICE={want}: {err}"))
+            .and_then(|d| match d.is_cpu() {
+                true => Err(format!("IP2P_TEST_DEVICE={want}: no GPU on this machine")),
+                false => Ok(d),
+            })?,
+    };
+    let mode = |kernels, dtype| Mode {
+        device: device.clone(),
+        kernels,
+        dtype,
+    };
+    Ok(if device.is_cpu() {
+        vec![
+            mode(Kernels::Auto, DType::F32),
+            mode(Kernels::Generic, DType::F32),
+            mode(Kernels::Generic, DType::F16),
+        ]
+    } else {
+        vec![
+            mode(Kernels::Auto, DType::F32),
+            mode(Kernels::Auto, DType::F16),
+        ]
+    })
+}
+
+/// Prints a case's line; true when it passed.
+fn report(name: &str, mode: &str, r: R<Checks>) -> bool {
+    match r {
+        Ok(c) if c.failures.is_empty() => {
+            println!(
+                "parity {name} [{mode}]: ok (max abs err {:.3e}, worst err/tol {:.3}, u8 levels {}, {} checks)",
+                c.worst, c.worst_ratio, c.worst_levels, c.count
+            );
+            true
+        }
+        Ok(c) => {
+            println!("parity {name} [{mode}]: FAILED");
+            for m in c.failures {
+                println!("    {m}");
+            }
+            false
+        }
+        Err(m) => {
+            println!("parity {name} [{mode}]: FAILED ({m})");
+            false
+        }
+    }
+}
+
 fn main() {
-    // The shared reference cases, the project's own recorded cases (tools/gen_parity.py), and
-    // any directory named by IP2P_PARITY_DIR.
-    let mut dirs = vec![
-        fixtures().join("parity"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity"),
-    ];
+    // The shared reference cases, the project's own recorded cases (tools/gen_parity.py,
+    // tools/gen_parity_f16.py), and any directory named by IP2P_PARITY_DIR.
+    // (A binary carried to another machine finds the project's cases from where it runs.)
+    let own = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    let own = if own.is_dir() {
+        own
+    } else {
+        PathBuf::from("tests/fixtures/parity")
+    };
+    let mut dirs = vec![fixtures().join("parity"), own];
     if let Ok(extra) = std::env::var("IP2P_PARITY_DIR") {
         if !extra.is_empty() {
             dirs.push(PathBuf::from(extra));
         }
     }
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let mut models = Models {
-        cache: HashMap::new(),
+    let modes = match modes() {
+        Ok(m) => m,
+        Err(why) => {
+            println!("parity: SKIPPED, every case: {why}");
+            println!("parity: 0 passed, 0 failed, 1 skipped");
+            return;
+        }
     };
-    let (mut passed, mut failed, skipped) = (0, 0, 0);
+    if modes.iter().all(|m| m.device.is_cpu()) {
+        println!(
+            "parity: the GPU modes are SKIPPED (set IP2P_TEST_DEVICE=cuda:0 on a machine with one)"
+        );
+    }
+    let mut models: Vec<Models> = modes
+        .iter()
+        .map(|m| Models {
+            mode: m.clone(),
+            cache: HashMap::new(),
+        })
+        .collect();
+    let (mut passed, mut failed) = (0, 0);
     for dir in &dirs {
         let files = case_files(dir);
         if files.is_empty() {
@@ -454,29 +607,32 @@ fn main() {
             {
                 continue;
             }
-            match run_case(&f, &mut models) {
-                Ok(c) if c.failures.is_empty() => {
-                    passed += 1;
-                    println!(
-                        "parity {name}: ok (max abs err {:.3e}, worst err/tol {:.3}, u8 levels {}, {} checks)",
-                        c.worst, c.worst_ratio, c.worst_levels, c.count
-                    );
-                }
-                Ok(c) => {
-                    failed += 1;
-                    println!("parity {name}: FAILED");
-                    for m in c.failures {
-                        println!("    {m}");
-                    }
-                }
+            let (plan, case) = match plan(&f) {
+                Ok(p) => p,
                 Err(m) => {
                     failed += 1;
                     println!("parity {name}: FAILED ({m})");
+                    continue;
+                }
+            };
+            let runs: Vec<&mut Models> = match plan {
+                Plan::Once => models.iter_mut().take(1).collect(),
+                Plan::Modes { half } => models
+                    .iter_mut()
+                    .filter(|m| half || !m.mode.half())
+                    .collect(),
+            };
+            for m in runs {
+                let mode = m.mode.name();
+                if report(&name, &mode, run_case(&f, case.as_ref(), m)) {
+                    passed += 1;
+                } else {
+                    failed += 1;
                 }
             }
         }
     }
-    println!("parity: {passed} passed, {failed} failed, {skipped} skipped");
+    println!("parity: {passed} passed, {failed} failed, 0 skipped");
     if failed > 0 {
         std::process::exit(1);
     }

@@ -1019,3 +1019,72 @@ async fn reflection_lists_the_service_and_oversized_messages_are_refused() {
     assert!(c.edit(request(1, 1)).await.is_ok());
     h.shutdown().await;
 }
+
+/// `--device cpu,cpu`: two model workers behind the one queue. Two edits sent at once run at
+/// the same time (both workers busy), and each result is byte for byte what a one-worker
+/// server returns for the same request.
+#[tokio::test]
+async fn two_workers_run_two_edits_at_once_with_one_workers_results() {
+    let _serial = SERIAL.lock().await;
+    let two = server::start_many(config(), vec![pipeline(), pipeline()], "tiny-ip2p".into())
+        .await
+        .expect("server starts");
+    tokio::time::timeout(Duration::from_secs(60), two.ready())
+        .await
+        .expect("ready in time");
+    let (mut c1, mut c2) = (client(&two).await, client(&two).await);
+    let (a, b) = (slow_request(12, 101), slow_request(12, 202));
+    let watch = {
+        let state = two.state.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            for _ in 0..2000 {
+                most = most.max(state.queue.running());
+                if most == 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            most
+        })
+    };
+    let (ra, rb) = tokio::join!(c1.edit(a.clone()), c2.edit(b.clone()));
+    let (ra, rb) = (
+        ra.expect("edit a").into_inner(),
+        rb.expect("edit b").into_inner(),
+    );
+    assert_eq!(
+        watch.await.expect("watch"),
+        2,
+        "the two edits never ran at once"
+    );
+    // A worker counts its edit after sending the result: wait until both are free.
+    tokio::time::timeout(Duration::from_secs(10), two.state.queue.wait_idle())
+        .await
+        .expect("idle");
+    let m = two.state.metrics.render();
+    for w in ["0", "1"] {
+        let line = format!("ip2p_worker_edits_total{{device=\"cpu\",worker=\"{w}\"}}");
+        let n: u64 = m
+            .lines()
+            .find(|l| l.starts_with(&line))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        // The warm-up edits are not counted: each worker ran one of the two edits.
+        assert_eq!(n, 1, "worker {w}: {m}");
+    }
+    two.shutdown().await;
+
+    let one = start(config()).await;
+    let mut c = client(&one).await;
+    for (req, got) in [(a, ra), (b, rb)] {
+        let want = c.edit(req).await.expect("edit").into_inner();
+        assert_eq!(got.images.len(), 1);
+        assert_eq!(
+            got.images, want.images,
+            "two-worker result differs from one worker's"
+        );
+    }
+    one.shutdown().await;
+}

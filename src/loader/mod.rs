@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 pub use self::hub::{resolve_hub, resolve_hub_files, HubOptions};
+use crate::models::nn::Kernels;
 use crate::models::stored::{StoredDType, StoredTensor, StoredWeights, WeightData};
 use crate::models::{
     AutoencoderKL, ClipTextConfig, ClipTextModel, ClipTokenizer, UNet2DConditionModel, UNetConfig,
@@ -288,7 +289,8 @@ pub fn build_from_files<T>(
     device: &Device,
     build: impl Fn(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<std::result::Result<T, candle_core::Error>> {
-    build_cached(files, dtype, device, None, build)
+    let kernels = crate::models::nn::Kernels::current();
+    build_cached(files, dtype, device, kernels, None, build)
 }
 
 /// As [`build_from_files`], with the packed weights kept in `cache = (dir, name)`: replayed
@@ -301,6 +303,7 @@ fn build_cached<T>(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
+    kernels: Kernels,
     cache: Option<(&Path, &str)>,
     build: impl Fn(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<std::result::Result<T, candle_core::Error>> {
@@ -313,7 +316,9 @@ fn build_cached<T>(
         // one may start on a thread that waits inside another's UNet level built for large maps.
         crate::models::stored::build_from(Some(stored), || {
             with_pack_cache(cache, || {
-                crate::models::nn::build_for_large_maps(false, || build(vb))
+                crate::models::nn::build_with_kernels(kernels, || {
+                    crate::models::nn::build_for_large_maps(false, || build(vb))
+                })
             })
         })
     };
@@ -323,7 +328,13 @@ fn build_cached<T>(
             .map_err(|_| std::io::Error::other("the cache is still in use"))
             .and_then(PackCache::finish)
     };
-    let packs = dtype == DType::F32 && device.is_cpu();
+    let packs = dtype == DType::F32 && device.is_cpu() && kernels == Kernels::Auto;
+    if cache.is_some() && !packs {
+        tracing::warn!(
+            device = ?device, ?dtype, %kernels,
+            "the packed-weight cache holds the CPU's f32 fused kernels' weights only: not used here"
+        );
+    }
     let Some((dir, name)) = cache.filter(|_| packs) else {
         return Ok(run(None));
     };
@@ -555,12 +566,38 @@ pub struct LoadOptions {
     /// A folder for caches of packed weights (CPU, f32): the first load writes one file per
     /// network (as large as the model in f32 and Winograd form, about 5 GB for SD 1.5), later
     /// loads map it instead of packing, which makes a start several times faster, the most
-    /// on virtual machines that take freed memory back. `None`: no cache.
+    /// on virtual machines that take freed memory back. `None`: no cache. Ignored (with a
+    /// warning) on a GPU, in half precision and with generic kernels.
     pub packed_cache: Option<PathBuf>,
+    /// The fused CPU kernels where they apply, or candle's generic ops only (the graph a GPU
+    /// runs).
+    pub kernels: Kernels,
 }
 
 fn with_context<T>(r: candle_core::Result<T>, what: &str, dir: &Path) -> Result<T> {
     r.map_err(|e| Error::IncompatibleModel(format!("{what} in {}: {e}", dir.display())))
+}
+
+/// What a network is built for: its dtype and device, the kernels its layers take and the
+/// packed-weight cache folder (if any).
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
+    dtype: DType,
+    device: &'a Device,
+    kernels: Kernels,
+    cache: Option<&'a Path>,
+}
+
+impl<'a> Target<'a> {
+    /// Built as the calling thread's [`crate::models::nn::build_with_kernels`] says, no cache.
+    fn plain(dtype: DType, device: &'a Device) -> Self {
+        Self {
+            dtype,
+            device,
+            kernels: Kernels::current(),
+            cache: None,
+        }
+    }
 }
 
 /// The CLIP text encoder of a diffusers folder.
@@ -570,7 +607,7 @@ pub fn load_text_encoder(
     dtype: DType,
     device: &Device,
 ) -> Result<ClipTextModel> {
-    text_encoder(dir, variant, dtype, device, None)
+    text_encoder(dir, variant, Target::plain(dtype, device))
 }
 
 /// The VAE of a diffusers folder.
@@ -580,60 +617,39 @@ pub fn load_vae(
     dtype: DType,
     device: &Device,
 ) -> Result<AutoencoderKL> {
-    vae(dir, variant, dtype, device, None)
+    vae(dir, variant, Target::plain(dtype, device))
 }
 
-fn text_encoder(
-    dir: &ModelDir,
-    v: Variant,
-    dtype: DType,
-    dev: &Device,
-    cache: Option<&Path>,
-) -> Result<ClipTextModel> {
+fn text_encoder(dir: &ModelDir, v: Variant, t: Target) -> Result<ClipTextModel> {
     let cfg: ClipTextConfig = dir.config("text_encoder", "config.json")?;
-    load_part(dir, "text_encoder", "model", v, dtype, dev, cache, |vb| {
+    load_part(dir, "text_encoder", "model", v, t, |vb| {
         ClipTextModel::new(vb, &cfg)
     })
 }
 
-fn vae(
-    dir: &ModelDir,
-    v: Variant,
-    dtype: DType,
-    dev: &Device,
-    cache: Option<&Path>,
-) -> Result<AutoencoderKL> {
+fn vae(dir: &ModelDir, v: Variant, t: Target) -> Result<AutoencoderKL> {
     let cfg: VaeConfig = dir.config("vae", "config.json")?;
-    load_part(
-        dir,
-        "vae",
-        "diffusion_pytorch_model",
-        v,
-        dtype,
-        dev,
-        cache,
-        |vb| AutoencoderKL::new(vb, &cfg),
-    )
+    load_part(dir, "vae", "diffusion_pytorch_model", v, t, |vb| {
+        AutoencoderKL::new(vb, &cfg)
+    })
 }
 
-/// One network of a diffusers folder, `component/stem.safetensors`, built by `build` (with its
-/// packed weights in `cache`, if given; see [`build_cached`]).
-#[allow(clippy::too_many_arguments)]
+/// One network of a diffusers folder, `component/stem.safetensors`, built by `build` for
+/// `target` (see [`build_cached`]).
 fn load_part<T>(
     dir: &ModelDir,
     component: &str,
     stem: &str,
     variant: Variant,
-    dtype: DType,
-    device: &Device,
-    cache: Option<&Path>,
+    target: Target,
     build: impl Fn(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<T> {
     let built = build_cached(
         &dir.weights(component, stem, variant)?,
-        dtype,
-        device,
-        cache.map(|c| (c, component)),
+        target.dtype,
+        target.device,
+        target.kernels,
+        target.cache.map(|c| (c, component)),
         build,
     )?;
     with_context(built, component, dir.root())
@@ -646,15 +662,19 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
         .unwrap_or_else(|| crate::device::compute_dtype(device));
     let root = dir.root();
     let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
-
-    let cache = opts.packed_cache.as_deref();
+    let target = Target {
+        dtype,
+        device,
+        kernels: opts.kernels,
+        cache: opts.packed_cache.as_deref(),
+    };
     // The three networks load at once (reading, widening and packing their weights).
     let (unet, (text_encoder, vae)) = rayon::join(
-        || load_unet(dir, opts, dtype, device),
+        || load_unet(dir, opts, target),
         || {
             rayon::join(
-                || text_encoder(dir, opts.variant, dtype, device, cache),
-                || vae(dir, opts.variant, dtype, device, cache),
+                || text_encoder(dir, opts.variant, target),
+                || vae(dir, opts.variant, target),
             )
         },
     );
@@ -672,12 +692,7 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
     })
 }
 
-fn load_unet(
-    dir: &ModelDir,
-    opts: &LoadOptions,
-    dtype: DType,
-    device: &Device,
-) -> Result<UNet2DConditionModel> {
+fn load_unet(dir: &ModelDir, opts: &LoadOptions, target: Target) -> Result<UNet2DConditionModel> {
     let root = dir.root();
     let unet_cfg: UNetConfig = dir.config("unet", "config.json")?;
     unet_cfg.validate().map_err(|m| Error::Config {
@@ -685,15 +700,12 @@ fn load_unet(
         message: m,
     })?;
     let variant = opts.unet_variant.unwrap_or(opts.variant);
-    let cache = opts.packed_cache.as_deref();
     load_part(
         dir,
         "unet",
         "diffusion_pytorch_model",
         variant,
-        dtype,
-        device,
-        cache,
+        target,
         |vb| UNet2DConditionModel::new(vb, &unet_cfg),
     )
 }

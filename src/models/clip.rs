@@ -121,6 +121,7 @@ struct Attention {
     v: Linear,
     out: Linear,
     heads: usize,
+    ops: nn::Ops,
 }
 
 impl Attention {
@@ -132,6 +133,7 @@ impl Attention {
             v: Linear::new(vb.pp("v_proj"), h, h, true)?,
             out: Linear::new(vb.pp("out_proj"), h, h, true)?,
             heads: c.heads,
+            ops: nn::Ops::current(),
         })
     }
 
@@ -140,9 +142,9 @@ impl Attention {
         let k = self.k.forward(x)?;
         let v = self.v.forward(x)?;
         let o = if causal {
-            nn::attention_causal(&q, &k, &v, self.heads)?
+            self.ops.attention_causal(&q, &k, &v, self.heads)?
         } else {
-            nn::attention(&q, &k, &v, self.heads, None)?
+            self.ops.attention(&q, &k, &v, self.heads, None)?
         };
         self.out.forward(&o)
     }
@@ -175,7 +177,7 @@ impl EncoderLayer {
         let h = (x + self.attn.forward(&self.ln1.forward(x)?, causal)?)?;
         let m = self.fc1.forward(&self.ln2.forward(&h)?)?;
         let m = match self.act {
-            Activation::QuickGelu => nn::quick_gelu(&m)?,
+            Activation::QuickGelu => self.attn.ops.quick_gelu(&m)?,
             Activation::Gelu => nn::gelu(&m)?,
         };
         h + self.fc2.forward(&m)?

@@ -80,7 +80,7 @@ impl Linear {
     }
 
     fn fastable(t: &Tensor) -> bool {
-        t.device().is_cpu() && t.dtype() == DType::F32 && !t.is_variable()
+        builds_fused(t)
     }
 
     fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
@@ -217,15 +217,14 @@ impl LayerNorm {
     pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         let weight = vb.get(dim, "weight")?;
         let bias = vb.get(dim, "bias")?;
-        let fused =
-            if weight.device().is_cpu() && weight.dtype() == DType::F32 && !weight.is_variable() {
-                Some(std::sync::Arc::new((
-                    weight.to_vec1::<f32>()?,
-                    bias.to_vec1::<f32>()?,
-                )))
-            } else {
-                None
-            };
+        let fused = if builds_fused(&weight) {
+            Some(std::sync::Arc::new((
+                weight.to_vec1::<f32>()?,
+                bias.to_vec1::<f32>()?,
+            )))
+        } else {
+            None
+        };
         Ok(Self {
             weight,
             bias,
@@ -298,11 +297,27 @@ impl Module for LayerNorm {
                 });
             }
         }
+        // Half precision computes its statistics in f32, as PyTorch's layer_norm does: Σ(x−μ)²
+        // in f16 overflows once a row's mean square passes 65504 / dim.
+        let dtype = x.dtype();
+        let x = x.to_dtype(stats_dtype(dtype))?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        let sd = xn.dtype();
+        xn.broadcast_mul(&self.weight.to_dtype(sd)?)?
+            .broadcast_add(&self.bias.to_dtype(sd)?)?
+            .to_dtype(dtype)
+    }
+}
+
+/// The dtype norms and softmax compute in for activations of `dtype`: f32 for half precision,
+/// the dtype itself otherwise.
+fn stats_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
     }
 }
 
@@ -329,17 +344,16 @@ impl GroupNorm {
         }
         let weight = vb.get(channels, "weight")?;
         let bias = vb.get(channels, "bias")?;
-        let fused =
-            if weight.device().is_cpu() && weight.dtype() == DType::F32 && !weight.is_variable() {
-                Some(std::sync::Arc::new(FusedGroupNorm {
-                    gamma: weight.to_vec1::<f32>()?,
-                    beta: bias.to_vec1::<f32>()?,
-                    groups,
-                    eps,
-                }))
-            } else {
-                None
-            };
+        let fused = if builds_fused(&weight) {
+            Some(std::sync::Arc::new(FusedGroupNorm {
+                gamma: weight.to_vec1::<f32>()?,
+                beta: bias.to_vec1::<f32>()?,
+                groups,
+                eps,
+            }))
+        } else {
+            None
+        };
         Ok(Self {
             weight,
             bias,
@@ -453,11 +467,7 @@ impl Module for GroupNorm {
         let dtype = x.dtype();
         let x = x.contiguous()?.reshape((b, self.groups, ()))?;
         // Half precision computes its statistics in f32 (as diffusers upcasts); f64 stays f64.
-        let x = x.to_dtype(if dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        })?;
+        let x = x.to_dtype(stats_dtype(dtype))?;
         let n = x.dim(2)? as f64;
         let mean = (x.sum_keepdim(2)? / n)?;
         let xc = x.broadcast_sub(&mean)?;
@@ -465,15 +475,109 @@ impl Module for GroupNorm {
         let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let mut shape = vec![1, c];
         shape.extend(std::iter::repeat_n(1, dims.len() - 2));
-        let xn = xn.to_dtype(dtype)?.reshape(dims)?;
-        xn.broadcast_mul(&self.weight.reshape(shape.clone())?)?
-            .broadcast_add(&self.bias.reshape(shape)?)
+        let sd = xn.dtype();
+        let xn = xn.reshape(dims)?;
+        xn.broadcast_mul(&self.weight.to_dtype(sd)?.reshape(shape.clone())?)?
+            .broadcast_add(&self.bias.to_dtype(sd)?.reshape(shape)?)?
+            .to_dtype(dtype)
     }
 }
 
 thread_local! {
     static DIFFERENTIABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static LARGE_MAPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Which implementations a model's layers take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The fused CPU kernels (packed GEMM, Winograd, fused norms, attention and activations)
+    /// wherever the tensors are CPU f32 and record no gradient; candle's ops everywhere else.
+    #[default]
+    Auto,
+    /// candle's generic ops only: exactly the graph a CUDA (or f16) tensor takes, on any device.
+    Generic,
+}
+
+impl Kernels {
+    /// The setting models are being built under on this thread ([`build_with_kernels`]).
+    pub fn current() -> Self {
+        if GENERIC.with(|g| g.get()) {
+            Self::Generic
+        } else {
+            Self::Auto
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Generic => "generic",
+        }
+    }
+}
+
+impl std::fmt::Display for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Kernels {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "auto" | "fused" => Ok(Self::Auto),
+            "generic" => Ok(Self::Generic),
+            _ => Err(format!("unknown kernels `{s}` (auto, generic)")),
+        }
+    }
+}
+
+/// Builds models (inside `f`) whose layers take the implementations `kernels` names.
+pub fn build_with_kernels<T>(kernels: Kernels, f: impl FnOnce() -> T) -> T {
+    with_flag(&GENERIC, kernels == Kernels::Generic, f)
+}
+
+/// Whether a layer being built with weight `t` takes a fused CPU kernel.
+fn builds_fused(t: &Tensor) -> bool {
+    Ops::current().fused && t.device().is_cpu() && t.dtype() == DType::F32 && !t.is_variable()
+}
+
+/// The weightless operations (attention, activations, layout changes) as a layer built under
+/// a [`Kernels`] setting runs them: the fused CPU kernel where it is allowed and the tensors
+/// are CPU f32 without gradients, candle's ops otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ops {
+    fused: bool,
+}
+
+impl Default for Ops {
+    fn default() -> Self {
+        Self::AUTO
+    }
+}
+
+impl Ops {
+    /// Fused kernels where they apply.
+    pub const AUTO: Self = Self { fused: true };
+    /// candle's ops only.
+    pub const GENERIC: Self = Self { fused: false };
+
+    /// The setting models are being built under ([`build_with_kernels`]).
+    pub fn current() -> Self {
+        Self {
+            fused: !GENERIC.with(|g| g.get()),
+        }
+    }
+
+    fn fuses(self, ts: &[&Tensor]) -> bool {
+        self.fused
+            && ts
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
+    }
 }
 
 /// Runs `f` with the thread-local flag `key` set to `on`, then restores it (also on panic).
@@ -558,13 +662,8 @@ impl Conv2d {
             (3, 2, (lo, hi)) => lo <= 1 && hi <= 1,
             _ => false,
         };
-        let fast_ok = |t: &Tensor| {
-            fast_shape
-                && t.device().is_cpu()
-                && t.dtype() == DType::F32
-                && !t.is_variable()
-                && !DIFFERENTIABLE.with(|d| d.get())
-        };
+        let fast_ok =
+            |t: &Tensor| fast_shape && builds_fused(t) && !DIFFERENTIABLE.with(|d| d.get());
         let fast = |w: super::stored::WeightData| -> Result<Self> {
             let bias = bias.to_vec1::<f32>()?;
             let fast = if stride == 2 {
@@ -640,20 +739,22 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 
 /// GEGLU's gate on a projection `[.., 2n]`: `h · GELU(g)` for its halves `h`, `g` (the fused
 /// kernel on CPU f32 without gradients).
-pub fn geglu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
-        return x.contiguous()?.apply_op1_no_bwd(&super::kernels::Geglu);
+impl Ops {
+    pub fn geglu(self, x: &Tensor) -> Result<Tensor> {
+        if self.fuses(&[x]) {
+            return x.contiguous()?.apply_op1_no_bwd(&super::kernels::Geglu);
+        }
+        let (h, gate) = chunk2_last(x)?;
+        h * gelu(&gate)?
     }
-    let (h, gate) = chunk2_last(x)?;
-    h * gelu(&gate)?
-}
 
-/// CLIP's quick GELU: `x · σ(1.702 x)`.
-pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
-        return x.contiguous()?.apply_op1_no_bwd(&super::kernels::QuickGelu);
+    /// CLIP's quick GELU: `x · σ(1.702 x)`.
+    pub fn quick_gelu(self, x: &Tensor) -> Result<Tensor> {
+        if self.fuses(&[x]) {
+            return x.contiguous()?.apply_op1_no_bwd(&super::kernels::QuickGelu);
+        }
+        x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
     }
-    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
 
 /// Softmax over the last dimension.
@@ -688,103 +789,121 @@ impl LogitControl<'_> {
     }
 }
 
-/// Multi-head scaled dot-product attention (on CPU in f32 without gradients, the fused kernel
-/// [`super::kernels::FastAttention`]; otherwise [`attention_blocked`]).
-///
-/// `q: [B, Nq, H·d]`, `k, v: [B, Nk, H·d]` → `[B, Nq, H·d]`. `mask`, when given, is added to
-/// the logits (broadcast over batch and heads).
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    mask: Option<&Tensor>,
-) -> Result<Tensor> {
-    match mask {
-        None => attention_with(q, k, v, heads, LogitControl::default()),
-        Some(_) => attention_blocked(
+impl Ops {
+    /// Multi-head scaled dot-product attention (on CPU in f32 without gradients, the fused kernel
+    /// [`super::kernels::FastAttention`]; otherwise [`attention_blocked`]).
+    ///
+    /// `q: [B, Nq, H·d]`, `k, v: [B, Nk, H·d]` → `[B, Nq, H·d]`. `mask`, when given, is added to
+    /// the logits (broadcast over batch and heads).
+    pub fn attention(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        match mask {
+            None => self.attention_with(q, k, v, heads, LogitControl::default()),
+            Some(_) => attention_blocked(
+                q,
+                k,
+                v,
+                heads,
+                mask,
+                attention_block_elems(q, heads)?,
+                LogitControl::default(),
+            ),
+        }
+    }
+
+    /// Causal [`Ops::attention`]: query `i` sees keys `j ≤ i` (CLIP's text encoder).
+    pub fn attention_causal(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+    ) -> Result<Tensor> {
+        if self.fuses(&[q, k, v]) {
+            return q.contiguous()?.apply_op3_no_bwd(
+                &k.contiguous()?,
+                &v.contiguous()?,
+                &super::kernels::FastAttention {
+                    heads,
+                    logits_from: None,
+                    causal: true,
+                },
+            );
+        }
+        let (nq, nk) = (q.dim(1)?, k.dim(1)?);
+        let mask: Vec<f32> = (0..nq)
+            .flat_map(|i| (0..nk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (nq, nk), q.device())?;
+        attention_blocked(
             q,
             k,
             v,
             heads,
-            mask,
-            ATTENTION_BLOCK_ELEMS,
+            Some(&mask),
+            attention_block_elems(q, heads)?,
             LogitControl::default(),
-        ),
+        )
+    }
+
+    /// [`Ops::attention`] with the logits steered by `ctl`.
+    pub fn attention_with(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        ctl: LogitControl,
+    ) -> Result<Tensor> {
+        if ctl.record.is_none() && self.fuses(&[q, k, v]) {
+            let logits_from = match ctl.logits_from {
+                Some(f) => Some(logits_from_indices(f, q.dim(0)?)?),
+                None => None,
+            };
+            return q.contiguous()?.apply_op3_no_bwd(
+                &k.contiguous()?,
+                &v.contiguous()?,
+                &super::kernels::FastAttention {
+                    heads,
+                    logits_from,
+                    causal: false,
+                },
+            );
+        }
+        let block = attention_block_elems(q, heads)?;
+        attention_blocked(q, k, v, heads, None, block, ctl)
     }
 }
 
-/// Causal [`attention`]: query `i` sees keys `j ≤ i` (CLIP's text encoder).
-pub fn attention_causal(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    let fast = [q, k, v]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
-    if fast {
-        return q.contiguous()?.apply_op3_no_bwd(
-            &k.contiguous()?,
-            &v.contiguous()?,
-            &super::kernels::FastAttention {
-                heads,
-                logits_from: None,
-                causal: true,
-            },
-        );
-    }
-    let (nq, nk) = (q.dim(1)?, k.dim(1)?);
-    let mask: Vec<f32> = (0..nq)
-        .flat_map(|i| (0..nk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+/// `logits_from` as indices, checked against the batch size `b`.
+fn logits_from_indices(f: &Tensor, b: usize) -> Result<Vec<usize>> {
+    let f: Vec<usize> = f
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|i| i as usize)
         .collect();
-    let mask = Tensor::from_vec(mask, (nq, nk), q.device())?.to_dtype(q.dtype())?;
-    attention_blocked(
-        q,
-        k,
-        v,
-        heads,
-        Some(&mask),
-        ATTENTION_BLOCK_ELEMS,
-        LogitControl::default(),
-    )
+    if f.len() != b || f.iter().any(|&i| i >= b) {
+        candle_core::bail!("attention: logits_from {f:?} for a batch of {b}");
+    }
+    Ok(f)
 }
 
-/// [`attention`] with the logits steered by `ctl`.
-pub fn attention_with(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    ctl: LogitControl,
-) -> Result<Tensor> {
-    let fast = ctl.record.is_none()
-        && [q, k, v]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
-    if fast {
-        let logits_from = match ctl.logits_from {
-            Some(f) => {
-                let b = q.dim(0)?;
-                let f: Vec<usize> = f
-                    .to_vec1::<u32>()?
-                    .into_iter()
-                    .map(|i| i as usize)
-                    .collect();
-                if f.len() != b || f.iter().any(|&i| i >= b) {
-                    candle_core::bail!("attention: logits_from {f:?} for a batch of {b}");
-                }
-                Some(f)
-            }
-            None => None,
-        };
-        return q.contiguous()?.apply_op3_no_bwd(
-            &k.contiguous()?,
-            &v.contiguous()?,
-            &super::kernels::FastAttention {
-                heads,
-                logits_from,
-                causal: false,
-            },
-        );
+/// Score elements per batch·head that [`attention_blocked`] materialises at once on `q`'s
+/// device: 1 M on the CPU (1024 × 1024, cache-sized blocks); on a GPU, blocks of about 2²⁹
+/// elements over all batch·heads together (1 GiB in f16, 2 GiB as the f32 softmax), so a 2048 px map takes a few large
+/// launches instead of thousands of small serial ones.
+pub fn attention_block_elems(q: &Tensor, heads: usize) -> Result<usize> {
+    if q.device().is_cpu() {
+        return Ok(ATTENTION_BLOCK_ELEMS);
     }
-    attention_blocked(q, k, v, heads, None, ATTENTION_BLOCK_ELEMS, ctl)
+    let bh = (q.dim(0)? * heads).max(1);
+    Ok(((1usize << 29) / bh).max(ATTENTION_BLOCK_ELEMS))
 }
 
 /// [`attention`] with scores materialised `block_elems` per batch·head at a time.
@@ -807,7 +926,9 @@ pub fn attention_blocked(
             .contiguous()?
             .reshape((b * heads, n, d))
     };
-    let q = split(q, nq)?;
+    // The scale goes on q before the product: in f16 the unscaled logits of a 512-wide head
+    // (the VAE's) overflow where the scaled ones do not.
+    let q = (split(q, nq)? * scale)?;
     let k = split(k, nk)?;
     let v = split(v, nk)?;
     let kt = k.t()?;
@@ -824,9 +945,10 @@ pub fn attention_blocked(
     // 1.6 GB per call.
     let rows = (block_elems / nk.max(1)).max(1);
     let block = |q: &Tensor| -> Result<Tensor> {
-        let mut logits = (q.matmul(&kt)? * scale)?;
+        // Half-precision logits are taken to f32 for the mask and the softmax.
+        let mut logits = q.matmul(&kt)?.to_dtype(stats_dtype(q.dtype()))?;
         if let Some(mask) = mask {
-            logits = logits.broadcast_add(mask)?;
+            logits = logits.broadcast_add(&mask.to_dtype(logits.dtype())?)?;
         }
         if let Some(from) = ctl.logits_from {
             let (_, n, m) = logits.dims3()?;
@@ -839,7 +961,7 @@ pub fn attention_blocked(
             let (_, n, m) = logits.dims3()?;
             rec.borrow_mut().push(logits.reshape((b, heads, n, m))?);
         }
-        softmax_last_dim(&logits)?.matmul(&v)
+        softmax_last_dim(&logits)?.to_dtype(v.dtype())?.matmul(&v)
     };
     let out = if nq <= rows || mask.is_some() || ctl.record.is_some() {
         block(&q)?
@@ -859,7 +981,7 @@ pub fn attention_blocked(
         .reshape((b, nq, inner))
 }
 
-/// Score elements per batch·head materialised at once by [`attention`] (1024 × 1024).
+/// Score elements per batch·head materialised at once on the CPU (1024 × 1024).
 const ATTENTION_BLOCK_ELEMS: usize = 1 << 20;
 
 /// Splits the last dimension in two equal halves.
@@ -871,11 +993,13 @@ pub fn chunk2_last(x: &Tensor) -> Result<(Tensor, Tensor)> {
 /// `[B, M, N]` → `[B, N, M]`, contiguous (a parallel, cache-blocked copy on CPU f32 without
 /// gradients: the strided copy behind `transpose(1, 2)?.contiguous()` runs at about a tenth
 /// of memory speed on the transformers' token maps).
-pub fn transpose_last2(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
-        return x.contiguous()?.apply_op1_no_bwd(&TransposeLast2);
+impl Ops {
+    pub fn transpose_last2(self, x: &Tensor) -> Result<Tensor> {
+        if self.fuses(&[x]) {
+            return x.contiguous()?.apply_op1_no_bwd(&TransposeLast2);
+        }
+        x.transpose(1, 2)?.contiguous()
     }
-    x.transpose(1, 2)?.contiguous()
 }
 
 struct TransposeLast2;
@@ -1037,12 +1161,14 @@ mod tests {
                 // A variable records gradients: the composed form with an explicit −∞ mask.
                 let qv = candle_core::Var::from_tensor(&q)?;
                 (
-                    attention_causal(&q, &k, &v, heads)?,
-                    attention_causal(qv.as_tensor(), &k, &v, heads)?.detach(),
+                    Ops::AUTO.attention_causal(&q, &k, &v, heads)?,
+                    Ops::AUTO
+                        .attention_causal(qv.as_tensor(), &k, &v, heads)?
+                        .detach(),
                 )
             } else {
                 (
-                    attention(&q, &k, &v, heads, None)?,
+                    Ops::AUTO.attention(&q, &k, &v, heads, None)?,
                     attention_blocked(
                         &q,
                         &k,
@@ -1100,7 +1226,7 @@ mod tests {
             logits_from: Some(&from),
             record: None,
         };
-        let fused = attention_with(&q, &k, &v, 2, ctl)?;
+        let fused = Ops::AUTO.attention_with(&q, &k, &v, 2, ctl)?;
         let composed = attention_blocked(&q, &k, &v, 2, None, usize::MAX, ctl)?;
         let d = (fused - composed)?
             .abs()?
@@ -1116,7 +1242,7 @@ mod tests {
             logits_from: Some(&bad),
             record: None,
         };
-        assert!(attention_with(&q, &k, &v, 2, ctl).is_err());
+        assert!(Ops::AUTO.attention_with(&q, &k, &v, 2, ctl).is_err());
         Ok(())
     }
 
@@ -1184,7 +1310,7 @@ mod tests {
             assert!(d < 1e-6, "head {h}: {d}");
         }
         // Without the control item 1 attends with its own logits.
-        let plain = attention(&q, &k, &v, 2, None)?;
+        let plain = Ops::AUTO.attention(&q, &k, &v, 2, None)?;
         let d = (plain.get(1)? - out.get(1)?)?
             .abs()?
             .flatten_all()?
@@ -1255,7 +1381,7 @@ mod tests {
                 .contiguous()?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let got = transpose_last2(&x)?;
+            let got = Ops::AUTO.transpose_last2(&x)?;
             assert_eq!(got.dims(), &[b, n, m]);
             assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, want, "{b}x{m}x{n}");
         }
@@ -1284,6 +1410,137 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(d < 1e-5, "fused and plain layer norm differ by {d}");
+        Ok(())
+    }
+
+    /// The largest |a − b| relative to the largest |b| (both taken to f64), and whether `a`
+    /// holds an infinity or a NaN.
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<(f64, bool)> {
+        let a = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let b = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let bad = a.iter().any(|v| !v.is_finite());
+        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        Ok((err / scale, bad))
+    }
+
+    /// A norm's weights `[dim]` (γ around 1, β around 0) in `dtype`.
+    fn norm_vb(dim: usize, dtype: DType, seed: u64) -> Result<VarBuilder<'static>> {
+        let mut m = std::collections::HashMap::new();
+        let w = ((seeded_normal((1, 1, dim), seed)?.reshape(dim)? * 0.2)? + 1.0)?;
+        let b = (seeded_normal((1, 1, dim), seed + 1)?.reshape(dim)? * 0.2)?;
+        m.insert("weight".to_owned(), w);
+        m.insert("bias".to_owned(), b);
+        Ok(VarBuilder::from_tensors(m, dtype, &Device::Cpu))
+    }
+
+    /// f16's unit roundoff.
+    const EPS16: f64 = 9.765625e-4;
+
+    #[test]
+    fn f16_layer_norm_statistics_do_not_overflow() -> Result<()> {
+        // A 1280-wide row of standard deviation 100 has Σ(x−μ)² ≈ 1.3e7, far past f16's 65504:
+        // held in f16, the variance is +inf and every output collapses to β.
+        let dim = 1280;
+        let x = (seeded_normal((2, 7, dim), 11)? * 100.0)?;
+        let ln16 = LayerNorm::new(norm_vb(dim, DType::F16, 5)?, dim, 1e-5)?;
+        let ln64 = LayerNorm::new(norm_vb(dim, DType::F64, 5)?, dim, 1e-5)?;
+        let got = ln16.forward(&x.to_dtype(DType::F16)?)?;
+        let want = ln64.forward(&x.to_dtype(DType::F16)?.to_dtype(DType::F64)?)?;
+        let (err, bad) = rel_err(&got, &want)?;
+        assert!(!bad, "f16 layer norm produced inf or NaN");
+        assert!(
+            err < 4.0 * EPS16,
+            "f16 layer norm: relative error {err:.3e}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn f16_attention_scales_before_the_product() -> Result<()> {
+        // The VAE's single 512-wide head: with q = k of standard deviation 12, the unscaled
+        // diagonal logits are ≈ 512 · 144 = 73 728 > 65 504 (inf in f16, NaN after the
+        // softmax); scaled first they are ≈ 3 260.
+        let (n, d) = (24, 512);
+        let q = (seeded_normal((1, n, d), 21)? * 12.0)?.to_dtype(DType::F16)?;
+        let v = seeded_normal((1, n, d), 22)?.to_dtype(DType::F16)?;
+        let got = Ops::GENERIC.attention(&q, &q, &v, 1, None)?;
+        let (q64, v64) = (q.to_dtype(DType::F64)?, v.to_dtype(DType::F64)?);
+        let want = Ops::GENERIC.attention(&q64, &q64, &v64, 1, None)?;
+        let (err, bad) = rel_err(&got, &want)?;
+        assert!(!bad, "f16 attention produced inf or NaN");
+        assert!(err < 4.0 * EPS16, "f16 attention: relative error {err:.3e}");
+        Ok(())
+    }
+
+    /// x (standard deviation `s`, offset mean) → LayerNorm → q, k, v projections → attention
+    /// → + x, in `dtype`, with the weights of `seed`.
+    fn attention_block(x: &Tensor, dtype: DType, heads: usize, causal: bool) -> Result<Tensor> {
+        let (_, _, c) = x.dims3()?;
+        let ln = LayerNorm::new(norm_vb(c, dtype, 31)?, c, 1e-5)?;
+        let proj = |seed: u64| -> Result<Tensor> {
+            (seeded_normal((1, c, c), seed)?.reshape((c, c))? / (c as f64).sqrt())?.to_dtype(dtype)
+        };
+        let h = ln.forward(&x.to_dtype(dtype)?)?;
+        let (q, k, v) = (
+            h.broadcast_matmul(&proj(41)?)?,
+            h.broadcast_matmul(&proj(42)?)?,
+            h.broadcast_matmul(&proj(43)?)?,
+        );
+        let o = if causal {
+            Ops::GENERIC.attention_causal(&q, &k, &v, heads)?
+        } else {
+            Ops::GENERIC.attention(&q, &k, &v, heads, None)?
+        };
+        o + x.to_dtype(dtype)?
+    }
+
+    #[test]
+    fn f16_norms_and_attention_hold_large_activations() -> Result<()> {
+        for s in [10.0, 100.0] {
+            let x = ((seeded_normal((2, 40, 512), 51)? * s)? + s / 2.0)?;
+            let x = x.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+            for dim in [64, 1280] {
+                let x = ((seeded_normal((2, 9, dim), 52)? * s)? - s)?;
+                let ln16 = LayerNorm::new(norm_vb(dim, DType::F16, 5)?, dim, 1e-5)?;
+                let ln64 = LayerNorm::new(norm_vb(dim, DType::F64, 5)?, dim, 1e-5)?;
+                let got = ln16.forward(&x.to_dtype(DType::F16)?)?;
+                let want = ln64.forward(&x.to_dtype(DType::F16)?.to_dtype(DType::F64)?)?;
+                let (err, bad) = rel_err(&got, &want)?;
+                assert!(
+                    !bad && err < 4.0 * EPS16,
+                    "layer norm {dim}, std {s}: {err:.3e}"
+                );
+            }
+            let xg = ((seeded_normal((2, 64, 96), 53)? * s)? + s)?.reshape((2, 64, 8, 12))?;
+            let gn16 = GroupNorm::new(norm_vb(64, DType::F16, 7)?, 32, 64, 1e-6)?;
+            let gn64 = GroupNorm::new(norm_vb(64, DType::F64, 7)?, 32, 64, 1e-6)?;
+            let x16 = xg.to_dtype(DType::F16)?;
+            let x64 = x16.to_dtype(DType::F64)?;
+            for (silu, got, want) in [
+                (false, gn16.forward(&x16)?, gn64.forward(&x64)?),
+                (true, gn16.forward_silu(&x16)?, gn64.forward_silu(&x64)?),
+            ] {
+                let (err, bad) = rel_err(&got, &want)?;
+                assert!(
+                    !bad && err < 4.0 * EPS16,
+                    "group norm (silu {silu}), std {s}: {err:.3e}"
+                );
+            }
+            // Attention blocks: one 512-wide head (the VAE), 8 heads of 64, causal (CLIP).
+            for (heads, causal) in [(1, false), (8, false), (8, true)] {
+                let got = attention_block(&x, DType::F16, heads, causal)?;
+                let want = attention_block(&x.to_dtype(DType::F64)?, DType::F64, heads, causal)?;
+                let (err, bad) = rel_err(&got, &want)?;
+                assert!(
+                    !bad && err < 8.0 * EPS16,
+                    "attention block ({heads} heads, causal {causal}), std {s}: {err:.3e}"
+                );
+            }
+        }
         Ok(())
     }
 }

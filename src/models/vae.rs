@@ -63,6 +63,7 @@ struct VaeAttention {
     k: Linear,
     v: Linear,
     out: Linear,
+    ops: nn::Ops,
 }
 
 impl VaeAttention {
@@ -81,6 +82,7 @@ impl VaeAttention {
             k: Linear::new_maybe_conv(vb.pp(k), c, c)?,
             v: Linear::new_maybe_conv(vb.pp(v), c, c)?,
             out: Linear::new_maybe_conv(vb.pp(o), c, c)?,
+            ops: nn::Ops::current(),
         })
     }
 
@@ -91,7 +93,7 @@ impl VaeAttention {
         let q = self.q.forward(&hs)?;
         let k = self.k.forward(&hs)?;
         let v = self.v.forward(&hs)?;
-        let o = nn::attention(&q, &k, &v, 1, None)?;
+        let o = self.ops.attention(&q, &k, &v, 1, None)?;
         let o = self.out.forward(&o)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x

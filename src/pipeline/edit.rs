@@ -173,8 +173,12 @@ impl EditPipeline {
         noise: &mut dyn NoiseSource,
         progress: &mut dyn Progress,
     ) -> Result<Tensor> {
+        // The sample, the scheduler's arithmetic and the guidance stay in f32 whatever the
+        // UNet computes in (f16 on a GPU): cast at the UNet's input and output, as diffusers'
+        // schedulers upcast.
         let dev = &self.c.device;
         let dtype = self.c.dtype;
+        let image_latents = &image_latents.to_dtype(DType::F32)?;
         let (_, lc, h, w) = image_latents.dims4()?;
         let guided = dual_guidance_enabled(text_guidance, image_guidance);
         let (context, img_lat) = if guided {
@@ -186,7 +190,7 @@ impl EditPipeline {
         } else {
             (cond.clone(), image_latents.clone())
         };
-        let init = noise.randn(&[1, lc, h, w], dev)?.to_dtype(dtype)?;
+        let init = noise.randn(&[1, lc, h, w], dev)?.to_dtype(DType::F32)?;
         let mut latents = (init * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
@@ -197,9 +201,13 @@ impl EditPipeline {
                 latents.clone()
             };
             let scaled = scheduler.scale_model_input(&model_in, i)?;
-            let unet_in = Tensor::cat(&[&scaled, &img_lat], 1)?;
+            let unet_in = Tensor::cat(&[&scaled, &img_lat], 1)?.to_dtype(dtype)?;
             let t_tensor = Tensor::new(t as f32, dev)?;
-            let eps = self.c.unet.forward(&unet_in, &t_tensor, &context)?;
+            let eps = self
+                .c
+                .unet
+                .forward(&unet_in, &t_tensor, &context)?
+                .to_dtype(DType::F32)?;
             let eps = if guided {
                 let ti = eps.narrow(0, 0, 1)?;
                 let im = eps.narrow(0, 1, 1)?;
@@ -325,6 +333,6 @@ pub(crate) fn encode_prompt(c: &Components, text: &str) -> Result<(Tensor, usize
 
 pub(crate) fn decode(c: &Components, latents: &Tensor) -> Result<Tensor> {
     let sf = c.vae.config().scaling_factor as f32;
-    let z = div_s(&latents.to_dtype(c.dtype)?, sf)?;
+    let z = div_s(&latents.to_dtype(DType::F32)?, sf)?.to_dtype(c.dtype)?;
     Ok(c.vae.decode(&z)?.to_dtype(DType::F32)?)
 }

@@ -2,7 +2,7 @@
 //! generation. Several prompts can share one seed: the same starting latents and the same
 //! per-step noise for every image of the batch.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::edit::{decode, encode_prompt};
 use super::guidance::cfg;
@@ -136,7 +136,8 @@ impl Txt2ImgPipeline {
             inner: noise,
             batch: b,
         };
-        let init = shared.randn(&[b, lc, h, w], dev)?.to_dtype(self.c.dtype)?;
+        // Latents and the scheduler's arithmetic in f32; cast at the UNet (see the edit pipeline).
+        let init = shared.randn(&[b, lc, h, w], dev)?.to_dtype(DType::F32)?;
         let mut latents = (init * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
@@ -151,13 +152,19 @@ impl Txt2ImgPipeline {
             } else {
                 latents.clone()
             };
-            let scaled = scheduler.scale_model_input(&model_in, i)?;
+            let scaled = scheduler
+                .scale_model_input(&model_in, i)?
+                .to_dtype(self.c.dtype)?;
             let t_tensor = Tensor::new(t as f32, dev)?;
             let mut cond = Cond::text(&context);
             if p2p_active(p.p2p_threshold, i, total) && b > 1 {
                 cond.self_attn.logits_from = Some(&from);
             }
-            let eps = self.c.unet.forward_cond(&scaled, &t_tensor, cond)?;
+            let eps = self
+                .c
+                .unet
+                .forward_cond(&scaled, &t_tensor, cond)?
+                .to_dtype(DType::F32)?;
             let eps = if guided {
                 cfg(
                     &eps.narrow(0, b, b)?,

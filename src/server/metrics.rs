@@ -1,7 +1,7 @@
 //! Prometheus metrics: requests by door and outcome, queue depth, step and edit latency.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// The server's metrics, registered in their own registry.
@@ -11,8 +11,12 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub queue_depth: IntGauge,
     pub in_flight: IntGauge,
-    pub step_seconds: Histogram,
-    pub edit_seconds: Histogram,
+    /// By worker (its index) and device.
+    pub step_seconds: HistogramVec,
+    /// By worker and device.
+    pub edit_seconds: HistogramVec,
+    /// Edits each worker finished (any outcome), by worker and device.
+    pub worker_edits: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -32,17 +36,25 @@ impl Metrics {
         let queue_depth =
             IntGauge::new("ip2p_queue_depth", "Edits waiting in the queue").expect("valid metric");
         let in_flight = IntGauge::new("ip2p_in_flight", "Edits running").expect("valid metric");
-        let step_seconds = Histogram::with_opts(
+        let by_worker = ["worker", "device"];
+        let step_seconds = HistogramVec::new(
             HistogramOpts::new("ip2p_step_seconds", "Latency of one denoising step")
                 .buckets(prometheus::exponential_buckets(0.005, 2.0, 14).expect("buckets")),
+            &by_worker,
         )
         .expect("valid metric");
-        let edit_seconds = Histogram::with_opts(
+        let edit_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "ip2p_edit_seconds",
                 "Latency of a whole edit, queue included",
             )
             .buckets(prometheus::exponential_buckets(0.05, 2.0, 14).expect("buckets")),
+            &by_worker,
+        )
+        .expect("valid metric");
+        let worker_edits = IntCounterVec::new(
+            Opts::new("ip2p_worker_edits_total", "Edits each model worker ran"),
+            &by_worker,
         )
         .expect("valid metric");
         for m in [
@@ -51,6 +63,7 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(step_seconds.clone()),
             Box::new(edit_seconds.clone()),
+            Box::new(worker_edits.clone()),
         ] {
             registry.register(m).expect("unique metric");
         }
@@ -61,6 +74,7 @@ impl Metrics {
             in_flight,
             step_seconds,
             edit_seconds,
+            worker_edits,
         }
     }
 

@@ -145,6 +145,20 @@ pub async fn start(
     pipeline: EditPipeline,
     model: String,
 ) -> Result<ServerHandle> {
+    start_many(config, vec![pipeline], model).await
+}
+
+/// [`start`] with one model worker per pipeline (each on its own device), all behind the one
+/// bounded queue: each edit goes to the next free worker. Health turns SERVING when every
+/// worker has run its warm-up edit.
+pub async fn start_many(
+    config: ServerConfig,
+    pipelines: Vec<EditPipeline>,
+    model: String,
+) -> Result<ServerHandle> {
+    let Some(first) = pipelines.first() else {
+        return Err(Error::invalid("device", "no model worker to serve with"));
+    };
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(c), Some(k)) => Some(serve::tls_acceptor(c, k)?),
         _ => None,
@@ -156,14 +170,19 @@ pub async fn start(
         .local_addr()
         .map_err(|e| Error::io(config.addr.to_string(), e))?;
     let metrics = Metrics::new();
-    let default_scheduler = pipeline
+    let default_scheduler = first
         .components()
         .scheduler
         .kind()
         .unwrap_or(SchedulerKind::EulerAncestral);
-    let pipeline = Arc::new(pipeline);
+    let pipelines: Vec<Arc<EditPipeline>> = pipelines.into_iter().map(Arc::new).collect();
+    let workers = pipelines
+        .iter()
+        .enumerate()
+        .map(|(i, p)| worker::Worker::new(i, p.clone()))
+        .collect();
     let queue = worker::spawn(
-        pipeline.clone(),
+        workers,
         config.queue_capacity,
         config.preview_size,
         metrics.clone(),
@@ -214,12 +233,14 @@ pub async fn start(
     {
         let state = state.clone();
         let reporter = health_reporter.clone();
-        let pipeline = pipeline.clone();
         let skip = config.no_warmup;
         tokio::spawn(async move {
             if !skip {
                 let t = std::time::Instant::now();
-                let r = tokio::task::spawn_blocking(move || warm_up(&pipeline)).await;
+                let r = tokio::task::spawn_blocking(move || {
+                    pipelines.iter().try_for_each(|p| warm_up(p))
+                })
+                .await;
                 match r {
                     Ok(Ok(())) => {
                         tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up edit done")

@@ -1,4 +1,5 @@
-//! The thread that owns the model, fed by a bounded queue (the text-embeddings-inference shape).
+//! The threads that own the model (one per device), fed by one bounded queue (the
+//! text-embeddings-inference shape).
 //!
 //! Handlers validate, then [`Queue::submit`]: a full queue is refused at once. The worker runs
 //! one edit at a time; after every denoising step it checks whether the job was cancelled, its
@@ -65,6 +66,11 @@ impl Queue {
         self.capacity
     }
 
+    /// Jobs running now (at most one per worker).
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
     /// Enqueues a job, or refuses at once when the queue is full or the server is draining.
     /// Returns the job's position (jobs ahead of it).
     pub fn submit(&self, job: Job) -> Result<usize, ServerError> {
@@ -121,14 +127,38 @@ impl Queue {
     }
 }
 
-/// Starts the worker thread. `queue_capacity` jobs may wait beyond the one running.
+/// One model worker: a pipeline on its device, with the labels its metrics carry.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub pipeline: Arc<EditPipeline>,
+    /// `[worker index, device]`.
+    labels: [String; 2],
+}
+
+impl Worker {
+    pub fn new(index: usize, pipeline: Arc<EditPipeline>) -> Self {
+        let device = crate::device::label(&pipeline.components().device);
+        Self {
+            pipeline,
+            labels: [index.to_string(), device],
+        }
+    }
+
+    fn labels(&self) -> [&str; 2] {
+        [&self.labels[0], &self.labels[1]]
+    }
+}
+
+/// Starts one thread per worker, all fed by one queue: each job goes to the next free worker.
+/// `queue_capacity` jobs may wait beyond the ones running.
 pub fn spawn(
-    pipeline: Arc<EditPipeline>,
+    workers: Vec<Worker>,
     queue_capacity: usize,
     preview_size: u32,
     metrics: Metrics,
 ) -> std::io::Result<Queue> {
-    let (tx, mut rx) = mpsc::channel::<Job>(queue_capacity.max(1));
+    let (tx, rx) = mpsc::channel::<Job>(queue_capacity.max(1));
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let queue = Queue {
         tx,
         capacity: queue_capacity.max(1),
@@ -139,31 +169,41 @@ pub fn spawn(
         metrics: metrics.clone(),
         step_estimate_ms: Arc::new(AtomicUsize::new(1000)),
     };
-    let q = queue.clone();
-    std::thread::Builder::new()
-        .name("ip2p-worker".into())
-        .spawn(move || {
-            while let Some(job) = rx.blocking_recv() {
-                q.running.fetch_add(1, Ordering::SeqCst);
-                q.waiting.fetch_sub(1, Ordering::SeqCst);
-                metrics.queue_depth.set(q.depth() as i64);
-                metrics.in_flight.inc();
-                run_job(&pipeline, job, preview_size, &metrics, &q.step_estimate_ms);
-                metrics.in_flight.dec();
-                q.running.fetch_sub(1, Ordering::SeqCst);
-                q.idle.notify_waiters();
-            }
-        })?;
+    for w in workers {
+        let (q, rx, metrics) = (queue.clone(), rx.clone(), metrics.clone());
+        std::thread::Builder::new()
+            .name(format!("ip2p-worker-{}", w.labels[0]))
+            .spawn(move || worker_loop(&w, &rx, &q, preview_size, &metrics))?;
+    }
     Ok(queue)
 }
 
-fn run_job(
-    pipe: &EditPipeline,
-    job: Job,
+/// Takes jobs until the queue closes. Only a free worker waits on the receiver, so the next
+/// job goes to whichever worker is free first.
+fn worker_loop(
+    w: &Worker,
+    rx: &tokio::sync::Mutex<mpsc::Receiver<Job>>,
+    q: &Queue,
     preview_size: u32,
     metrics: &Metrics,
-    step_ms: &AtomicUsize,
 ) {
+    loop {
+        let job = rx.blocking_lock().blocking_recv();
+        let Some(job) = job else { break };
+        q.running.fetch_add(1, Ordering::SeqCst);
+        q.waiting.fetch_sub(1, Ordering::SeqCst);
+        metrics.queue_depth.set(q.depth() as i64);
+        metrics.in_flight.inc();
+        tracing::debug!(worker = w.labels[0], device = w.labels[1], "job taken");
+        run_job(w, job, preview_size, metrics, &q.step_estimate_ms);
+        metrics.worker_edits.with_label_values(&w.labels()).inc();
+        metrics.in_flight.dec();
+        q.running.fetch_sub(1, Ordering::SeqCst);
+        q.idle.notify_waiters();
+    }
+}
+
+fn run_job(worker: &Worker, job: Job, preview_size: u32, metrics: &Metrics, step_ms: &AtomicUsize) {
     let Job {
         job,
         events,
@@ -171,8 +211,9 @@ fn run_job(
         deadline,
         enqueued,
     } = job;
+    let pipe = &worker.pipeline;
     let rid = job.request_id.clone();
-    let span = tracing::info_span!("edit", request_id = %rid);
+    let span = tracing::info_span!("edit", request_id = %rid, device = %worker.labels[1]);
     let _g = span.enter();
     let stop_reason = |events: &mpsc::Sender<JobEvent>| -> Option<ServerError> {
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -213,7 +254,10 @@ fn run_job(
             let now = Instant::now();
             let dt = now - last;
             last = now;
-            metrics.step_seconds.observe(dt.as_secs_f64());
+            metrics
+                .step_seconds
+                .with_label_values(&worker.labels())
+                .observe(dt.as_secs_f64());
             step_ms.store(dt.as_millis() as usize, Ordering::Relaxed);
             if let Some(e) = stop_reason(&events) {
                 stopped = Some(e);
@@ -282,7 +326,10 @@ fn run_job(
         });
     }
     timings.total_seconds = enqueued.elapsed().as_secs_f64();
-    metrics.edit_seconds.observe(timings.total_seconds);
+    metrics
+        .edit_seconds
+        .with_label_values(&worker.labels())
+        .observe(timings.total_seconds);
     tracing::info!(
         total_s = timings.total_seconds,
         queue_s = timings.queue_seconds,

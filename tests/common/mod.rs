@@ -68,15 +68,20 @@ impl Case {
         })
     }
 
+    /// The bound `tol.<name>`; `tol("f16.<name>")` reads `tol_f16.<name>`.
     pub fn tol(&self, name: &str) -> Result<f64, String> {
-        let t = self.t(&format!("tol.{name}"))?;
+        let key = match name.strip_prefix("f16.") {
+            Some(n) => format!("tol_f16.{n}"),
+            None => format!("tol.{name}"),
+        };
+        let t = self.t(&key)?;
         let v = t
             .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(|e| e.to_string())?;
         v.first()
             .map(|&x| x as f64)
-            .ok_or_else(|| format!("empty tol.{name}"))
+            .ok_or_else(|| format!("empty {key}"))
     }
 }
 
@@ -107,13 +112,32 @@ pub struct Checks {
     pub count: usize,
     /// Largest difference in 8-bit levels over `*_u8` checks.
     pub worst_levels: f64,
+    /// Half precision: bounds from `tol_f16.<name>` (ten times the reference's own fp16 error),
+    /// and only the outputs that have one are compared.
+    pub half: bool,
 }
 
 impl Checks {
-    /// Compares `got` with the case's `name` within `tol.name`.
+    /// Checks for a run in half precision (`half`) or in f32.
+    pub fn new(half: bool) -> Self {
+        Self {
+            half,
+            ..Self::default()
+        }
+    }
+
+    /// Compares `got` with the case's `name` within `tol.name` (`tol_f16.name` in half
+    /// precision, where outputs without such a bound are not compared).
     pub fn within(&mut self, case: &Case, name: &str, got: &Tensor) -> Result<(), String> {
         let want = case.t(name)?;
-        let tol = case.tol(name)?;
+        let tol = if self.half {
+            match case.tol(&format!("f16.{name}")) {
+                Ok(t) => t,
+                Err(_) => return Ok(()),
+            }
+        } else {
+            case.tol(name)?
+        };
         self.bound(name, got, want, tol)
     }
 

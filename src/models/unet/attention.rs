@@ -33,6 +33,7 @@ pub struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    ops: nn::Ops,
 }
 
 impl Attention {
@@ -50,6 +51,7 @@ impl Attention {
             to_v: Linear::new(vb.pp("to_v"), context_dim, inner, false)?,
             to_out: Linear::new(vb.pp("to_out.0"), inner, query_dim, true)?,
             heads,
+            ops: nn::Ops::current(),
         })
     }
 
@@ -72,7 +74,7 @@ impl Attention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let o = nn::attention_with(&q, &k, &v, self.heads, ctl)?;
+        let o = self.ops.attention_with(&q, &k, &v, self.heads, ctl)?;
         self.to_out.forward(&o)
     }
 }
@@ -81,6 +83,7 @@ impl Attention {
 struct FeedForward {
     proj: Linear,
     out: Linear,
+    ops: nn::Ops,
 }
 
 impl FeedForward {
@@ -89,13 +92,14 @@ impl FeedForward {
         Ok(Self {
             proj: Linear::new(vb.pp("net.0.proj"), dim, inner * 2, true)?,
             out: Linear::new(vb.pp("net.2"), inner, dim, true)?,
+            ops: nn::Ops::current(),
         })
     }
 }
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&nn::geglu(&self.proj.forward(x)?)?)
+        self.out.forward(&self.ops.geglu(&self.proj.forward(x)?)?)
     }
 }
 
@@ -178,6 +182,7 @@ pub struct Transformer2D {
     proj_in: Proj,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,
+    ops: nn::Ops,
 }
 
 impl Transformer2D {
@@ -213,6 +218,7 @@ impl Transformer2D {
             proj_in,
             blocks,
             proj_out,
+            ops: nn::Ops::current(),
         })
     }
 
@@ -230,7 +236,7 @@ impl Transformer2D {
         let hs = self.norm.forward(x)?;
         let to_tokens = |t: Tensor| -> Result<Tensor> {
             let ch = t.dim(1)?;
-            nn::transpose_last2(&t.reshape((b, ch, h * w))?)
+            self.ops.transpose_last2(&t.reshape((b, ch, h * w))?)
         };
         let _p = crate::models::profile::scope("transformer (all)");
         let mut hs = match &self.proj_in {
@@ -242,7 +248,7 @@ impl Transformer2D {
         }
         let to_map = |t: Tensor| -> Result<Tensor> {
             let ch = t.dim(2)?;
-            nn::transpose_last2(&t)?.reshape((b, ch, h, w))
+            self.ops.transpose_last2(&t)?.reshape((b, ch, h, w))
         };
         let out = match &self.proj_out {
             Proj::Conv(p) => p.forward(&to_map(hs)?)?,
