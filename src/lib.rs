@@ -15,6 +15,7 @@ pub mod bench;
 pub mod device;
 pub mod error;
 pub mod loader;
+pub mod logging;
 pub mod models;
 pub mod pipeline;
 pub mod schedulers;

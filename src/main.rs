@@ -21,6 +21,10 @@ use ip2p::schedulers::SchedulerKind;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text (coloured only on a terminal; NO_COLOR turns colour off) or json
+    /// (one object per line).
+    #[arg(long, global = true, env = "IP2P_LOG_FORMAT", default_value = "text")]
+    log_format: ip2p::logging::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -641,8 +645,7 @@ async fn shutdown_signal() {
     }
 }
 
-fn run() -> Result<()> {
-    let cli = Cli::parse();
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Edit(a) => edit(a),
         Command::Serve(a) => serve(a),
@@ -668,16 +671,10 @@ fn run() -> Result<()> {
 
 fn main() {
     ip2p::device::tune_allocator();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                let serving = matches!(std::env::args().nth(1).as_deref(), Some("serve" | "train"));
-                tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run() {
+    let cli = Cli::parse();
+    let long_running = matches!(cli.command, Command::Serve(_) | Command::Train(_));
+    ip2p::logging::init(cli.log_format, if long_running { "info" } else { "warn" });
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -221,23 +221,40 @@ fn hub_ids_resolve_through_the_hugging_face_cache_offline() {
 
 /// Starts `ip2p serve` on a free loopback port; returns the child and its address.
 fn spawn_server(extra: &[&str]) -> (std::process::Child, String) {
+    let (child, addr, _) = spawn_server_logged(extra);
+    (child, addr)
+}
+
+/// [`spawn_server`], also returning every line the server writes to stderr (a pipe, not a
+/// terminal), as they come.
+fn spawn_server_logged(
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
     use std::io::BufRead;
     let mut child = ip2p()
         .args(["serve", "--model"])
         .arg(fixtures().join("tiny-ip2p"))
         .args(["--addr", "127.0.0.1:0", "--no-warmup"])
         .args(extra)
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spawn ip2p serve");
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = std::io::BufReader::new(stderr).lines();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let addr = loop {
         let line = lines
             .next()
             .expect("serve printed its address")
             .expect("line");
+        log.lock().expect("log").push(line.clone());
         if let Some(rest) = line
             .split(" on ")
             .nth(1)
@@ -247,8 +264,78 @@ fn spawn_server(extra: &[&str]) -> (std::process::Child, String) {
         }
     };
     // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            sink.lock().expect("log").push(l);
+        }
+    });
+    (child, addr, log)
+}
+
+/// Logs written to a file or pipe carry no ANSI escape sequences; `--log-format json` writes
+/// one JSON object per log line, an edit's lines with its request id.
+#[test]
+fn serve_logs_have_no_colour_in_files_and_json_lines_parse() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let input = tmp.path().join("in.png");
+    write_png(&input, 64, 64);
+    for format in ["text", "json"] {
+        let (mut child, addr, log) = spawn_server_logged(&["--log-format", format]);
+        let o = ip2p()
+            .arg("edit")
+            .arg(&input)
+            .arg("add a rainbow")
+            .arg("-o")
+            .arg(tmp.path().join(format!("{format}.png")))
+            .args(["--steps", "2", "--resolution", "64", "--seed", "5"])
+            .args(["--server", &format!("http://{addr}")])
+            .output()
+            .expect("edit");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // The edit's last line ("finished") is logged before the result is sent.
+        let t0 = std::time::Instant::now();
+        while !log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains("finished"))
+        {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(20), "no log");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let lines = log.lock().expect("log").clone();
+        assert!(lines.len() > 2, "{lines:?}");
+        for l in &lines {
+            assert!(
+                !l.contains('\u{1b}'),
+                "escape sequence in {format} log: {l:?}"
+            );
+        }
+        if format == "json" {
+            let objects: Vec<serde_json::Value> = lines
+                .iter()
+                .filter(|l| !l.starts_with("ip2p serving"))
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect();
+            assert!(
+                objects.iter().all(|o| o["level"].is_string()),
+                "{objects:?}"
+            );
+            let finished = objects
+                .iter()
+                .find(|o| o["fields"]["message"] == "finished")
+                .expect("a finished line");
+            assert!(
+                finished["span"]["request_id"]
+                    .as_str()
+                    .is_some_and(|r| !r.is_empty()),
+                "{finished}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -953,14 +953,38 @@ async fn tls_serves_grpc_and_http() {
     h.shutdown().await;
 }
 
+/// The services listed through gRPC reflection `v1` or `v1alpha` (generated clients of both).
+macro_rules! list_services {
+    ($v:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$v::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = ServerReflectionClient::new($channel)
+            .server_reflection_info(futures::stream::iter([req]))
+            .await
+            .expect(concat!("reflection ", stringify!($v)))
+            .into_inner();
+        let msg = resp.message().await.expect("answer").expect("one answer");
+        match msg.message_response {
+            Some(MessageResponse::ListServicesResponse(l)) => l
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }};
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_the_service_and_oversized_messages_are_refused() {
     let _serial = SERIAL.lock().await;
-    use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
-    };
     let h = start(ServerConfig {
         max_message_bytes: 64 * 1024,
         ..config()
@@ -971,31 +995,14 @@ async fn reflection_lists_the_service_and_oversized_messages_are_refused() {
         .connect()
         .await
         .expect("connect");
-    let mut refl = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut resp = refl
-        .server_reflection_info(futures::stream::iter([req]))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let msg = resp.message().await.expect("answer").expect("one answer");
-    let names: Vec<String> = match msg.message_response {
-        Some(MessageResponse::ListServicesResponse(l)) => {
-            l.service.into_iter().map(|s| s.name).collect()
+    for (version, names) in [
+        ("v1", list_services!(v1, channel.clone())),
+        ("v1alpha", list_services!(v1alpha, channel.clone())),
+    ] {
+        for want in ["ip2p.v1.ImageEditor", "grpc.health.v1.Health"] {
+            assert!(names.iter().any(|n| n == want), "{version}: {names:?}");
         }
-        other => panic!("unexpected {other:?}"),
-    };
-    assert!(
-        names.contains(&"ip2p.v1.ImageEditor".to_owned()),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_owned()),
-        "{names:?}"
-    );
+    }
 
     // A message over --max-message-bytes is refused on both doors, and the server goes on.
     let mut c = client(&h).await;

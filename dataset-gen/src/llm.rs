@@ -3,7 +3,9 @@
 //! Any OpenAI-compatible chat endpoint works (hosted APIs, llama.cpp, vLLM). The request asks
 //! for JSON-schema structured output, shows the model the few-shot examples kept in this crate
 //! (the paper fine-tuned GPT-3 on ~700 human-written ones), and samples at temperature 0.7.
-//! Every answer is validated; a bad one is rejected and counted, never written.
+//! Every answer is validated; an answer that is not the JSON asked for is asked again with a
+//! fresh sample (up to `max_invalid_retries` times), any other bad one is rejected at once;
+//! rejects are counted, never written.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,6 +133,10 @@ pub struct LlmConfig {
     /// Ask for `json_schema` structured output (else plain JSON mode).
     pub json_schema: bool,
     pub retry: RetryPolicy,
+    /// How many times an answer that is not the JSON asked for (models drift out of the
+    /// format now and then, even with structured output) is asked again before the caption
+    /// is rejected as `invalid_json`.
+    pub max_invalid_retries: u32,
 }
 
 impl Default for LlmConfig {
@@ -145,6 +151,7 @@ impl Default for LlmConfig {
             few_shot: 20,
             json_schema: true,
             retry: RetryPolicy::default(),
+            max_invalid_retries: 2,
         }
     }
 }
@@ -207,11 +214,34 @@ impl EditWriter {
         m
     }
 
-    /// Asks for one caption's edit. Never fails: a failure is a [`Reject`].
+    /// Asks for one caption's edit. Never fails: a failure is a [`Reject`]. An answer that is
+    /// not the JSON asked for is asked again (a fresh sample), up to `max_invalid_retries`
+    /// times; every other outcome is final at once.
     pub async fn write(&self, caption: &str) -> std::result::Result<Triple, Reject> {
         if caption.chars().count() > self.config.max_chars {
             return Err(Reject::CaptionTooLong);
         }
+        let mut retries = 0;
+        loop {
+            match self.ask(caption).await {
+                Err(Reject::InvalidJson) if retries < self.config.max_invalid_retries => {
+                    retries += 1;
+                    self.stats
+                        .invalid_json
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(
+                        caption,
+                        retries,
+                        "answer was not the JSON asked for: asking again"
+                    );
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// One request for `caption`'s edit, its answer validated.
+    async fn ask(&self, caption: &str) -> std::result::Result<Triple, Reject> {
         let format = if self.config.json_schema {
             ResponseFormat::JsonSchema {
                 json_schema: ResponseFormatJsonSchema {

@@ -63,8 +63,15 @@ struct Args {
     llm_temperature: f32,
     #[arg(long, env = "DATASET_GEN_LLM_MAX_TOKENS", default_value_t = 256)]
     llm_max_tokens: u32,
+    /// Log lines as text (coloured only on a terminal; NO_COLOR turns colour off) or json.
+    #[arg(long, env = "DATASET_GEN_LOG_FORMAT", default_value = "text")]
+    log_format: ip2p::logging::LogFormat,
     #[arg(long, env = "DATASET_GEN_LLM_MAX_RETRIES", default_value_t = 6)]
     llm_max_retries: u32,
+    /// Times an answer that is not the JSON asked for is asked again (a fresh sample) before
+    /// its caption is rejected as invalid_json.
+    #[arg(long, env = "DATASET_GEN_LLM_MAX_INVALID_RETRIES", default_value_t = 2)]
+    llm_max_invalid_retries: u32,
     /// One attempt's time limit, in seconds.
     #[arg(long, env = "DATASET_GEN_LLM_TIMEOUT", default_value_t = 60.0)]
     llm_timeout: f64,
@@ -156,14 +163,8 @@ fn env_usize(name: &str) -> Option<usize> {
 
 fn main() -> anyhow::Result<()> {
     ip2p::device::tune_allocator();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let a = Args::parse();
+    ip2p::logging::init(a.log_format, "info");
     let shard = a
         .shard
         .or_else(|| env_usize("JOB_COMPLETION_INDEX"))
@@ -185,6 +186,7 @@ fn main() -> anyhow::Result<()> {
         max_chars: a.max_chars,
         few_shot: a.few_shot,
         json_schema: !a.no_json_schema,
+        max_invalid_retries: a.llm_max_invalid_retries,
         retry: RetryPolicy {
             max_retries: a.llm_max_retries,
             attempt_timeout: Duration::from_secs_f64(a.llm_timeout),

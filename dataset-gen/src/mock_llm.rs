@@ -3,6 +3,8 @@
 //! The reply depends on markers in the caption (the last user message), so concurrent requests
 //! behave deterministically:
 //! - `[malformed]`: a reply that is not JSON;
+//! - `[prose-once]`: the first attempt gets prose instead of JSON, later ones a good reply;
+//! - `[prose-then-slow]`: prose first, then a good reply after the configured delay;
 //! - `[429]`: the first attempt gets `429` with `Retry-After: 1`, later ones a good reply;
 //! - `[500]`: the first attempt gets `500`, later ones a good reply;
 //! - `[fail]`: always `500`;
@@ -154,6 +156,11 @@ async fn chat(
     if caption.contains("[malformed]") {
         return completion("{\"instruction\": \"make it snowy\", \"edited_caption\": ");
     }
+    if (caption.contains("[prose-once]") || caption.contains("[prose-then-slow]")) && attempt == 1 {
+        return completion(
+            "Sure! Here is an edit: make it snowy. The edited caption would be snowy.",
+        );
+    }
     if caption.contains("[fail]") {
         return error(StatusCode::INTERNAL_SERVER_ERROR, &[]);
     }
@@ -163,7 +170,9 @@ async fn chat(
     if caption.contains("[500]") && attempt == 1 {
         return error(StatusCode::BAD_GATEWAY, &[]);
     }
-    if caption.contains("[slow]") && attempt == 1 {
+    if (caption.contains("[slow]") && attempt == 1)
+        || (caption.contains("[prose-then-slow]") && attempt == 2)
+    {
         tokio::time::sleep(state.slow).await;
     }
     if caption.contains("[same]") {

@@ -64,6 +64,8 @@ pub struct RetryStats {
     pub server_error: AtomicU64,
     pub timeout: AtomicU64,
     pub connection: AtomicU64,
+    /// Answers that were not the JSON asked for, asked again with a fresh sample.
+    pub invalid_json: AtomicU64,
 }
 
 /// A plain copy of [`RetryStats`].
@@ -73,6 +75,7 @@ pub struct RetryCounts {
     pub server_error: u64,
     pub timeout: u64,
     pub connection: u64,
+    pub invalid_json: u64,
 }
 
 impl RetryStats {
@@ -82,6 +85,7 @@ impl RetryStats {
             server_error: self.server_error.load(Ordering::Relaxed),
             timeout: self.timeout.load(Ordering::Relaxed),
             connection: self.connection.load(Ordering::Relaxed),
+            invalid_json: self.invalid_json.load(Ordering::Relaxed),
         }
     }
 }

@@ -158,3 +158,118 @@ async fn shards_partition_the_work() {
     assert_eq!(a.len(), 10);
     assert_eq!(a, b, "two shards made other rows than one");
 }
+
+fn llm_config(base_url: String) -> dataset_gen::llm::LlmConfig {
+    dataset_gen::llm::LlmConfig {
+        base_url,
+        model: "mock".into(),
+        api_key: None,
+        retry: dataset_gen::retry::RetryPolicy {
+            max_retries: 3,
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(50),
+            attempt_timeout: Duration::from_secs(60),
+            max_retry_after: Duration::from_secs(5),
+        },
+        ..Default::default()
+    }
+}
+
+fn text_ledger_lines(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("ledger/shard-00000-of-00001.text.jsonl"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+/// An LLM that answers prose instead of JSON now and then loses no caption: each is asked
+/// again with a fresh sample, every such caption ends as rows and the summary counts the
+/// retries. A run killed while one caption waits for its fresh sample, then resumed, asks no
+/// caption again that already had its final outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prose_answers_are_asked_again_and_a_resumed_run_asks_no_settled_caption() {
+    let mock = dataset_gen::mock_llm::MockLlm::start(Duration::from_secs(120))
+        .await
+        .expect("mock");
+    let dir = tempfile::tempdir().expect("tmp");
+    let captions = dir.path().join("c.txt");
+    let settled: Vec<String> = (0..5)
+        .map(|i| format!("a field with {i} poppies [prose-once]"))
+        .collect();
+    write(&captions, &format!("{}\n", settled.join("\n")));
+
+    // Uninterrupted, in this process: no caption lost, the retries counted.
+    let out = dir.path().join("whole");
+    let mut cfg = common::run_config(vec![captions.clone()], &out);
+    cfg.llm = Some(llm_config(mock.base_url()));
+    let s = run(cfg).await.expect("run");
+    assert_eq!(s.text.ok, 5);
+    assert!(s.text.rejected.is_empty(), "{:?}", s.text.rejected);
+    assert_eq!(s.text.retries.invalid_json, 5);
+    assert_eq!(s.dataset_rows, 10);
+    let summary: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("summary/shard-00000-of-00001.json")).expect("summary"),
+    )
+    .expect("json");
+    assert_eq!(summary["text"]["retries"]["invalid_json"], 5);
+    let rows = all_rows(&out);
+    for c in &settled {
+        assert_eq!(
+            rows.iter().filter(|r| &r.original_prompt == c).count(),
+            2,
+            "{c}"
+        );
+    }
+
+    // Killed while one caption waits for its fresh sample (the mock holds it for 120 s).
+    let pending = "a harbour at dawn [prose-then-slow]";
+    let captions2 = dir.path().join("c2.txt");
+    let settled2: Vec<String> = (0..4)
+        .map(|i| format!("a garden with {i} roses [prose-once]"))
+        .collect();
+    write(&captions2, &format!("{}\n{pending}\n", settled2.join("\n")));
+    let cut = dir.path().join("cut");
+    let llm_args = |c: &mut Command| {
+        c.args(["--llm-base-url", &mock.base_url(), "--llm-model", "mock"])
+            .args(["--llm-timeout", "300"]);
+    };
+    let mut cmd = command(&captions2, &cut);
+    llm_args(&mut cmd);
+    let mut child = cmd.spawn().expect("spawn");
+    let t0 = Instant::now();
+    while mock.attempts(pending).len() < 2 || text_ledger_lines(&cut) < 4 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("finished before it could be killed: {st}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    for c in &settled2 {
+        assert_eq!(mock.attempts(c).len(), 2, "{c}");
+    }
+
+    let mut cmd = command(&captions2, &cut);
+    llm_args(&mut cmd);
+    let out2 = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("join")
+        .expect("resume");
+    assert!(
+        out2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out2.stderr)
+    );
+    // The settled captions were not asked again; the pending one was (its third attempt).
+    for c in &settled2 {
+        assert_eq!(mock.attempts(c).len(), 2, "asked again: {c}");
+    }
+    assert_eq!(mock.attempts(pending).len(), 3);
+    let rows = all_rows(&cut);
+    assert_eq!(rows.len(), 10);
+    assert_eq!(
+        rows.iter().filter(|r| r.original_prompt == pending).count(),
+        2
+    );
+    assert_eq!(text_ledger_lines(&cut), 5, "one final outcome per caption");
+}

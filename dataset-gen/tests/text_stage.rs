@@ -35,6 +35,7 @@ async fn answers_are_validated_and_transient_failures_retried() {
         "a road [fail]",
         "a hill [same]",
         "a lake [empty]",
+        "a meadow [prose-once]",
     ];
     let results = futures::future::join_all(captions.iter().map(|c| w.write(c))).await;
 
@@ -42,6 +43,7 @@ async fn answers_are_validated_and_transient_failures_retried() {
     assert_eq!(ok.input, "a quiet harbour");
     assert_eq!(ok.edit, "make it snowy");
     assert_eq!(ok.output, "a quiet harbour, covered in snow");
+    // Never JSON: asked three times (the first and two fresh samples), then rejected.
     assert_eq!(results[1], Err(Reject::InvalidJson));
     assert!(results[2].is_ok(), "429 then success: {:?}", results[2]);
     assert!(results[3].is_ok(), "5xx then success: {:?}", results[3]);
@@ -49,6 +51,9 @@ async fn answers_are_validated_and_transient_failures_retried() {
     assert_eq!(results[5], Err(Reject::RequestFailed));
     assert_eq!(results[6], Err(Reject::Unchanged));
     assert_eq!(results[7], Err(Reject::EmptyField));
+    // Prose first, JSON on the fresh sample: a good triple.
+    let prose = results[8].as_ref().expect("prose, then JSON");
+    assert_eq!(prose.output, "a meadow [prose-once], covered in snow");
 
     // Retry-After: 1 was honoured.
     let t = mock.attempts("[429]");
@@ -62,14 +67,19 @@ async fn answers_are_validated_and_transient_failures_retried() {
     assert_eq!(mock.attempts("[slow]").len(), 2);
     // A permanent failure: the first attempt and max_retries more, then given up.
     assert_eq!(mock.attempts("[fail]").len(), 4);
-    // Good and invalid replies are not retried.
+    // Good replies are not asked again, nor well-formed unusable ones; an answer that is not
+    // JSON is, up to twice.
     assert_eq!(mock.attempts("quiet harbour").len(), 1);
-    assert_eq!(mock.attempts("[malformed]").len(), 1);
+    assert_eq!(mock.attempts("[same]").len(), 1);
+    assert_eq!(mock.attempts("[empty]").len(), 1);
+    assert_eq!(mock.attempts("[malformed]").len(), 3);
+    assert_eq!(mock.attempts("[prose-once]").len(), 2);
 
     let retries = w.stats().snapshot();
     assert_eq!(retries.rate_limited, 1);
     assert_eq!(retries.server_error, 1 + 3);
     assert_eq!(retries.timeout, 1);
+    assert_eq!(retries.invalid_json, 2 + 1);
 
     // The request: structured output, temperature 0.7, the few-shot examples, the caption last.
     let reqs = mock.requests();

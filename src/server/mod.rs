@@ -200,14 +200,19 @@ pub async fn start_many(
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&health_reporter, false).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Config {
-            path: "proto".into(),
-            message: e.to_string(),
-        })?;
+    // Reflection in both versions: grpcurl asks v1, while Python's grpcio-reflection,
+    // grpc_cli and several GUI clients still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e: tonic_reflection::server::Error| Error::Config {
+        path: "proto".into(),
+        message: e.to_string(),
+    };
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
     let editor = ImageEditorServer::new(grpc::Service {
         state: state.clone(),
     })
@@ -215,7 +220,8 @@ pub async fn start_many(
     .max_encoding_message_size(usize::MAX);
     let grpc_router = tonic::service::Routes::new(editor)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .prepare()
         .into_axum_router()
         .layer(tonic_web::GrpcWebLayer::new());
