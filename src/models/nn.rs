@@ -825,6 +825,9 @@ impl Ops {
         v: &Tensor,
         heads: usize,
     ) -> Result<Tensor> {
+        if let Some(o) = self.flash(q, k, v, heads, true)? {
+            return Ok(o);
+        }
         if self.fuses(&[q, k, v]) {
             return q.contiguous()?.apply_op3_no_bwd(
                 &k.contiguous()?,
@@ -861,6 +864,11 @@ impl Ops {
         heads: usize,
         ctl: LogitControl,
     ) -> Result<Tensor> {
+        if !ctl.is_active() {
+            if let Some(o) = self.flash(q, k, v, heads, false)? {
+                return Ok(o);
+            }
+        }
         if ctl.record.is_none() && self.fuses(&[q, k, v]) {
             let logits_from = match ctl.logits_from {
                 Some(f) => Some(logits_from_indices(f, q.dim(0)?)?),
@@ -878,6 +886,56 @@ impl Ops {
         }
         let block = attention_block_elems(q, heads)?;
         attention_blocked(q, k, v, heads, None, block, ctl)
+    }
+}
+
+impl Ops {
+    /// Flash attention v2 (the `flash-attn` feature) where it applies: CUDA, f16 or bf16, a
+    /// head width that is a multiple of 8 up to 512, no gradient, and kernels not restricted
+    /// to candle's generic ops. `None` elsewhere.
+    #[cfg(feature = "flash-attn")]
+    fn flash(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        causal: bool,
+    ) -> Result<Option<Tensor>> {
+        let (b, nq, inner) = q.dims3()?;
+        let d = inner / heads.max(1);
+        let applies = self.fused
+            && q.device().is_cuda()
+            && matches!(q.dtype(), DType::F16 | DType::BF16)
+            && d.is_multiple_of(8)
+            && d <= 512
+            && ![q, k, v].iter().any(|t| t.track_op());
+        if !applies {
+            return Ok(None);
+        }
+        let nk = k.dim(1)?;
+        let split = |t: &Tensor, n: usize| t.contiguous()?.reshape((b, n, heads, d));
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let o = candle_flash_attn::flash_attn(
+            &split(q, nq)?,
+            &split(k, nk)?,
+            &split(v, nk)?,
+            scale,
+            causal,
+        )?;
+        Ok(Some(o.reshape((b, nq, inner))?))
+    }
+
+    #[cfg(not(feature = "flash-attn"))]
+    fn flash(
+        self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _heads: usize,
+        _causal: bool,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 }
 
