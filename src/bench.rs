@@ -148,7 +148,7 @@ fn emit_with(mut v: serde_json::Value, extra: &serde_json::Value) {
         }
     }
     println!("{v}");
-    for (name, s, calls, flops) in crate::models::profile::take() {
+    for (name, s, calls, flops) in ip2p_cpu::profile::take() {
         let rate = if flops > 0 {
             format!("{:6.1} GFLOP/s", flops as f64 / s / 1e9)
         } else {
@@ -427,31 +427,14 @@ fn train_step_secs(
 
 /// GFLOP/s of a square f32 matrix product: ours (packed at run time) and the gemm crate's.
 fn gemm_figures(reps: usize) -> Result<()> {
-    use crate::models::sgemm;
+    use ip2p_cpu::sgemm;
     for &n in &[1024usize, 2048, 4096] {
         let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
         let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
         let mut c = vec![0f32; n * n];
         let flop = 2.0 * (n as f64).powi(3);
         let s = median_secs(reps, || {
-            let st = |p: &[f32]| sgemm::Strided {
-                ptr: p.as_ptr(),
-                rs: n,
-                cs: 1,
-            };
-            // SAFETY: a, b, c are n×n row-major and c aliases neither.
-            unsafe {
-                sgemm::gemm(
-                    n,
-                    n,
-                    n,
-                    sgemm::A::Strided(st(&a)),
-                    sgemm::B::Strided(st(&b)),
-                    c.as_mut_ptr(),
-                    n,
-                    sgemm::Epilogue::default(),
-                )
-            };
+            sgemm::matmul(n, n, n, &a, &b, &mut c);
             Ok(())
         })?;
         emit(serde_json::json!({"component": "sgemm", "n": n, "s": s,
@@ -459,19 +442,7 @@ fn gemm_figures(reps: usize) -> Result<()> {
         let pa = sgemm::PackedA::from_rows(n, n, &a);
         let pb = sgemm::PackedB::from_transposed(n, n, &b);
         let s = median_secs(reps, || {
-            // SAFETY: packed n×n operands, c is n×n.
-            unsafe {
-                sgemm::gemm(
-                    n,
-                    n,
-                    n,
-                    sgemm::A::Packed(&pa),
-                    sgemm::B::Packed(&pb),
-                    c.as_mut_ptr(),
-                    n,
-                    sgemm::Epilogue::default(),
-                )
-            };
+            sgemm::matmul_packed(&pa, &pb, &mut c);
             Ok(())
         })?;
         emit(
@@ -479,30 +450,7 @@ fn gemm_figures(reps: usize) -> Result<()> {
             "gflops": flop / s / 1e9}),
         );
         let s = median_secs(reps, || {
-            // SAFETY: as above.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    n,
-                    n,
-                    c.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    a.as_ptr(),
-                    1,
-                    n as isize,
-                    b.as_ptr(),
-                    1,
-                    n as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(0),
-                )
-            };
+            sgemm::matmul_gemm_crate(n, &a, &b, &mut c);
             Ok(())
         })?;
         emit(

@@ -114,6 +114,7 @@ pub fn compute_dtype(device: &Device) -> DType {
 /// reused by the next layer; the peak resident size does not change (it is set by what is
 /// live at once). No effect on other C libraries. Call once, before the first allocation
 /// worth keeping (binaries do it first thing in `main`).
+#[allow(unsafe_code)] // named exception: allocator tuning (see lib.rs)
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's allocation policy; it is safe to call at any time.

@@ -10,6 +10,10 @@
 //! * [`pipeline`]: the edit pipeline with dual classifier-free guidance, text-to-image, image I/O.
 
 #![doc = include_str!("../README.md")]
+// The compute kernels' `unsafe` lives in the `ip2p-cpu` crate. Here only two named exceptions:
+// mapping checkpoint files (`loader::map`) and glibc's allocator policy
+// (`device::tune_allocator`).
+#![deny(unsafe_code)]
 
 pub mod bench;
 pub mod device;

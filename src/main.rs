@@ -1,5 +1,7 @@
 //! `ip2p`: edit images from written instructions.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

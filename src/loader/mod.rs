@@ -14,13 +14,13 @@ use serde::de::DeserializeOwned;
 
 pub use self::hub::{resolve_hub, resolve_hub_files, HubOptions};
 use crate::models::nn::Kernels;
-use crate::models::stored::{StoredDType, StoredTensor, StoredWeights, WeightData};
 use crate::models::{
     AutoencoderKL, ClipTextConfig, ClipTextModel, ClipTokenizer, UNet2DConditionModel, UNetConfig,
     VaeConfig,
 };
 use crate::schedulers::SchedulerConfig;
 use crate::{Error, Result};
+use ip2p_cpu::stored::{StoredDType, StoredTensor, StoredWeights, WeightData};
 
 /// Which weight files to prefer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -264,6 +264,7 @@ pub fn var_builder(
     ))
 }
 
+#[allow(unsafe_code)] // named exception: memory-mapped checkpoints (see lib.rs)
 fn map(files: &[PathBuf]) -> Result<Arc<MmapedSafetensors>> {
     for f in files {
         if !f.is_file() {
@@ -307,14 +308,14 @@ fn build_cached<T>(
     cache: Option<(&Path, &str)>,
     build: impl Fn(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<std::result::Result<T, candle_core::Error>> {
-    use crate::models::stored::{with_pack_cache, PackCache};
+    use ip2p_cpu::stored::{with_pack_cache, PackCache};
     let st = map(files)?;
     let run = |cache: Option<Arc<PackCache>>| {
         let vb = VarBuilder::from_backend(Box::new(Widening(st.clone())), dtype, device.clone());
         let stored: Arc<dyn StoredWeights> = Arc::new(Mapped(st.clone()));
         // The layer-choice flag is reset too: the loaders run at once on rayon's threads, and
         // one may start on a thread that waits inside another's UNet level built for large maps.
-        crate::models::stored::build_from(Some(stored), || {
+        ip2p_cpu::stored::build_from(Some(stored), || {
             with_pack_cache(cache, || {
                 crate::models::nn::build_with_kernels(kernels, || {
                     crate::models::nn::build_for_large_maps(false, || build(vb))
@@ -402,7 +403,7 @@ fn cache_key(files: &[PathBuf]) -> std::io::Result<(u64, u64)> {
         std::collections::hash_map::DefaultHasher::new(),
     );
     env!("CARGO_PKG_VERSION").hash(&mut key);
-    crate::models::sgemm::layout_key().hash(&mut key);
+    ip2p_cpu::sgemm::layout_key().hash(&mut key);
     for f in files {
         let meta = std::fs::metadata(f)?;
         let path = std::fs::canonicalize(f)?;

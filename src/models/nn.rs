@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use ip2p_cpu::{kernels, profile, rows, stored};
 
 /// Runs `f` on the elements of a CPU f32 tensor in place (no copy when it is contiguous).
 fn with_cpu_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
@@ -18,16 +19,39 @@ fn with_cpu_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
     }
 }
 
+/// Calls `f` with the stored tensor `name` under `vb`'s prefix, if a source is set for this
+/// thread, `vb` produces CPU f32 tensors and the stored one has the expected `shape`; `None`
+/// means: take the weight from `vb`.
+fn with_stored<T>(
+    vb: &VarBuilder,
+    name: &str,
+    shape: &[usize],
+    f: impl FnOnce(stored::WeightData) -> T,
+) -> Option<T> {
+    if vb.dtype() != DType::F32 || !vb.device().is_cpu() {
+        return None;
+    }
+    let source = stored::current_source()?;
+    let prefix = vb.prefix();
+    let full = if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    };
+    let t = source.tensor(&full)?;
+    (t.shape == shape && t.data.len() == shape.iter().product::<usize>()).then(|| f(t.data))
+}
+
 /// A dense layer `y = x Wᵀ + b` that accepts inputs of any rank.
 ///
 /// CPU f32 weights that are not being trained are kept only in packed form
-/// ([`super::kernels::FastLinear`]); `weight` is then a zero-sized placeholder of the right shape.
+/// ([`kernels::FastLinear`]); `weight` is then a zero-sized placeholder of the right shape.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     lora: Option<Lora>,
-    fast: Option<std::sync::Arc<super::kernels::FastLinear>>,
+    fast: Option<std::sync::Arc<kernels::FastLinear>>,
 }
 
 impl Linear {
@@ -62,7 +86,7 @@ impl Linear {
     }
 
     /// The packed layer straight from the stored weight of `shape` (`[out, in]`, or a 1×1
-    /// convolution's `[out, in, 1, 1]`), where a loader provides it ([`super::stored`]).
+    /// convolution's `[out, in, 1, 1]`), where a loader provides it ([`stored`]).
     fn from_stored(
         vb: &VarBuilder,
         shape: &[usize],
@@ -72,9 +96,9 @@ impl Linear {
             return None;
         }
         let (out_dim, in_dim) = (shape[0], shape[1]);
-        super::stored::with_stored(vb, "weight", shape, |w| {
+        with_stored(vb, "weight", shape, |w| {
             let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-            let fast = super::kernels::FastLinear::new(w, b.as_deref(), out_dim, in_dim);
+            let fast = kernels::FastLinear::new(w, b.as_deref(), out_dim, in_dim);
             Self::packed(fast, bias.clone(), vb.device())
         })
     }
@@ -91,7 +115,7 @@ impl Linear {
             let (out_dim, in_dim) = weight.dims2()?;
             let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
             let fast = with_cpu_f32(&weight, |w| {
-                super::kernels::FastLinear::new(w, b.as_deref(), out_dim, in_dim)
+                kernels::FastLinear::new(w, b.as_deref(), out_dim, in_dim)
             })?;
             return Self::packed(fast, bias, weight.device());
         }
@@ -105,7 +129,7 @@ impl Linear {
 
     /// A layer that keeps only its packed weight (`weight` is a zero-sized placeholder).
     fn packed(
-        fast: super::kernels::FastLinear,
+        fast: kernels::FastLinear,
         bias: Option<Tensor>,
         dev: &candle_core::Device,
     ) -> Result<Self> {
@@ -234,8 +258,7 @@ impl LayerNorm {
     }
 }
 
-/// LayerNorm over the last dimension on CPU f32: one parallel pass over blocks of rows, f64
-/// statistics.
+/// LayerNorm over the last dimension on CPU f32 ([`rows::layer_norm`]).
 struct FusedLayerNorm<'a> {
     gamma: &'a [f32],
     beta: &'a [f32],
@@ -252,42 +275,34 @@ impl candle_core::CustomOp1 for FusedLayerNorm<'_> {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fused layer norm: f32 only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused layer norm: contiguous input only");
-        };
-        let x = &data[start..end];
+        let x = contiguous_f32(storage, layout, "fused layer norm")?;
         let dim = self.gamma.len();
-        if layout.dims().last() != Some(&dim) {
+        if dim == 0 || layout.dims().last() != Some(&dim) {
             candle_core::bail!("fused layer norm: last dimension is not {dim}");
         }
-        // SAFETY: every row is normalised into its output row below.
-        let mut out = unsafe { super::sgemm::output_buffer(x.len()) };
-        // About 64 KiB of input per task.
-        let rows = (16384 / dim.max(1)).max(1);
-        out.par_chunks_mut(rows * dim)
-            .zip(x.par_chunks(rows * dim))
-            .for_each(|(o, xi)| {
-                for (o, xr) in o.chunks_exact_mut(dim).zip(xi.chunks_exact(dim)) {
-                    let mean = super::kernels::sum_f64(xr) / dim as f64;
-                    let var = super::kernels::sum_sq_dev_f64(xr, mean) / dim as f64;
-                    let rstd = (1.0 / (var + self.eps).sqrt()) as f32;
-                    let mean = mean as f32;
-                    for (((o, &v), &g), &b) in o.iter_mut().zip(xr).zip(self.gamma).zip(self.beta) {
-                        *o = (v - mean) * rstd * g + b;
-                    }
-                }
-            });
+        let out = rows::layer_norm(x, self.gamma, self.beta, self.eps);
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 
+/// The f32 elements of a contiguous CPU tensor, or an error naming `op`.
+fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 only");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous input only");
+    };
+    Ok(&data[start..end])
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let _p = super::profile::scope("layer_norm");
+        let _p = profile::scope("layer_norm");
         if let Some(f) = self.fused.as_deref() {
             if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
                 return x.contiguous()?.apply_op1_no_bwd(&FusedLayerNorm {
@@ -382,13 +397,7 @@ impl GroupNorm {
 }
 
 /// The fused CPU GroupNorm kernel's parameters.
-#[derive(Debug)]
-pub struct FusedGroupNorm {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-    groups: usize,
-    eps: f64,
-}
+type FusedGroupNorm = rows::GroupNormParams;
 
 struct FusedOp<'a> {
     norm: &'a FusedGroupNorm,
@@ -405,51 +414,17 @@ impl candle_core::CustomOp1 for FusedOp<'_> {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let _p = super::profile::scope("group_norm");
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fused group norm: f32 only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused group norm: contiguous input only");
-        };
-        let x = &data[start..end];
+        let _p = profile::scope("group_norm");
+        let x = contiguous_f32(storage, layout, "fused group norm")?;
         let dims = layout.dims();
-        if dims.len() < 2 {
-            candle_core::bail!("fused group norm: expected [B, C, ...]");
+        if dims.len() < 2 || dims[1] != self.norm.gamma.len() {
+            candle_core::bail!(
+                "fused group norm: expected [B, {}, ...]",
+                self.norm.gamma.len()
+            );
         }
-        let c = dims[1];
         let hw: usize = dims[2..].iter().product();
-        let g = self.norm.groups;
-        let cpg = c / g;
-        let n = cpg * hw;
-        let (gamma, beta, eps, silu) =
-            (&self.norm.gamma, &self.norm.beta, self.norm.eps, self.silu);
-        // SAFETY: every group's chunk is written below.
-        let mut out = unsafe { super::sgemm::output_buffer(x.len()) };
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .enumerate()
-            .for_each(|(idx, (o, xi))| {
-                let gi = idx % g;
-                let mean = super::kernels::sum_f64(xi) / n as f64;
-                let var = super::kernels::sum_sq_dev_f64(xi, mean) / n as f64;
-                let rstd = 1.0 / (var + eps).sqrt();
-                for ch in 0..cpg {
-                    let ci = gi * cpg + ch;
-                    let scale = gamma[ci] as f64 * rstd;
-                    let shift = (beta[ci] as f64 - mean * scale) as f32;
-                    let scale = scale as f32;
-                    let (oc, xc) = (&mut o[ch * hw..(ch + 1) * hw], &xi[ch * hw..(ch + 1) * hw]);
-                    if silu {
-                        super::kernels::affine_silu(xc, oc, scale, shift);
-                    } else {
-                        for (ov, &xv) in oc.iter_mut().zip(xc) {
-                            *ov = xv * scale + shift;
-                        }
-                    }
-                }
-            });
+        let out = rows::group_norm(x, hw, self.norm, self.silu);
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -605,7 +580,7 @@ pub fn build_differentiable<T>(f: impl FnOnce() -> T) -> T {
 
 /// Builds layers that run on large maps (`large = true`: at least half the latent's side, the
 /// UNet's two outer levels): their 3×3 convolutions take Winograd's form whatever their
-/// channel counts (see [`super::kernels::ConvAlgo::auto`]), since there its smaller products
+/// channel counts (see [`kernels::ConvAlgo::auto`]), since there its smaller products
 /// save more than its larger weights cost.
 pub fn build_for_large_maps<T>(large: bool, f: impl FnOnce() -> T) -> T {
     with_flag(&LARGE_MAPS, large, f)
@@ -624,7 +599,7 @@ pub enum Conv2d {
         conv: candle_nn::Conv2d,
         pad_end: usize,
     },
-    Fast(std::sync::Arc<super::kernels::FastConv>),
+    Fast(std::sync::Arc<kernels::FastConv>),
 }
 
 impl Conv2d {
@@ -664,20 +639,20 @@ impl Conv2d {
         };
         let fast_ok =
             |t: &Tensor| fast_shape && builds_fused(t) && !DIFFERENTIABLE.with(|d| d.get());
-        let fast = |w: super::stored::WeightData| -> Result<Self> {
+        let fast = |w: stored::WeightData| -> Result<Self> {
             let bias = bias.to_vec1::<f32>()?;
             let fast = if stride == 2 {
-                super::kernels::FastConv::strided(w, &bias, out_c, in_c, padding)
+                kernels::FastConv::strided(w, &bias, out_c, in_c, padding)
             } else {
                 let large = LARGE_MAPS.with(|l| l.get());
-                let algo = super::kernels::ConvAlgo::auto(out_c, in_c, kernel, large);
-                super::kernels::FastConv::with_algo(w, &bias, out_c, in_c, kernel, algo)
+                let algo = kernels::ConvAlgo::auto(out_c, in_c, kernel, large);
+                kernels::FastConv::with_algo(w, &bias, out_c, in_c, kernel, algo)
             };
             Ok(Self::Fast(std::sync::Arc::new(fast)))
         };
         let shape = [out_c, in_c, kernel, kernel];
         if fast_ok(&bias) {
-            if let Some(conv) = super::stored::with_stored(&vb, "weight", &shape, fast) {
+            if let Some(conv) = with_stored(&vb, "weight", &shape, fast) {
                 return conv;
             }
         }
@@ -726,7 +701,7 @@ impl Conv2d {
         match self {
             Self::Fast(k) if !x.track_op() && !skip.track_op() => x
                 .contiguous()?
-                .apply_op2_no_bwd(&skip.contiguous()?, &super::kernels::ConvAdd(k.as_ref())),
+                .apply_op2_no_bwd(&skip.contiguous()?, &kernels::ConvAdd(k.as_ref())),
             _ => self.forward(x)? + skip,
         }
     }
@@ -742,7 +717,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 impl Ops {
     pub fn geglu(self, x: &Tensor) -> Result<Tensor> {
         if self.fuses(&[x]) {
-            return x.contiguous()?.apply_op1_no_bwd(&super::kernels::Geglu);
+            return x.contiguous()?.apply_op1_no_bwd(&kernels::Geglu);
         }
         let (h, gate) = chunk2_last(x)?;
         h * gelu(&gate)?
@@ -751,7 +726,7 @@ impl Ops {
     /// CLIP's quick GELU: `x · σ(1.702 x)`.
     pub fn quick_gelu(self, x: &Tensor) -> Result<Tensor> {
         if self.fuses(&[x]) {
-            return x.contiguous()?.apply_op1_no_bwd(&super::kernels::QuickGelu);
+            return x.contiguous()?.apply_op1_no_bwd(&kernels::QuickGelu);
         }
         x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
     }
@@ -791,7 +766,7 @@ impl LogitControl<'_> {
 
 impl Ops {
     /// Multi-head scaled dot-product attention (on CPU in f32 without gradients, the fused kernel
-    /// [`super::kernels::FastAttention`]; otherwise [`attention_blocked`]).
+    /// [`kernels::FastAttention`]; otherwise [`attention_blocked`]).
     ///
     /// `q: [B, Nq, H·d]`, `k, v: [B, Nk, H·d]` → `[B, Nq, H·d]`. `mask`, when given, is added to
     /// the logits (broadcast over batch and heads).
@@ -832,7 +807,7 @@ impl Ops {
             return q.contiguous()?.apply_op3_no_bwd(
                 &k.contiguous()?,
                 &v.contiguous()?,
-                &super::kernels::FastAttention {
+                &kernels::FastAttention {
                     heads,
                     logits_from: None,
                     causal: true,
@@ -877,7 +852,7 @@ impl Ops {
             return q.contiguous()?.apply_op3_no_bwd(
                 &k.contiguous()?,
                 &v.contiguous()?,
-                &super::kernels::FastAttention {
+                &kernels::FastAttention {
                     heads,
                     logits_from,
                     causal: false,
@@ -1072,35 +1047,9 @@ impl candle_core::CustomOp1 for TransposeLast2 {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        const T: usize = 32;
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("transpose: f32 only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("transpose: contiguous input only");
-        };
+        let x = contiguous_f32(storage, layout, "transpose")?;
         let (b, m, n) = layout.shape().dims3()?;
-        let x = &data[start..end];
-        // SAFETY: every output row (one per input column) is written in full below.
-        let mut out = unsafe { super::sgemm::output_buffer(x.len()) };
-        if m > 0 && n > 0 {
-            // Task: one image's band of T output rows (input columns j0..j0+T), all of m.
-            out.par_chunks_mut(n * m)
-                .zip(x.par_chunks(m * n))
-                .for_each(|(o, src)| {
-                    o.par_chunks_mut(T * m).enumerate().for_each(|(band, ob)| {
-                        let j0 = band * T;
-                        let cols = T.min(n - j0);
-                        for i in 0..m {
-                            let row = &src[i * n + j0..i * n + j0 + cols];
-                            for (jj, &v) in row.iter().enumerate() {
-                                ob[jj * m + i] = v;
-                            }
-                        }
-                    })
-                });
-        }
+        let out = rows::transpose_last2(x, b, m, n);
         Ok((
             candle_core::CpuStorage::F32(out),
             candle_core::Shape::from((b, n, m)),
@@ -1130,6 +1079,37 @@ pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    struct One(Vec<usize>, Vec<f32>);
+    impl stored::StoredWeights for One {
+        fn tensor(&self, name: &str) -> Option<stored::StoredTensor<'_>> {
+            (name == "a.b.weight").then(|| stored::StoredTensor {
+                shape: self.0.clone(),
+                data: self.1.as_slice().into(),
+            })
+        }
+    }
+
+    #[test]
+    fn stored_weights_are_found_by_prefix_and_shape_only_inside_build_from() {
+        let dev = candle_core::Device::Cpu;
+        let vb = VarBuilder::zeros(DType::F32, &dev).pp("a").pp("b");
+        let src: std::sync::Arc<dyn stored::StoredWeights> =
+            std::sync::Arc::new(One(vec![2, 3], vec![1.0; 6]));
+        let sum = |vb: &VarBuilder, shape: &[usize]| {
+            with_stored(vb, "weight", shape, |d| d.to_f32_vec().iter().sum::<f32>())
+        };
+        assert_eq!(sum(&vb, &[2, 3]), None, "no source outside build_from");
+        stored::build_from(Some(src.clone()), || {
+            assert_eq!(sum(&vb, &[2, 3]), Some(6.0));
+            assert_eq!(sum(&vb, &[3, 2]), None, "shape differs");
+            assert_eq!(sum(&vb.pp("c"), &[2, 3]), None, "other name");
+            assert_eq!(sum(&vb.to_dtype(DType::F16), &[2, 3]), None, "f16 wanted");
+            stored::build_from(None, || assert_eq!(sum(&vb, &[2, 3]), None, "turned off"));
+            assert_eq!(sum(&vb, &[2, 3]), Some(6.0), "restored");
+        });
+        assert_eq!(sum(&vb, &[2, 3]), None, "restored after");
+    }
 
     /// Max |error| of `out` against attention computed in f64.
     fn attention_error(

@@ -46,7 +46,7 @@ impl ResnetBlock2D {
 
     /// `temb` is the already-computed time embedding `[B, temb_c]` (SiLU is applied here).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let _p = super::profile::scope("resnet (all)");
+        let _p = ip2p_cpu::profile::scope("resnet (all)");
         let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&candle_nn::ops::silu(temb)?)?;

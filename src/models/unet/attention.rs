@@ -238,7 +238,7 @@ impl Transformer2D {
             let ch = t.dim(1)?;
             self.ops.transpose_last2(&t.reshape((b, ch, h * w))?)
         };
-        let _p = crate::models::profile::scope("transformer (all)");
+        let _p = ip2p_cpu::profile::scope("transformer (all)");
         let mut hs = match &self.proj_in {
             Proj::Conv(p) => to_tokens(p.forward(&hs)?)?,
             Proj::Linear(p) => p.forward(&to_tokens(hs)?)?,

@@ -11,10 +11,9 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use candle_core::{DType, Result};
+use candle_core::Result;
 
-use super::sgemm::Floats;
-use candle_nn::VarBuilder;
+use crate::sgemm::Floats;
 
 /// How the elements of a stored tensor are encoded (little-endian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,27 +185,9 @@ fn with_local<V: 'static, T>(
     f()
 }
 
-/// Calls `f` with the stored tensor `name` under `vb`'s prefix, if a source is set for this
-/// thread, `vb` produces CPU f32 tensors and the stored one has the expected `shape`; `None`
-/// means: take the weight from `vb`.
-pub(crate) fn with_stored<T>(
-    vb: &VarBuilder,
-    name: &str,
-    shape: &[usize],
-    f: impl FnOnce(WeightData) -> T,
-) -> Option<T> {
-    if vb.dtype() != DType::F32 || !vb.device().is_cpu() {
-        return None;
-    }
-    let source = SOURCE.with(|s| s.borrow().clone())?;
-    let prefix = vb.prefix();
-    let full = if prefix.is_empty() {
-        name.to_string()
-    } else {
-        format!("{prefix}.{name}")
-    };
-    let t = source.tensor(&full)?;
-    (t.shape == shape && t.data.len() == shape.iter().product::<usize>()).then(|| f(t.data))
+/// The stored weights [`build_from`] set for this thread, if any.
+pub fn current_source() -> Option<Arc<dyn StoredWeights>> {
+    SOURCE.with(|s| s.borrow().clone())
 }
 
 /// Packed weights kept in a file, so that a later start maps them instead of computing them
@@ -395,35 +376,5 @@ mod tests {
             }
         }
         assert!(WeightData::new(&[0u8; 3], StoredDType::F16).is_err());
-    }
-
-    struct One(Vec<usize>, Vec<f32>);
-    impl StoredWeights for One {
-        fn tensor(&self, name: &str) -> Option<StoredTensor<'_>> {
-            (name == "a.b.weight").then(|| StoredTensor {
-                shape: self.0.clone(),
-                data: self.1.as_slice().into(),
-            })
-        }
-    }
-
-    #[test]
-    fn stored_weights_are_found_by_prefix_and_shape_only_inside_build_from() {
-        let dev = candle_core::Device::Cpu;
-        let vb = VarBuilder::zeros(DType::F32, &dev).pp("a").pp("b");
-        let src: Arc<dyn StoredWeights> = Arc::new(One(vec![2, 3], vec![1.0; 6]));
-        let sum = |vb: &VarBuilder, shape: &[usize]| {
-            with_stored(vb, "weight", shape, |d| d.to_f32_vec().iter().sum::<f32>())
-        };
-        assert_eq!(sum(&vb, &[2, 3]), None, "no source outside build_from");
-        build_from(Some(src.clone()), || {
-            assert_eq!(sum(&vb, &[2, 3]), Some(6.0));
-            assert_eq!(sum(&vb, &[3, 2]), None, "shape differs");
-            assert_eq!(sum(&vb.pp("c"), &[2, 3]), None, "other name");
-            assert_eq!(sum(&vb.to_dtype(DType::F16), &[2, 3]), None, "f16 wanted");
-            build_from(None, || assert_eq!(sum(&vb, &[2, 3]), None, "turned off"));
-            assert_eq!(sum(&vb, &[2, 3]), Some(6.0), "restored");
-        });
-        assert_eq!(sum(&vb, &[2, 3]), None, "restored after");
     }
 }

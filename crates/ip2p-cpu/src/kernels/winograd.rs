@@ -4,9 +4,9 @@
 //! time in registers (bit for bit what the portable code computes; that code, compiled for
 //! AVX2 or baseline x86-64, serves the other CPUs).
 
-use super::super::stored::WeightData;
 use super::add_residual;
 use super::sgemm::{self, PackedA, Problem, Strided};
+use crate::stored::WeightData;
 
 /// `U_ξ[o][c] = (G g_oc Gᵀ)[ξ]` with `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]`,
 /// computed in f64 and rounded once; the 16 matrices are packed as they are computed.
@@ -71,7 +71,7 @@ pub(super) fn conv(
         let rows = chunk.min(tile_rows - r0);
         let nt = rows * tw;
         let ld = 16 * nt;
-        let p = super::super::profile::scope("winograd input");
+        let p = crate::profile::scope("winograd input");
         v[..ci * ld].par_chunks_mut(ld).enumerate().for_each_init(
             || vec![0f32; 24 * tw + 8],
             |scratch, (c, vc)| {
@@ -91,7 +91,7 @@ pub(super) fn conv(
             },
         );
         drop(p);
-        let p = super::super::profile::scope("winograd products");
+        let p = crate::profile::scope("winograd products");
         let (vp, mp) = (v.as_ptr() as usize, m.as_mut_ptr() as usize);
         // SAFETY: item ξ reads V_ξ (c, t) at v[c·ld + ξ·nt + t] and writes M_ξ (o, t) at
         // m[o·ld + ξ·nt + t]: inside both buffers, disjoint between items.
@@ -110,7 +110,7 @@ pub(super) fn conv(
             })
         };
         drop(p);
-        let _p = super::super::profile::scope("winograd output");
+        let _p = crate::profile::scope("winograd output");
         let (img0, img1) = (r0 / th, (r0 + rows - 1) / th);
         out[img0 * co * h * w..(img1 + 1) * co * h * w]
             .par_chunks_mut(h * w)

@@ -16,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use super::stored::WeightData;
+use crate::stored::WeightData;
 
 /// A buffer of `len` floats with unspecified contents, for an output that is written in full
 /// before anything reads it: it skips the zero fill that `vec![0.0; len]` does on one thread
@@ -293,7 +293,7 @@ pub struct PackedB {
 }
 
 /// A packed operand's values: computed here, or mapped from a cache of packed weights
-/// ([`super::stored::cached`]).
+/// ([`crate::stored::cached`]).
 #[derive(Clone)]
 pub enum Floats {
     Owned(Vec<f32>),
@@ -373,7 +373,7 @@ impl PackedA {
     ) -> [Self; N] {
         let mr = kernel().mr;
         let len = m.div_ceil(mr) * mr * k;
-        super::stored::cached(len, || pack_panels(m, k, mr, rows)).map(|data| Self {
+        crate::stored::cached(len, || pack_panels(m, k, mr, rows)).map(|data| Self {
             m,
             k,
             mr,
@@ -421,7 +421,7 @@ impl PackedB {
         let nr = kernel().nr;
         // Column j of Wᵀ is row j of W, and a B panel [kc][nr] of Wᵀ is an A panel of W.
         let len = n.div_ceil(nr) * nr * k;
-        let [data] = super::stored::cached(len, || {
+        let [data] = crate::stored::cached(len, || {
             pack_panels(n, k, nr, |j, p0, out: &mut [[f32; KC]; 1]| {
                 let kc = KC.min(k - p0);
                 w.read(j * k + p0, &mut out[0][..kc]);
@@ -673,6 +673,90 @@ thread_local! {
 /// Below this many multiply-adds per item, a batch runs its items in parallel (each on one
 /// core) instead of spreading each item over the cores.
 const SMALL_ITEM: usize = 1 << 24;
+
+/// `C = A · B` on row-major slices (`A` is `m × k`, `B` is `k × n`, `C` is `m × n` and is
+/// overwritten): the safe form of [`gemm`].
+///
+/// # Panics
+/// If a slice is shorter than its dimensions say.
+pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    let st = |p: &[f32], rs: usize| Strided {
+        ptr: p.as_ptr(),
+        rs,
+        cs: 1,
+    };
+    // SAFETY: the asserts above bound every element read or written; `c` is a unique borrow, so
+    // it aliases neither operand.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            A::Strided(st(a, k)),
+            B::Strided(st(b, n)),
+            c.as_mut_ptr(),
+            n,
+            Epilogue::default(),
+        )
+    };
+}
+
+/// `C = A · B` with both operands packed (`C` is `m × n`, row-major, overwritten).
+///
+/// # Panics
+/// If the operands' inner dimensions differ or `c` is shorter than `m × n`.
+pub fn matmul_packed(a: &PackedA, b: &PackedB, c: &mut [f32]) {
+    assert!(a.k == b.k && c.len() >= a.m * b.n);
+    // SAFETY: packed operands of dimensions (m, k) and (k, n); `c` holds m × n elements and is
+    // a unique borrow.
+    unsafe {
+        gemm(
+            a.m,
+            b.n,
+            a.k,
+            A::Packed(a),
+            B::Packed(b),
+            c.as_mut_ptr(),
+            b.n,
+            Epilogue::default(),
+        )
+    };
+}
+
+/// `C = A · B` on row-major square `n × n` slices by the `gemm` crate (the comparison
+/// `ip2p bench --only gemm` prints beside ours).
+///
+/// # Panics
+/// If a slice is shorter than `n × n`.
+pub fn matmul_gemm_crate(n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() >= n * n && b.len() >= n * n && c.len() >= n * n);
+    let s = n as isize;
+    // SAFETY: the asserts bound every access; row strides n, column strides 1; `c` is unique.
+    unsafe {
+        gemm::gemm(
+            n,
+            n,
+            n,
+            c.as_mut_ptr(),
+            1,
+            s,
+            false,
+            a.as_ptr(),
+            1,
+            s,
+            b.as_ptr(),
+            1,
+            s,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
+    };
+}
 
 /// `batch` products of the same shape.
 ///
@@ -1221,7 +1305,7 @@ mod tests {
 
     #[test]
     fn weights_pack_alike_from_every_stored_form() {
-        use crate::models::stored::StoredDType;
+        use crate::stored::StoredDType;
         // Ragged edges, several depth blocks, and one large enough to pack in parallel.
         for &(rows, k) in &[(1, 1), (13, 257), (37, 600), (700, 530)] {
             let w = data(rows * k, 7);

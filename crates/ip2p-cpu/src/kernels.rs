@@ -1,7 +1,7 @@
 //! Fused CPU kernels for inference (no gradients recorded).
 //!
 //! [`FastConv`]: convolutions (3×3 with padding 1, 1×1, and the downsamplers' 3×3 with
-//! stride 2) as matrix products on [`super::sgemm`], with the weights packed once at load.
+//! stride 2) as matrix products on [`crate::sgemm`], with the weights packed once at load.
 //! The direct 3×3 form reads its right operand straight from a zero-padded copy of the input
 //! (an implicit im2col: row `c·9 + tap` of the operand is channel `c`'s padded plane — or, with
 //! stride 2, one of its four phase planes — shifted by the tap), so the 9×-larger column matrix
@@ -11,8 +11,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 
-use super::sgemm::{self, PackedA, Problem, Strided};
-use super::stored::WeightData;
+use crate::sgemm::{self, PackedA, Problem, Strided};
+use crate::stored::WeightData;
 
 /// Defines `fn $name(args)` running `$body(args)` compiled for AVX-512F, for AVX2 + FMA or
 /// portably, whichever is the best the CPU has (checked at run time).
@@ -357,7 +357,7 @@ impl FastConv {
             candle_core::bail!("fast conv: a {h}×{w} input is smaller than the kernel");
         };
         // Winograd's figure counts the direct form's multiply-adds (an effective rate).
-        let _p = super::profile::scope_flops(
+        let _p = crate::profile::scope_flops(
             match (self.kernel, self.stride, &self.weight) {
                 (1, _, _) => "conv1x1",
                 (_, 2, _) => "conv3x3 stride 2",
@@ -742,7 +742,7 @@ impl CustomOp1 for FastLinear {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("fast linear: f32 only");
         };
-        let _p = super::profile::scope_flops(
+        let _p = crate::profile::scope_flops(
             "linear",
             2 * (layout.shape().elem_count() * self.dims().0) as u64,
         );
@@ -836,7 +836,7 @@ impl candle_core::CustomOp3 for FastAttention {
             candle_core::bail!("fast attention: {inner} features in {h} heads");
         }
         let d = inner / h;
-        let _p = super::profile::scope_flops("attention", 4 * (b * nq * nk * inner) as u64);
+        let _p = crate::profile::scope_flops("attention", 4 * (b * nq * nk * inner) as u64);
         let scale = 1.0 / (d as f32).sqrt();
         let (qa, ka, va) = (q as usize, k as usize, v as usize);
         // SAFETY (both packs): item bh = (bi, hi) reads rows j < nk of its batch item at
@@ -1203,7 +1203,7 @@ impl CustomOp1 for Geglu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let _p = super::profile::scope("geglu");
+        let _p = crate::profile::scope("geglu");
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("geglu: f32 only");
         };
@@ -1531,7 +1531,7 @@ mod tests {
 
     #[test]
     fn convolutions_packed_from_stored_half_bytes_match_the_widened_weights() {
-        use crate::models::stored::StoredDType;
+        use crate::stored::StoredDType;
         // Deeper than one depth block (300 > KC) and more rows than one panel group.
         let (b, ci, co, h, w) = (1, 300, 100, 6, 5);
         let x: Vec<f32> = (0..b * ci * h * w)
@@ -1793,7 +1793,7 @@ mod tests {
             let layout = Layout::contiguous((b, ci, h, w));
             let input = CpuStorage::F32(x);
             let mut line = format!("{b}x{ci}->{co} {h}x{w}:");
-            super::super::profile::take();
+            crate::profile::take();
             for algo in [ConvAlgo::Direct, ConvAlgo::Winograd, ConvAlgo::Narrow] {
                 if algo == ConvAlgo::Narrow && ci.min(co) > 8 {
                     continue;
@@ -1810,7 +1810,7 @@ mod tests {
                 line += &format!(" {algo:?} {:.1} ms ({gf:.0} GFLOP/s)", s * 1e3);
             }
             eprintln!("{line}");
-            for (name, secs, calls, _) in super::super::profile::take() {
+            for (name, secs, calls, _) in crate::profile::take() {
                 eprintln!("   {name} {:.1} ms/run in {calls} calls", secs * 1e3 / 4.0);
             }
         }
