@@ -16,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use crate::stored::WeightData;
+use crate::stored::{Floats, WeightData};
 
 /// A buffer of `len` floats with unspecified contents, for an output that is written in full
 /// before anything reads it: it skips the zero fill that `vec![0.0; len]` does on one thread
@@ -25,7 +25,7 @@ use crate::stored::WeightData;
 /// # Safety
 /// Every element is written (through raw pointers or the slice) before it is read.
 #[allow(clippy::uninit_vec)]
-pub unsafe fn output_buffer(len: usize) -> Vec<f32> {
+pub(crate) unsafe fn output_buffer(len: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);
     v.set_len(len);
     v
@@ -154,7 +154,7 @@ mod x86 {
     /// # Safety
     /// As [`super::generic_kernel`]; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn k6x16_avx2(kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+    pub(crate) unsafe fn k6x16_avx2(kc: usize, a: *const f32, b: *const f32, t: &Tile) {
         super::generic_kernel::<6, 16>(kc, a, b, t)
     }
 
@@ -163,7 +163,7 @@ mod x86 {
     /// # Safety
     /// As [`super::generic_kernel`] with MR = 12, NR = 32; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn k12x32_avx512(kc: usize, a: *const f32, b: *const f32, t: &Tile) {
+    pub(crate) unsafe fn k12x32_avx512(kc: usize, a: *const f32, b: *const f32, t: &Tile) {
         if t.load_c {
             // The tile's rows are far apart: start fetching them now, not at the end.
             for i in 0..12 {
@@ -292,48 +292,12 @@ pub struct PackedB {
     data: Floats,
 }
 
-/// A packed operand's values: computed here, or mapped from a cache of packed weights
-/// ([`crate::stored::cached`]).
-#[derive(Clone)]
-pub enum Floats {
-    Owned(Vec<f32>),
-    Mapped {
-        map: std::sync::Arc<memmap2::Mmap>,
-        /// In floats from the start of the map (whose start is page-aligned).
-        start: usize,
-        len: usize,
-    },
-}
-
-impl std::ops::Deref for Floats {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        match self {
-            Self::Owned(v) => v,
-            // The cache reader checked that the entry lies inside the map; the map's start is
-            // page-aligned and entries start at multiples of 64 bytes, so the floats are aligned.
-            Self::Mapped { map, start, len } => {
-                bytemuck::cast_slice(&map[start * 4..(start + len) * 4])
-            }
-        }
-    }
-}
-
-impl std::fmt::Debug for Floats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Owned(v) => write!(f, "Owned({} floats)", v.len()),
-            Self::Mapped { start, len, .. } => write!(f, "Mapped({len} floats at {start})"),
-        }
-    }
-}
-
 impl PackedA {
     /// Packs `A[m×k]` read through `s`.
     ///
     /// # Safety
     /// Every element `(i < m, p < k)` of `s` is readable.
-    pub unsafe fn new(m: usize, k: usize, s: Strided) -> Self {
+    pub(crate) unsafe fn new(m: usize, k: usize, s: Strided) -> Self {
         let mr = kernel().mr;
         let data = pack_whole(k, m, mr, |p0, kc, i0, rows, dst| {
             pack_a(s, i0, rows, p0, kc, mr, dst)
@@ -397,7 +361,8 @@ impl PackedB {
     ///
     /// # Safety
     /// Every element `(p < k, j < n)` of `s` is readable.
-    pub unsafe fn new(k: usize, n: usize, s: Strided) -> Self {
+    #[cfg(test)]
+    pub(crate) unsafe fn new(k: usize, n: usize, s: Strided) -> Self {
         let nr = kernel().nr;
         let data = pack_whole(k, n, nr, |p0, kc, j0, cols, dst| {
             pack_b(B::Strided(s), p0, kc, j0, cols, nr, dst)
@@ -485,10 +450,12 @@ fn pack_whole(
     data
 }
 
-/// A raw pointer that packing tasks share, each writing its own disjoint part.
+/// A buffer's pointer shared by parallel tasks (packers, the blocks of a product), each
+/// writing its own disjoint part; nothing reads a part before its writer finished.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint elements (see `pack_panels`); the owner waits for all of them.
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: every user hands each task a disjoint range to write (`pack_panels`: its panels;
+// `run_item`: its panels of A and B) and waits for all of them before reading.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
@@ -765,7 +732,7 @@ pub fn matmul_gemm_crate(n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
 /// `(p < k, j < n)` are readable and a C whose `m × n` elements (row stride `rs_c`) are writable
 /// and disjoint from every other item's C and from every operand. Packed operands have
 /// dimensions `(m, k)` / `(k, n)`.
-pub unsafe fn gemm_batch<'a>(
+pub(crate) unsafe fn gemm_batch<'a>(
     batch: usize,
     m: usize,
     n: usize,
@@ -782,7 +749,7 @@ pub unsafe fn gemm_batch<'a>(
 ///
 /// # Safety
 /// As [`gemm_batch`].
-pub unsafe fn gemm_batch_independent<'a>(
+pub(crate) unsafe fn gemm_batch_independent<'a>(
     batch: usize,
     m: usize,
     n: usize,
@@ -828,7 +795,7 @@ unsafe fn batch_items<'a>(
 /// # Safety
 /// As [`gemm_batch`] with one item.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
+pub(crate) unsafe fn gemm(
     m: usize,
     n: usize,
     k: usize,
@@ -848,7 +815,7 @@ pub unsafe fn gemm(
 /// # Safety
 /// As [`gemm`].
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_local(
+pub(crate) unsafe fn gemm_local(
     m: usize,
     n: usize,
     k: usize,
@@ -869,13 +836,6 @@ pub unsafe fn gemm_local(
         run_item(&kern, &pr, m, n, k, &epi, abuf, bbuf, false);
     })
 }
-
-/// Pointer to a shared packing buffer, written by parallel packers at disjoint panels.
-#[derive(Clone, Copy)]
-struct Buf(*mut f32);
-// SAFETY: each writer owns a disjoint panel range; readers start after the writers finished.
-unsafe impl Send for Buf {}
-unsafe impl Sync for Buf {}
 
 /// One product: per depth block, A and B are packed once (in parallel), then the output's
 /// `MC × NC` blocks are computed (in parallel).
@@ -929,7 +889,7 @@ unsafe fn run_item(
     if !b_packed && bbuf.len() < np * nr * kcmax * group {
         bbuf.resize(np * nr * kcmax * group, 0.0);
     }
-    let (ab, bb) = (Buf(abuf.as_mut_ptr()), Buf(bbuf.as_mut_ptr()));
+    let (ab, bb) = (SharedOut(abuf.as_mut_ptr()), SharedOut(bbuf.as_mut_ptr()));
     // Panels per packing task.
     const PACK_PANELS: usize = 8;
     let (mb, nb) = (m.div_ceil(MC), n.div_ceil(NC));
@@ -1081,7 +1041,7 @@ unsafe fn run_item_by_blocks(
         }
         // Laid out as a PackedB: block p0 at p0·npad, panel jp of it at jp·nr·kc.
         let groups = n.div_ceil(nr * PACK_GROUP);
-        let bb = Buf(bbuf.as_mut_ptr());
+        let bb = SharedOut(bbuf.as_mut_ptr());
         (0..depth.len() * groups).into_par_iter().for_each(|t| {
             let (p0, kc) = depth[t / groups];
             let j0 = (t % groups) * nr * PACK_GROUP;
@@ -1093,7 +1053,7 @@ unsafe fn run_item_by_blocks(
             pack_b(pr.b, p0, kc, j0, cols, nr, dst);
         });
     }
-    let bb = Buf(bbuf.as_mut_ptr());
+    let bb = SharedOut(bbuf.as_mut_ptr());
     let balanced = |len: usize, max: usize, unit: usize| {
         let blocks = len.div_ceil(max);
         (

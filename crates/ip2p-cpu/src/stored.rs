@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use candle_core::Result;
 
-use crate::sgemm::Floats;
 
 /// How the elements of a stored tensor are encoded (little-endian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +147,42 @@ pub struct StoredTensor<'a> {
 pub trait StoredWeights: Send + Sync {
     /// The tensor `name`, if it is stored in a precision [`WeightData`] reads.
     fn tensor(&self, name: &str) -> Option<StoredTensor<'_>>;
+}
+
+/// A packed operand's values: computed here, or mapped from a cache of packed weights
+/// ([`cached`]).
+#[derive(Clone)]
+pub enum Floats {
+    Owned(Vec<f32>),
+    Mapped {
+        map: std::sync::Arc<memmap2::Mmap>,
+        /// In floats from the start of the map (whose start is page-aligned).
+        start: usize,
+        len: usize,
+    },
+}
+
+impl std::ops::Deref for Floats {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Self::Owned(v) => v,
+            // The cache reader checked that the entry lies inside the map; the map's start is
+            // page-aligned and entries start at multiples of 64 bytes, so the floats are aligned.
+            Self::Mapped { map, start, len } => {
+                bytemuck::cast_slice(&map[start * 4..(start + len) * 4])
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Floats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Owned(v) => write!(f, "Owned({} floats)", v.len()),
+            Self::Mapped { start, len, .. } => write!(f, "Mapped({len} floats at {start})"),
+        }
+    }
 }
 
 thread_local! {
