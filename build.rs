@@ -1,9 +1,10 @@
 //! Compiles `proto/` with a vendored protoc (no system protoc needed) and writes a file
 //! descriptor set for gRPC server reflection.
 
-use std::path::PathBuf;
-
+#[cfg(feature = "server")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    use std::path::PathBuf;
+
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
@@ -14,3 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }
+
+/// Without the `server` feature there is no service to generate.
+#[cfg(not(feature = "server"))]
+fn main() {}

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong in the library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A tensor operation failed (shape mismatch, device problem, ...).
-    #[error("tensor error: {0}")]
+    /// A tensor operation failed (shape mismatch, device problem, ...). Shown as candle's own
+    /// message, once (it is also the source).
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 
     /// A file or folder could not be read or written.
@@ -55,20 +56,28 @@ pub enum Error {
     #[error("hub: {0}")]
     Hub(String),
 
+    /// A service this needs could not be reached (a remote server).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+
+    /// Something that cannot fail on valid data did (serialising our own state or files).
+    #[error("internal: {0}")]
+    Internal(String),
+
     /// The job was cancelled by its caller (progress callback returned `Stop`).
     #[error("cancelled")]
     Cancelled,
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             error: source,
         }
     }
 
-    pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Error::InvalidArgument {
             field,
             message: message.into(),

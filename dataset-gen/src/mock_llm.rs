@@ -17,12 +17,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
+
+type Response = hyper::Response<Full<Bytes>>;
 
 #[derive(Debug, Default)]
 struct MockState {
@@ -46,18 +47,25 @@ impl MockLlm {
             slow,
             ..Default::default()
         });
-        let app = Router::new()
-            .route("/v1/chat/completions", post(chat))
-            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
+        let (tx, mut rx) = oneshot::channel::<()>();
+        let served = state.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
+            loop {
+                let conn = tokio::select! {
+                    c = listener.accept() => c,
+                    _ = &mut rx => return,
+                };
+                let Ok((stream, _)) = conn else { continue };
+                let state = served.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |r| route(state.clone(), r));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
         });
         Ok(Self {
             addr,
@@ -102,36 +110,69 @@ impl Drop for MockLlm {
     }
 }
 
+/// `status` with a JSON body and `headers`.
+fn json(
+    status: StatusCode,
+    headers: &[(&'static str, &'static str)],
+    body: &serde_json::Value,
+) -> Response {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    for (k, v) in headers {
+        h.insert(*k, hyper::header::HeaderValue::from_static(v));
+    }
+    r
+}
+
+/// `POST /v1/chat/completions` with a JSON body goes to [`chat`]; anything else is refused.
+async fn route(
+    state: Arc<MockState>,
+    req: Request<Incoming>,
+) -> Result<Response, std::convert::Infallible> {
+    if req.method() != Method::POST || req.uri().path() != "/v1/chat/completions" {
+        return Ok(json(StatusCode::NOT_FOUND, &[], &serde_json::json!({})));
+    }
+    let body = match req.into_body().collect().await {
+        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b.to_bytes()).ok(),
+        Err(_) => None,
+    };
+    Ok(match body {
+        Some(body) => chat(state, body).await,
+        None => json(StatusCode::BAD_REQUEST, &[], &serde_json::json!({})),
+    })
+}
+
 fn completion(content: &str) -> Response {
-    Json(serde_json::json!({
-        "id": "chatcmpl-mock",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "mock",
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "finish_reason": "stop",
-            "logprobs": null
-        }],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
-    }))
-    .into_response()
+    json(
+        StatusCode::OK,
+        &[],
+        &serde_json::json!({
+            "id": "chatcmpl-mock",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "mock",
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+                "logprobs": null
+            }],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        }),
+    )
 }
 
 fn error(status: StatusCode, headers: &[(&'static str, &'static str)]) -> Response {
-    let mut h = HeaderMap::new();
-    for (k, v) in headers {
-        h.insert(*k, axum::http::HeaderValue::from_static(v));
-    }
     let body = serde_json::json!({"error": {"message": "scripted", "type": "server_error", "param": null, "code": null}});
-    (status, h, Json(body)).into_response()
+    json(status, headers, &body)
 }
 
-async fn chat(
-    State(state): State<Arc<MockState>>,
-    Json(body): Json<serde_json::Value>,
-) -> Response {
+async fn chat(state: Arc<MockState>, body: serde_json::Value) -> Response {
     let caption = body["messages"]
         .as_array()
         .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))

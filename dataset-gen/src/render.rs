@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use image::RgbImage;
 use ip2p::pipeline::clip_score::{ClipScorer, Similarities};
 use ip2p::pipeline::{image as img, NoProgress, Txt2ImgParams, Txt2ImgPipeline};
+use ip2p::schedulers::noise::{rng_for, unit};
 use ip2p::schedulers::{SchedulerKind, SeededNoise};
-use ip2p::training::data::{rng_for, unit};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 

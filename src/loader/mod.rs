@@ -3,6 +3,7 @@
 //! Hugging Face cache.
 
 pub(crate) mod hub;
+pub mod lora;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -573,6 +574,8 @@ pub struct LoadOptions {
     /// The fused CPU kernels where they apply, or candle's generic ops only (the graph a GPU
     /// runs).
     pub kernels: Kernels,
+    /// LoRA files (diffusers/PEFT) folded into the UNet's weights once loaded, in order.
+    pub loras: Vec<PathBuf>,
 }
 
 fn with_context<T>(r: candle_core::Result<T>, what: &str, dir: &Path) -> Result<T> {
@@ -679,7 +682,11 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
             )
         },
     );
-    let (unet, text_encoder, vae) = (unet?, text_encoder?, vae?);
+    let (mut unet, text_encoder, vae) = (unet?, text_encoder?, vae?);
+    for file in &opts.loras {
+        let projections = lora::merge_file(&mut unet, file)?;
+        tracing::info!(lora = %file.display(), projections, "LoRA folded into the UNet");
+    }
 
     let scheduler: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
     Ok(Components {

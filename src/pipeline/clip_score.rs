@@ -274,7 +274,7 @@ mod tests {
         let pp: ClipPreprocess = serde_json::from_str(
             r#"{"size": {"shortest_edge": 28}, "crop_size": {"height": 28, "width": 28}}"#,
         )
-        .map_err(|e| Error::invalid("json", e.to_string()))?;
+        .map_err(|e| Error::Internal(format!("preprocessor config: {e}")))?;
         // A 112×56 image whose right half is white: after resizing to 56×28 and cropping the
         // middle 28 columns, the left half of the crop is black and the right half white.
         let img = RgbImage::from_fn(112, 56, |x, _| {

@@ -16,6 +16,11 @@ use crate::loader::Components;
 use crate::schedulers::{div_s, NoiseSource, Scheduler, SchedulerKind, SeededNoise};
 use crate::{Error, Result};
 
+/// The paper's `s_T`: how strongly an edit follows the instruction by default.
+pub const DEFAULT_TEXT_GUIDANCE: f64 = 7.5;
+/// The paper's `s_I`: how strongly an edit stays close to the input image by default.
+pub const DEFAULT_IMAGE_GUIDANCE: f64 = 1.5;
+
 /// Everything a caller chooses about one edit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EditParams {
@@ -44,8 +49,8 @@ impl Default for EditParams {
             instruction: String::new(),
             negative_prompt: String::new(),
             steps: 100,
-            text_guidance: 7.5,
-            image_guidance: 1.5,
+            text_guidance: DEFAULT_TEXT_GUIDANCE,
+            image_guidance: DEFAULT_IMAGE_GUIDANCE,
             scheduler: None,
             seed: 0,
             resolution: 512,

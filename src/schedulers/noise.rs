@@ -12,6 +12,20 @@ use rand_core::{RngCore, SeedableRng};
 
 use crate::{Error, Result};
 
+/// A deterministic RNG for `(seed, stream, index)`.
+pub fn rng_for(seed: u64, stream: &[u8; 8], index: u64) -> ChaCha20Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(stream);
+    key[16..24].copy_from_slice(&index.to_le_bytes());
+    ChaCha20Rng::from_seed(key)
+}
+
+/// Uniform in `[0, 1)`.
+pub fn unit(rng: &mut ChaCha20Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Where standard-normal noise comes from.
 pub trait NoiseSource: Send {
     /// A tensor of independent N(0, 1) draws, f32, of the given shape.

@@ -30,7 +30,6 @@ pub struct Submitted {
     pub deadline: Option<Instant>,
     pub position: usize,
     pub cancel: CancelToken,
-    pub request_id: String,
 }
 
 /// Validates (off the async runtime) and enqueues. Shared by every door.
@@ -74,7 +73,6 @@ pub async fn submit(
         deadline,
         position,
         cancel,
-        request_id,
     })
 }
 

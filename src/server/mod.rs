@@ -4,18 +4,19 @@
 //! ([`validate`]) and enqueue ([`jobs`]); one thread owning the model fed by a bounded queue
 //! ([`worker`]); every error mapped once to a status ([`status`]). Handlers never do tensor math.
 
-pub mod auth;
+mod auth;
+pub mod client;
 pub mod codec;
-pub mod config;
-pub mod grpc;
-pub mod http;
-pub mod jobs;
-pub mod metrics;
+mod config;
+mod grpc;
+mod http;
+mod jobs;
+mod metrics;
 pub mod proto;
-pub mod serve;
-pub mod status;
+mod serve;
+mod status;
 pub mod validate;
-pub mod worker;
+mod worker;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +31,7 @@ pub use self::config::ServerConfig;
 use self::metrics::Metrics;
 use self::proto::image_editor_server::ImageEditorServer;
 use self::worker::Queue;
+use crate::pipeline::edit::{DEFAULT_IMAGE_GUIDANCE, DEFAULT_TEXT_GUIDANCE};
 use crate::pipeline::EditPipeline;
 use crate::schedulers::SchedulerKind;
 use crate::{Error, Result};
@@ -61,8 +63,8 @@ impl AppState {
                 .collect(),
             defaults: Some(proto::Defaults {
                 steps: c.default_steps,
-                text_guidance: 7.5,
-                image_guidance: 1.5,
+                text_guidance: DEFAULT_TEXT_GUIDANCE as f32,
+                image_guidance: DEFAULT_IMAGE_GUIDANCE as f32,
                 scheduler: self.default_scheduler.name().into(),
                 resolution: c.default_resolution,
                 resize: proto::ResizePolicy::Paper as i32,

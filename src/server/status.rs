@@ -119,6 +119,7 @@ impl From<crate::Error> for ServerError {
             E::Scheduler(m) => ServerError::invalid("scheduler", m),
             E::Tokenizer(m) => ServerError::invalid("instruction", m),
             E::Cancelled => ServerError::Cancelled,
+            E::Unavailable(m) => ServerError::Unavailable(m),
             other => ServerError::Internal(other.to_string()),
         }
     }

@@ -6,6 +6,7 @@ use image::{DynamicImage, GrayImage, RgbImage, RgbaImage};
 use super::config::ServerConfig;
 use super::proto;
 use super::status::ServerError;
+use crate::pipeline::edit::{DEFAULT_IMAGE_GUIDANCE, DEFAULT_TEXT_GUIDANCE};
 use crate::pipeline::image::{self as img, DecodeLimits, InputImage};
 use crate::pipeline::{EditParams, ResizePolicy};
 use crate::schedulers::SchedulerKind;
@@ -138,10 +139,15 @@ pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob
             format!("{steps} is outside 1..={}", cfg.max_steps),
         ));
     }
-    let text_guidance = finite_in("text_guidance", req.text_guidance.unwrap_or(7.5), 0.0, 50.0)?;
+    let text_guidance = finite_in(
+        "text_guidance",
+        req.text_guidance.unwrap_or(DEFAULT_TEXT_GUIDANCE as f32),
+        0.0,
+        50.0,
+    )?;
     let image_guidance = finite_in(
         "image_guidance",
-        req.image_guidance.unwrap_or(1.5),
+        req.image_guidance.unwrap_or(DEFAULT_IMAGE_GUIDANCE as f32),
         0.0,
         50.0,
     )?;

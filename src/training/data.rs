@@ -15,7 +15,7 @@ use arrow_array::{Array, RecordBatch};
 use image::RgbImage;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use rand_chacha::ChaCha20Rng;
-use rand_core::{RngCore, SeedableRng};
+use rand_core::RngCore;
 
 use crate::pipeline::image::DecodeLimits;
 use crate::{Error, Result};
@@ -242,19 +242,7 @@ fn binary_value(a: &dyn Array) -> Option<Vec<u8>> {
     a.as_binary_view_opt().map(|b| b.value(0).to_vec())
 }
 
-/// A deterministic RNG for `(seed, stream, index)`.
-pub fn rng_for(seed: u64, stream: &[u8; 8], index: u64) -> ChaCha20Rng {
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&seed.to_le_bytes());
-    key[8..16].copy_from_slice(stream);
-    key[16..24].copy_from_slice(&index.to_le_bytes());
-    ChaCha20Rng::from_seed(key)
-}
-
-/// Uniform in `[0, 1)`.
-pub fn unit(rng: &mut ChaCha20Rng) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
+pub use crate::schedulers::noise::{rng_for, unit};
 
 /// The data stream: epoch after epoch, a fresh seeded permutation of the rows each. The
 /// current epoch's permutation is kept, so each row costs O(1) (a new epoch, O(rows)).

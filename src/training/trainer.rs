@@ -652,8 +652,8 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
             lr: cfg.adam.lr,
             seconds: t0.elapsed().as_secs_f64(),
         };
-        let line =
-            serde_json::to_string(&entry).map_err(|e| Error::invalid("log", e.to_string()))?;
+        let line = serde_json::to_string(&entry)
+            .map_err(|e| Error::Internal(format!("loss log entry: {e}")))?;
         writeln!(log, "{line}").map_err(io(&log_path))?;
         summary.first_loss.get_or_insert(entry.loss);
         summary.last_loss = Some(entry.loss);
@@ -700,7 +700,7 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
             };
             // Written last: a checkpoint without it is incomplete and ignored by --resume.
             let sj = serde_json::to_vec_pretty(&st)
-                .map_err(|e| Error::invalid("state", e.to_string()))?;
+                .map_err(|e| Error::Internal(format!("training state: {e}")))?;
             let tmp = ts.join(".state.json.tmp");
             std::fs::write(&tmp, sj).map_err(io(&tmp))?;
             std::fs::rename(&tmp, ts.join("state.json")).map_err(io(&ts))?;

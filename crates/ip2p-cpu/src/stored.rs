@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use candle_core::Result;
 
-
 /// How the elements of a stored tensor are encoded (little-endian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoredDType {

@@ -2,18 +2,23 @@
 //! (cost does not depend on the values): `ip2p bench`. One JSON line per figure, the median of
 //! `reps` runs after a warm-up, in the format of `../shared/bench/bench_diffusers.py`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
-use crate::loader::read_json;
-use crate::models::{
+use clap::Args;
+use ip2p::device::DeviceChoice;
+use ip2p::loader::read_json;
+use ip2p::models::nn::Kernels;
+use ip2p::models::{
     AutoencoderKL, ClipTextConfig, ClipTextModel, UNet2DConditionModel, UNetConfig, VaeConfig,
 };
-use crate::Result;
+use ip2p::Result;
+
+use super::model::DTypeChoice;
 
 /// Hands out fresh random tensors for every parameter name.
 struct Random;
@@ -106,13 +111,13 @@ pub struct BenchOptions {
     /// Their dtype (`None`: the device's compute dtype, f32 on the CPU, f16 on a GPU).
     pub dtype: Option<DType>,
     /// Their kernels.
-    pub kernels: crate::models::nn::Kernels,
+    pub kernels: ip2p::models::nn::Kernels,
 }
 
 impl BenchOptions {
     fn dtype(&self) -> DType {
         self.dtype
-            .unwrap_or_else(|| crate::device::compute_dtype(&self.device))
+            .unwrap_or_else(|| ip2p::device::compute_dtype(&self.device))
     }
 
     /// A network of config `c` with random weights, on the figures' device, dtype and kernels.
@@ -121,7 +126,7 @@ impl BenchOptions {
         build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
     ) -> Result<T> {
         let vb = random_vb(self.dtype(), &self.device);
-        Ok(crate::models::nn::build_with_kernels(self.kernels, || {
+        Ok(ip2p::models::nn::build_with_kernels(self.kernels, || {
             build(vb)
         })?)
     }
@@ -129,7 +134,7 @@ impl BenchOptions {
     /// What every line of the networks' figures says about where they ran.
     fn run_fields(&self) -> serde_json::Value {
         serde_json::json!({
-            "device": crate::device::label(&self.device),
+            "device": ip2p::device::label(&self.device),
             "dtype": format!("{:?}", self.dtype()).to_lowercase(),
             "kernels": self.kernels.name(),
         })
@@ -245,8 +250,8 @@ pub fn run(o: &BenchOptions) -> Result<()> {
         }
     }
     for (name, variant, dtype) in [
-        ("load_f16", crate::loader::Variant::Fp16, DType::F16),
-        ("load_f32", crate::loader::Variant::Full, DType::F32),
+        ("load_f16", ip2p::loader::Variant::Fp16, DType::F16),
+        ("load_f32", ip2p::loader::Variant::Full, DType::F32),
     ] {
         if asked("load") || asked(name) {
             let dir = o.weights_dir.join(name.trim_start_matches("load_"));
@@ -261,11 +266,11 @@ pub fn run(o: &BenchOptions) -> Result<()> {
             let mut steps = [0f64; 2];
             for _ in 0..=o.reps.max(1) {
                 let t = Instant::now();
-                let md = crate::loader::ModelDir::from_dir(&dir)?;
-                let c = crate::loader::load(
+                let md = ip2p::loader::ModelDir::from_dir(&dir)?;
+                let c = ip2p::loader::load(
                     &md,
                     dev,
-                    &crate::loader::LoadOptions {
+                    &ip2p::loader::LoadOptions {
                         variant,
                         packed_cache: o.packed_cache.clone(),
                         ..Default::default()
@@ -325,10 +330,10 @@ fn train_step_secs(
     reps: usize,
     dev: &Device,
 ) -> Result<f64> {
-    use crate::training::{adamw, lora as lo};
+    use ip2p::training::{adamw, lora as lo};
     let map = candle_nn::VarMap::new();
     let (unet, vars) = if lora {
-        let mut unet = crate::models::nn::build_differentiable(|| {
+        let mut unet = ip2p::models::nn::build_differentiable(|| {
             UNet2DConditionModel::new(random_vb(DType::F32, dev), c)
         })?;
         let vars = lo::attach(
@@ -345,7 +350,7 @@ fn train_step_secs(
     } else {
         let unet = UNet2DConditionModel::new(VarBuilder::from_varmap(&map, DType::F32, dev), c)?;
         let mut vars: Vec<(String, candle_core::Var)> =
-            crate::training::named_vars(&map)?.into_iter().collect();
+            ip2p::training::named_vars(&map)?.into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         // Real values, so every weight is resident as in a real run (zeros may stay unmapped).
         for (_, v) in &vars {
@@ -364,7 +369,7 @@ fn train_step_secs(
     let mut times = Vec::new();
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
-        let loss = crate::training::ip2p_loss(&unet, &noisy, &image, &[500], &text, &noise)?;
+        let loss = ip2p::training::ip2p_loss(&unet, &noisy, &image, &[500], &text, &noise)?;
         if std::env::var_os("IP2P_BENCH_TRACE_MEM").is_some() {
             eprintln!(
                 "after forward: peak {:.2} GB",
@@ -462,13 +467,13 @@ fn gemm_figures(reps: usize) -> Result<()> {
 }
 
 /// Components of full SD 1.5 shape with random weights (in memory), the tokenizer from `o`.
-fn random_components(o: &BenchOptions) -> Result<crate::loader::Components> {
+fn random_components(o: &BenchOptions) -> Result<ip2p::loader::Components> {
     let cfg = |c: &str| Path::new(&o.shapes).join(c).join("config.json");
     let tc: ClipTextConfig = read_json(&cfg("text_encoder"))?;
     let vc: VaeConfig = read_json(&cfg("vae"))?;
     let uc: UNetConfig = read_json(&cfg("unet"))?;
-    Ok(crate::loader::Components {
-        tokenizer: crate::models::ClipTokenizer::from_dir(&o.tokenizer)?,
+    Ok(ip2p::loader::Components {
+        tokenizer: ip2p::models::ClipTokenizer::from_dir(&o.tokenizer)?,
         text_encoder: o.random(|vb| ClipTextModel::new(vb, &tc))?,
         vae: o.random(|vb| AutoencoderKL::new(vb, &vc))?,
         unet: o.random(|vb| UNet2DConditionModel::new(vb, &uc))?,
@@ -482,8 +487,8 @@ fn random_components(o: &BenchOptions) -> Result<crate::loader::Components> {
 /// median seconds and the process's peak RSS afterwards (run `--only edit --res N` alone for the
 /// edit's own peak).
 fn edit_secs(o: &BenchOptions, res: usize) -> Result<(f64, u64)> {
-    use crate::pipeline::edit::{EditParams, EditPipeline};
-    use crate::pipeline::image::InputImage;
+    use ip2p::pipeline::edit::{EditParams, EditPipeline};
+    use ip2p::pipeline::image::InputImage;
     let pipe = EditPipeline::new(random_components(o)?)?;
     let rgb = image::RgbImage::from_fn(res as u32, res as u32, |x, y| {
         image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
@@ -499,7 +504,7 @@ fn edit_secs(o: &BenchOptions, res: usize) -> Result<(f64, u64)> {
     let mut times = Vec::new();
     for _ in 0..o.reps.max(1) {
         let t = Instant::now();
-        pipe.edit(&input, &params, &mut crate::pipeline::NoProgress)?;
+        pipe.edit(&input, &params, &mut ip2p::pipeline::NoProgress)?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));
@@ -561,7 +566,7 @@ fn parameters(
 fn write_random_model(
     o: &BenchOptions,
     dir: &Path,
-    variant: crate::loader::Variant,
+    variant: ip2p::loader::Variant,
     dtype: DType,
     dev: &Device,
 ) -> Result<()> {
@@ -572,7 +577,7 @@ fn write_random_model(
     }
     let cfg = |c: &str| Path::new(&o.shapes).join(c).join("config.json");
     let suffix = match variant {
-        crate::loader::Variant::Fp16 => ".fp16",
+        ip2p::loader::Variant::Fp16 => ".fp16",
         _ => "",
     };
     let tc: ClipTextConfig = read_json(&cfg("text_encoder"))?;
@@ -621,9 +626,9 @@ fn write_random_model(
             })
             .collect::<Result<std::collections::HashMap<String, Tensor>>>()?;
         let cdir = dir.join(component);
-        std::fs::create_dir_all(&cdir).map_err(|e| crate::Error::io(&cdir, e))?;
+        std::fs::create_dir_all(&cdir).map_err(|e| ip2p::Error::io(&cdir, e))?;
         std::fs::copy(cfg(component), cdir.join("config.json"))
-            .map_err(|e| crate::Error::io(&cdir, e))?;
+            .map_err(|e| ip2p::Error::io(&cdir, e))?;
         candle_core::safetensors::save(&tensors, cdir.join(format!("{stem}{suffix}.safetensors")))?;
     }
     for (sub, files) in [
@@ -639,7 +644,7 @@ fn write_random_model(
         ),
     ] {
         let d = dir.join(sub);
-        std::fs::create_dir_all(&d).map_err(|e| crate::Error::io(&d, e))?;
+        std::fs::create_dir_all(&d).map_err(|e| ip2p::Error::io(&d, e))?;
         let from = if sub == "tokenizer" {
             o.tokenizer.clone()
         } else {
@@ -647,7 +652,7 @@ fn write_random_model(
         };
         for f in files {
             if from.join(f).is_file() {
-                std::fs::copy(from.join(f), d.join(f)).map_err(|e| crate::Error::io(&d, e))?;
+                std::fs::copy(from.join(f), d.join(f)).map_err(|e| ip2p::Error::io(&d, e))?;
             }
         }
     }
@@ -655,7 +660,78 @@ fn write_random_model(
         o.shapes.join("model_index.json"),
         dir.join("model_index.json"),
     )
-    .map_err(|e| crate::Error::io(dir, e))?;
-    std::fs::write(&done, b"").map_err(|e| crate::Error::io(&done, e))?;
+    .map_err(|e| ip2p::Error::io(dir, e))?;
+    std::fs::write(&done, b"").map_err(|e| ip2p::Error::io(&done, e))?;
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A folder of full-size configs (unet/, vae/, text_encoder/).
+    #[arg(
+        long,
+        env = "IP2P_BENCH_SHAPES",
+        default_value = "../shared/fixtures/sd15-shapes"
+    )]
+    pub shapes: PathBuf,
+    /// Image sides to time the UNet and VAE at.
+    #[arg(long, env = "IP2P_BENCH_RES", default_values_t = [256usize, 512], num_args = 1..)]
+    pub res: Vec<usize>,
+    /// Timed runs after one warm-up; the median is printed.
+    #[arg(long, env = "IP2P_BENCH_REPS", default_value_t = 3)]
+    pub reps: usize,
+    /// Only these parts (comma-separated): text, unet, vae (the default set); edit (a whole
+    /// edit at each --res), load (start-to-ready from full-size f16 and f32 files; load_f16 or
+    /// load_f32 for one of them), gemm,
+    /// train_full, train_lora.
+    #[arg(long, env = "IP2P_BENCH_ONLY", value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Denoising steps of the `edit` figure.
+    #[arg(long, env = "IP2P_BENCH_STEPS", default_value_t = 20)]
+    pub steps: usize,
+    /// A CLIP tokenizer folder for the `edit` figure.
+    #[arg(
+        long,
+        env = "IP2P_BENCH_TOKENIZER",
+        default_value = "../shared/fixtures/clip-tokenizer"
+    )]
+    pub tokenizer: PathBuf,
+    /// Where the `load` figure writes (and reuses) its full-size random-weight model folders.
+    #[arg(long, env = "IP2P_BENCH_WEIGHTS_DIR")]
+    pub weights_dir: Option<PathBuf>,
+    /// The `load` figure with a packed-weight cache in this folder (written by the first load
+    /// when absent, mapped by the later ones).
+    #[arg(long, env = "IP2P_BENCH_PACKED_CACHE")]
+    pub packed_cache: Option<PathBuf>,
+    /// The device of the text, unet, vae and edit figures: auto, cpu, cuda, cuda:N.
+    #[arg(long, env = "IP2P_BENCH_DEVICE", default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Their dtype: auto (f32 on the CPU, f16 on a GPU), f32, f16, bf16.
+    #[arg(long, env = "IP2P_BENCH_DTYPE", default_value = "auto")]
+    pub dtype: DTypeChoice,
+    /// Their kernels: auto or generic.
+    #[arg(long, env = "IP2P_BENCH_KERNELS", default_value = "auto")]
+    pub kernels: Kernels,
+}
+
+impl TryFrom<BenchArgs> for BenchOptions {
+    type Error = anyhow::Error;
+
+    fn try_from(a: BenchArgs) -> anyhow::Result<Self> {
+        Ok(BenchOptions {
+            shapes: a.shapes,
+            resolutions: a.res,
+            reps: a.reps,
+            only: a.only,
+            steps: a.steps,
+            tokenizer: a.tokenizer,
+            weights_dir: a
+                .weights_dir
+                .unwrap_or_else(|| std::env::temp_dir().join("ip2p-bench-weights")),
+            packed_cache: a.packed_cache,
+            device: ip2p::device::open(a.device)?,
+            dtype: a.dtype.0,
+            kernels: a.kernels,
+        })
+    }
 }

@@ -1,0 +1,61 @@
+//! The `ip2p` binary's doors: flags (every one also an environment variable) and what each
+//! subcommand does with the library. Argument structs convert into the library's own
+//! configuration types here; nothing below this module does tensor math.
+
+mod bench;
+mod edit;
+mod model;
+mod progress;
+mod serve;
+mod train;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ip2p",
+    version,
+    about = "InstructPix2Pix in Rust: edit an image from a written instruction"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log lines as text (coloured only on a terminal; NO_COLOR turns colour off) or json
+    /// (one object per line).
+    #[arg(long, global = true, env = "IP2P_LOG_FORMAT", default_value = "text")]
+    pub log_format: ip2p::logging::LogFormat,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Edit an image: `ip2p edit --model timbrooks/instruct-pix2pix in.jpg "make it winter" -o out.png`,
+    /// or through a server with `--server http://127.0.0.1:50051`.
+    Edit(edit::EditArgs),
+    /// Serve edits over gRPC, gRPC-Web and HTTP on one port.
+    Serve(serve::ServeArgs),
+    /// Time the networks at full SD 1.5 shapes with random weights (JSON lines).
+    Bench(bench::BenchArgs),
+    /// Make an InstructPix2Pix starting point from a Stable Diffusion model (8-channel UNet).
+    Extend(train::ExtendArgs),
+    /// Fine-tune an 8-channel UNet on (input image, instruction, edited image) Parquet rows.
+    Train(train::TrainArgs),
+}
+
+impl Cli {
+    /// Serving and training log at `info`; one-shot commands only warn.
+    pub fn long_running(&self) -> bool {
+        matches!(self.command, Command::Serve(_) | Command::Train(_))
+    }
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Edit(a) => edit::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Bench(a) => bench::run(&a.try_into()?).map_err(Into::into),
+        Command::Extend(a) => train::extend(a),
+        Command::Train(a) => train::run(a),
+    }
+}

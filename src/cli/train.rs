@@ -1,0 +1,210 @@
+//! `ip2p extend` and `ip2p train`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use ip2p::training::trainer::{train, TrainConfig};
+
+use super::progress;
+
+#[derive(Args, Debug)]
+pub struct ExtendArgs {
+    /// A Stable Diffusion 1.x folder or hub id.
+    #[arg(long, env = "IP2P_EXTEND_FROM")]
+    pub from: String,
+    /// The new folder.
+    #[arg(long, env = "IP2P_EXTEND_OUT")]
+    pub out: PathBuf,
+    /// Never download (also HF_HUB_OFFLINE=1).
+    #[arg(long, env = "IP2P_OFFLINE")]
+    pub offline: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// An InstructPix2Pix folder (see `ip2p extend`) or hub id.
+    #[arg(long, env = "IP2P_MODEL")]
+    pub model: String,
+    /// Parquet files or folders (dataset-gen's output, or the published datasets' layout).
+    #[arg(long, env = "IP2P_TRAIN_DATA", required = true, value_delimiter = ',')]
+    pub data: Vec<PathBuf>,
+    /// Checkpoints, the loss log and the final model go here.
+    #[arg(long, env = "IP2P_TRAIN_OUT")]
+    pub out: PathBuf,
+    #[arg(long, env = "IP2P_TRAIN_RESOLUTION", default_value_t = 256)]
+    pub resolution: u32,
+    #[arg(long, env = "IP2P_TRAIN_BATCH_SIZE", default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, env = "IP2P_TRAIN_GRAD_ACCUM", default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Optimisation steps in total.
+    #[arg(long, env = "IP2P_TRAIN_STEPS", default_value_t = 1000)]
+    pub steps: u64,
+    #[arg(long, env = "IP2P_TRAIN_LR", default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long, env = "IP2P_TRAIN_WEIGHT_DECAY", default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long, env = "IP2P_TRAIN_MAX_GRAD_NORM", default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// EMA decay of the weights (0: no EMA).
+    #[arg(long, env = "IP2P_TRAIN_EMA", default_value_t = 0.9999)]
+    pub ema: f64,
+    #[arg(long, env = "IP2P_TRAIN_CHECKPOINT_EVERY", default_value_t = 500)]
+    pub checkpoint_every: u64,
+    #[arg(long, env = "IP2P_TRAIN_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Centre crops instead of random ones.
+    #[arg(long, env = "IP2P_TRAIN_CENTER_CROP")]
+    pub center_crop: bool,
+    /// No horizontal flips.
+    #[arg(long, env = "IP2P_TRAIN_NO_FLIP")]
+    pub no_flip: bool,
+    /// p of the conditioning dropout (text dropped below 2p, image between p and 3p).
+    #[arg(long, env = "IP2P_TRAIN_CONDITIONING_DROPOUT", default_value_t = 0.05)]
+    pub conditioning_dropout: f64,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long, env = "IP2P_TRAIN_RESUME")]
+    pub resume: bool,
+    /// Train LoRA adapters of this rank on the attention projections instead of the whole UNet.
+    #[arg(long, env = "IP2P_TRAIN_LORA_RANK")]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha (scale = alpha / rank; default: the rank).
+    #[arg(long, env = "IP2P_TRAIN_LORA_ALPHA")]
+    pub lora_alpha: Option<f64>,
+    /// Edit --sample-image with --sample-instruction every N steps (into <out>/samples/).
+    #[arg(long, env = "IP2P_TRAIN_SAMPLE_EVERY")]
+    pub sample_every: Option<u64>,
+    #[arg(long, env = "IP2P_TRAIN_SAMPLE_IMAGE")]
+    pub sample_image: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "IP2P_TRAIN_SAMPLE_INSTRUCTION",
+        default_value = "make it look like a watercolor"
+    )]
+    pub sample_instruction: String,
+    #[arg(long, env = "IP2P_TRAIN_SAMPLE_STEPS", default_value_t = 20)]
+    pub sample_steps: usize,
+    /// Column names.
+    #[arg(
+        long,
+        env = "IP2P_TRAIN_ORIGINAL_IMAGE_COLUMN",
+        default_value = "original_image"
+    )]
+    pub original_image_column: String,
+    #[arg(
+        long,
+        env = "IP2P_TRAIN_EDITED_IMAGE_COLUMN",
+        default_value = "edited_image"
+    )]
+    pub edited_image_column: String,
+    #[arg(
+        long,
+        env = "IP2P_TRAIN_EDIT_PROMPT_COLUMN",
+        default_value = "edit_prompt"
+    )]
+    pub edit_prompt_column: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "IP2P_DEVICE", default_value = "auto")]
+    pub device: ip2p::device::DeviceChoice,
+    #[arg(long, env = "IP2P_OFFLINE")]
+    pub offline: bool,
+}
+
+pub fn extend(a: ExtendArgs) -> Result<()> {
+    let hub = ip2p::loader::HubOptions {
+        offline: a.offline,
+        ..Default::default()
+    };
+    let dir = ip2p::loader::ModelDir::open(&a.from, &hub)?;
+    ip2p::training::extend::extend(&dir, &a.out)?;
+    println!("{}: UNet extended to 8 input channels", a.out.display());
+    Ok(())
+}
+
+impl TryFrom<TrainArgs> for TrainConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(a: TrainArgs) -> Result<Self> {
+        Ok(TrainConfig {
+            model: a.model,
+            hub: ip2p::loader::HubOptions {
+                offline: a.offline,
+                ..Default::default()
+            },
+            data: a.data,
+            columns: ip2p::training::data::Columns {
+                original_image: a.original_image_column,
+                edited_image: a.edited_image_column,
+                edit_prompt: a.edit_prompt_column,
+            },
+            out: a.out,
+            resolution: a.resolution,
+            batch_size: a.batch_size,
+            grad_accum: a.grad_accum,
+            steps: a.steps,
+            adam: ip2p::training::adamw::AdamWConfig {
+                lr: a.lr,
+                weight_decay: a.weight_decay,
+                ..Default::default()
+            },
+            max_grad_norm: a.max_grad_norm,
+            ema: (a.ema > 0.0).then_some(a.ema),
+            checkpoint_every: a.checkpoint_every,
+            seed: a.seed,
+            center_crop: a.center_crop,
+            random_flip: !a.no_flip,
+            conditioning_dropout: a.conditioning_dropout,
+            prefetch: 2,
+            resume: a.resume,
+            lora: a.lora_rank.map(|rank| ip2p::training::lora::LoraConfig {
+                rank,
+                alpha: a.lora_alpha.unwrap_or(rank as f64),
+            }),
+            samples: match (a.sample_every, a.sample_image) {
+                (Some(every), Some(image)) => Some(ip2p::training::trainer::SampleEdits {
+                    every,
+                    image,
+                    instruction: a.sample_instruction,
+                    steps: a.sample_steps,
+                    seed: a.seed,
+                }),
+                (Some(_), None) => anyhow::bail!("--sample-every needs --sample-image"),
+                _ => None,
+            },
+            device: ip2p::device::open(a.device)?,
+        })
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let cfg = TrainConfig::try_from(a)?;
+    let bar = progress::bar(cfg.steps, progress::TRAINING);
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let s = train(&cfg, &mut |l| {
+        bar.set_position(l.step);
+        bar.set_message(format!("loss {:.4}", l.loss));
+        if bar.is_hidden() && (l.step % 10 == 0 || l.step == 1) {
+            tracing::info!(
+                step = l.step,
+                loss = l.loss,
+                grad_norm = l.grad_norm,
+                seconds = l.seconds,
+                "train"
+            );
+        }
+    })?;
+    bar.finish();
+    println!(
+        "steps {}..{}: loss {:.4} -> {:.4}; model in {}",
+        s.start_step,
+        s.end_step,
+        s.first_loss.unwrap_or(f64::NAN),
+        s.last_loss.unwrap_or(f64::NAN),
+        s.final_model.display()
+    );
+    Ok(())
+}
