@@ -22,6 +22,7 @@
 
 pub mod device;
 pub mod error;
+pub mod fsutil;
 pub mod loader;
 #[cfg(feature = "cli")]
 pub mod logging;

@@ -9,34 +9,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    // Makes a rename durable. Opening a directory read-only works on Unix; elsewhere it's a no-op.
-    #[cfg(unix)]
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
-
-/// Writes `path` all or nothing: `write` fills a temporary file beside it, which is fsynced and
-/// renamed over `path`, then the folder is fsynced. A crash leaves the old file or the new one,
-/// never a torn one (a leftover `.tmp` is ignored and overwritten next time).
-pub fn commit_file(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    write(&mut f)?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    sync_dir(dir)
-}
+pub use ip2p::fsutil::commit_file;
 
 /// An append-only JSON-lines file. Each append is one `write` of a whole line followed by
 /// `fsync`; on opening, a torn last line (a crash mid-append) is cut off.

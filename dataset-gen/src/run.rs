@@ -19,7 +19,7 @@ use ip2p::pipeline::Txt2ImgPipeline;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{commit_file, JsonlLog, Lock};
+use crate::fsutil::{JsonlLog, Lock};
 use crate::input::{read_inputs, shard_items, InputStats, Item, Triple};
 use crate::llm::{EditWriter, LlmConfig, Reject};
 use crate::output::write_part;
@@ -206,6 +206,225 @@ fn check_config(cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// Checks that a resumed shard was started with the same settings, or records them.
+fn check_identity(cfg: &RunConfig, path: &Path) -> Result<()> {
+    let identity = Identity {
+        num_shards: cfg.num_shards,
+        items_per_part: cfg.items_per_part,
+        model: cfg.model.clone(),
+        clip: cfg.clip.clone(),
+        image: cfg.image.clone(),
+    };
+    if !path.is_file() {
+        let json =
+            serde_json::to_vec_pretty(&identity).map_err(|e| Error::Config(e.to_string()))?;
+        return Ok(ip2p::fsutil::write_file(path, &json)?);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let old: Identity = serde_json::from_str(&text).map_err(|e| Error::Input {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    if old != identity {
+        return Err(Error::Config(format!(
+            "{} was started with other settings ({}); resume with the same settings or use a new --out",
+            cfg.out.display(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The shard's ledger: committed parts and every LLM answer so far.
+struct Ledger {
+    parts: JsonlLog,
+    text: JsonlLog,
+    done_parts: HashSet<usize>,
+    answers: HashMap<usize, TextEntry>,
+}
+
+impl Ledger {
+    fn open(dir: &Path, tag: &str) -> Result<Self> {
+        let (parts, done): (JsonlLog, Vec<PartEntry>) =
+            JsonlLog::open(&dir.join(format!("{tag}.parts.jsonl")))?;
+        let (text, answered): (JsonlLog, Vec<TextEntry>) =
+            JsonlLog::open(&dir.join(format!("{tag}.text.jsonl")))?;
+        Ok(Self {
+            parts,
+            text,
+            done_parts: done.iter().map(|p| p.part).collect(),
+            answers: answered.into_iter().map(|t| (t.index, t)).collect(),
+        })
+    }
+}
+
+impl Summary {
+    /// Counts a committed part (already in the ledger).
+    fn record_part(&mut self, entry: &PartEntry, agg: &ItemResult, write: Duration) {
+        let im = &mut self.images;
+        im.parts_written += 1;
+        im.triples += entry.items.len();
+        im.samples_rendered += agg.rendered;
+        im.samples_passed += agg.passed;
+        im.rows += entry.rows;
+        for r in &agg.filtered {
+            *im.filtered.entry(r.as_str().to_owned()).or_default() += 1;
+        }
+        im.render_seconds += agg.render_time.as_secs_f64();
+        im.clip_seconds += agg.clip_time.as_secs_f64();
+        im.encode_seconds += agg.encode_time.as_secs_f64();
+        im.write_seconds += write.as_secs_f64();
+    }
+
+    /// Counts one text-stage answer.
+    fn record_text(&mut self, source: Source, outcome: &TextOutcome) {
+        match source {
+            Source::Given => self.text.given += 1,
+            Source::Cached => self.text.cached += 1,
+            Source::Asked => self.text.requested += 1,
+        }
+        match outcome {
+            Ok(_) if source != Source::Given => self.text.ok += 1,
+            Ok(_) => {}
+            Err(r) => *self.text.rejected.entry(r.as_str().to_owned()).or_default() += 1,
+        }
+    }
+}
+
+/// Renders, filters and writes one part on the image worker: its ledger entry and counts as an
+/// event (with the time the write took).
+fn render_part(
+    gen: &PairGenerator,
+    cfg: &RunConfig,
+    part: usize,
+    batch: &[(Item, TextOutcome)],
+) -> Result<Event> {
+    let mut agg = ItemResult::default();
+    let mut rows = Vec::new();
+    for (item, outcome) in batch {
+        let Ok(triple) = outcome else { continue };
+        let r = gen.generate(item.index, triple)?;
+        agg.rendered += r.rendered;
+        agg.passed += r.passed;
+        agg.filtered.extend(r.filtered);
+        agg.render_time += r.render_time;
+        agg.clip_time += r.clip_time;
+        agg.encode_time += r.encode_time;
+        rows.extend(r.rows);
+    }
+    let name = part_name(cfg.shard, cfg.num_shards, part);
+    let t = Instant::now();
+    write_part(&cfg.out.join("data").join(&name), &rows)?;
+    let write = t.elapsed();
+    let entry = PartEntry {
+        part,
+        file: format!("data/{name}"),
+        items: batch.iter().map(|(i, _)| i.index).collect(),
+        rows: rows.len(),
+        rendered: agg.rendered,
+        passed: agg.passed,
+    };
+    agg.rows = rows;
+    Ok(Event::Part(entry, Box::new(agg), write))
+}
+
+/// The image worker: one thread owns the models; parts arrive over a bounded channel and
+/// leave, written, as events.
+fn spawn_image_worker(
+    cfg: &RunConfig,
+    mut jobs: tokio::sync::mpsc::Receiver<PartJob>,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+) -> Result<std::thread::JoinHandle<Result<()>>> {
+    let cfg = cfg.clone();
+    std::thread::Builder::new()
+        .name("dataset-gen-images".into())
+        .spawn(move || -> Result<()> {
+            let gen = load_generator(&cfg)?;
+            while let Some((k, batch)) = jobs.blocking_recv() {
+                if events.send(render_part(&gen, &cfg, k, &batch)?).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| Error::Worker(e.to_string()))
+}
+
+/// What the text stage feeds and the image worker reports into.
+struct Flow<'a> {
+    summary: Summary,
+    ledger: Ledger,
+    bars: &'a Bars,
+    /// `None` once the text stage is over (the worker then ends after the last part).
+    jobs: Option<tokio::sync::mpsc::Sender<PartJob>>,
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+}
+
+impl Flow<'_> {
+    fn handle(&mut self, ev: Event) -> Result<()> {
+        let Event::Part(entry, agg, write) = ev;
+        self.ledger.parts.append(&entry)?;
+        self.summary.record_part(&entry, &agg, write);
+        self.bars.part_done(&entry);
+        Ok(())
+    }
+
+    /// Applies every event that has arrived.
+    fn drain_ready(&mut self) -> Result<()> {
+        while let Ok(ev) = self.events.try_recv() {
+            self.handle(ev)?;
+        }
+        Ok(())
+    }
+
+    /// Hands a complete part to the worker, applying finished parts while the queue is full.
+    /// `false`: the worker has stopped.
+    async fn send(&mut self, job: PartJob) -> Result<bool> {
+        use tokio::sync::mpsc::error::TrySendError;
+        let mut job = job;
+        loop {
+            let Some(jobs) = &self.jobs else {
+                return Ok(false);
+            };
+            match jobs.try_send(job) {
+                Ok(()) => return Ok(true),
+                Err(TrySendError::Closed(_)) => return Ok(false),
+                Err(TrySendError::Full(j)) => match self.events.recv().await {
+                    Some(ev) => {
+                        self.handle(ev)?;
+                        job = j;
+                    }
+                    None => return Ok(false),
+                },
+            }
+        }
+    }
+
+    /// Logs an answer the LLM gave in this run.
+    fn log_answer(&mut self, it: &Item, outcome: &TextOutcome) -> Result<()> {
+        self.ledger.text.append(&TextEntry {
+            index: it.index,
+            input: it.caption.clone(),
+            edit: outcome.as_ref().ok().map(|t| t.edit.clone()),
+            output: outcome.as_ref().ok().map(|t| t.output.clone()),
+            reject: outcome.as_ref().err().copied(),
+        })?;
+        self.bars.text_done();
+        Ok(())
+    }
+}
+
+/// Waits for the image worker to finish.
+async fn join_worker(worker: std::thread::JoinHandle<Result<()>>) -> Result<()> {
+    let r = tokio::task::spawn_blocking(move || worker.join())
+        .await
+        .map_err(|e| Error::Worker(e.to_string()))?;
+    match r {
+        Ok(r) => r,
+        Err(_) => Err(Error::Worker("the image thread panicked".into())),
+    }
+}
+
 /// Runs (or resumes) one shard.
 pub async fn run(cfg: RunConfig) -> Result<Summary> {
     check_config(&cfg)?;
@@ -217,55 +436,14 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
     let items_total = items.len();
     let items = shard_items(&items, cfg.shard, cfg.num_shards);
     let tag = shard_tag(cfg.shard, cfg.num_shards);
-    let (data_dir, ledger_dir, summary_dir) = (
-        cfg.out.join("data"),
-        cfg.out.join("ledger"),
-        cfg.out.join("summary"),
-    );
-    for d in [&data_dir, &ledger_dir, &summary_dir] {
-        mkdir(d)?;
+    let ledger_dir = cfg.out.join("ledger");
+    for d in ["data", "ledger", "summary"] {
+        mkdir(&cfg.out.join(d))?;
     }
     let _lock = Lock::acquire(&ledger_dir.join(format!("{tag}.lock")))?;
-
     // The run's identity: a resume with other settings would mix two datasets.
-    let identity = Identity {
-        num_shards: cfg.num_shards,
-        items_per_part: cfg.items_per_part,
-        model: cfg.model.clone(),
-        clip: cfg.clip.clone(),
-        image: cfg.image.clone(),
-    };
-    let id_path = ledger_dir.join(format!("{tag}.settings.json"));
-    if id_path.is_file() {
-        let text = std::fs::read_to_string(&id_path).map_err(|e| Error::io(&id_path, e))?;
-        let old: Identity = serde_json::from_str(&text).map_err(|e| Error::Input {
-            path: id_path.clone(),
-            message: e.to_string(),
-        })?;
-        if old != identity {
-            return Err(Error::Config(format!(
-                "{} was started with other settings ({}); resume with the same settings or use a new --out",
-                cfg.out.display(),
-                id_path.display()
-            )));
-        }
-    } else {
-        let json =
-            serde_json::to_vec_pretty(&identity).map_err(|e| Error::Config(e.to_string()))?;
-        commit_file(&id_path, |f| {
-            use std::io::Write;
-            f.write_all(&json).map_err(|e| Error::io(&id_path, e))
-        })?;
-    }
-
-    let (mut parts_log, done): (JsonlLog, Vec<PartEntry>) =
-        JsonlLog::open(&ledger_dir.join(format!("{tag}.parts.jsonl")))?;
-    let (mut text_log, text_done): (JsonlLog, Vec<TextEntry>) =
-        JsonlLog::open(&ledger_dir.join(format!("{tag}.text.jsonl")))?;
-    let done_parts: HashSet<usize> = done.iter().map(|p| p.part).collect();
-    let mut text_cache: HashMap<usize, TextEntry> =
-        text_done.into_iter().map(|t| (t.index, t)).collect();
-
+    check_identity(&cfg, &ledger_dir.join(format!("{tag}.settings.json")))?;
+    let mut ledger = Ledger::open(&ledger_dir, &tag)?;
     let mut summary = Summary {
         shard: cfg.shard,
         num_shards: cfg.num_shards,
@@ -274,21 +452,17 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
         items_in_shard: items.len(),
         ..Default::default()
     };
-    let parts: Vec<(usize, Vec<Item>)> = items
+    summary.images.parts_already_done = ledger.done_parts.len();
+    let todo: Vec<(usize, Vec<Item>)> = items
         .chunks(cfg.items_per_part)
         .enumerate()
+        .filter(|(k, _)| !ledger.done_parts.contains(k))
         .map(|(k, c)| (k, c.to_vec()))
         .collect();
-    let todo: Vec<(usize, Vec<Item>)> = parts
-        .into_iter()
-        .filter(|(k, _)| !done_parts.contains(k))
-        .collect();
-    summary.images.parts_already_done = done_parts.len();
-
     let needs_llm = todo
         .iter()
         .flat_map(|(_, it)| it)
-        .filter(|it| it.triple.is_none() && !text_cache.contains_key(&it.index))
+        .filter(|it| it.triple.is_none() && !ledger.answers.contains_key(&it.index))
         .count();
     let writer = match (&cfg.llm, needs_llm) {
         (_, 0) => None,
@@ -299,175 +473,29 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
             )))
         }
     };
-
     let bars = Bars::new(
         cfg.progress_bars,
         needs_llm,
         todo.iter().map(|p| p.1.len()).sum(),
     );
-
-    // The image worker: one thread owns the models; parts arrive over a bounded channel.
-    let (job_tx, mut job_rx) = tokio::sync::mpsc::channel::<PartJob>(1);
-    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let worker_cfg = cfg.clone();
-    let worker_tag = (cfg.shard, cfg.num_shards);
-    let worker = (!todo.is_empty()).then(|| {
-        std::thread::Builder::new()
-            .name("dataset-gen-images".into())
-            .spawn(move || -> Result<()> {
-                let gen = load_generator(&worker_cfg)?;
-                while let Some((k, batch)) = job_rx.blocking_recv() {
-                    let mut agg = ItemResult::default();
-                    let mut rows = Vec::new();
-                    for (item, outcome) in &batch {
-                        let Ok(triple) = outcome else { continue };
-                        let r = gen.generate(item.index, triple)?;
-                        agg.rendered += r.rendered;
-                        agg.passed += r.passed;
-                        agg.filtered.extend(r.filtered);
-                        agg.render_time += r.render_time;
-                        agg.clip_time += r.clip_time;
-                        agg.encode_time += r.encode_time;
-                        rows.extend(r.rows);
-                    }
-                    let name = part_name(worker_tag.0, worker_tag.1, k);
-                    let t = Instant::now();
-                    write_part(&worker_cfg.out.join("data").join(&name), &rows)?;
-                    let entry = PartEntry {
-                        part: k,
-                        file: format!("data/{name}"),
-                        items: batch.iter().map(|(i, _)| i.index).collect(),
-                        rows: rows.len(),
-                        rendered: agg.rendered,
-                        passed: agg.passed,
-                    };
-                    agg.rows = rows;
-                    if ev_tx
-                        .send(Event::Part(entry, Box::new(agg), t.elapsed()))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                Ok(())
-            })
-            .map_err(|e| Error::Worker(e.to_string()))
-    });
-    let worker = worker.transpose()?;
-
-    // The text stage, in item order (answers are awaited concurrently but consumed in order).
+    let (jobs, job_rx) = tokio::sync::mpsc::channel::<PartJob>(1);
+    let (ev_tx, events) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let worker = if todo.is_empty() {
+        None
+    } else {
+        Some(spawn_image_worker(&cfg, job_rx, ev_tx)?)
+    };
+    let mut cached = std::mem::take(&mut ledger.answers);
+    let mut flow = Flow {
+        summary,
+        ledger,
+        bars: &bars,
+        jobs: Some(jobs),
+        events,
+    };
     let text_started = Instant::now();
-    let writer_ref = writer.as_ref();
-    let mut answers = futures::stream::iter(
-        todo.iter()
-            .flat_map(|(k, its)| its.iter().map(move |it| (*k, it.clone()))),
-    )
-    .map(|(k, it)| {
-        let cached = text_cache.remove(&it.index);
-        async move {
-            if let Some(t) = it.triple.clone() {
-                return (k, it, Ok(t), Source::Given);
-            }
-            if let Some(c) = cached {
-                return (k, it, c.outcome(), Source::Cached);
-            }
-            match writer_ref {
-                Some(w) => {
-                    let r = w.write(&it.caption).await;
-                    (k, it, r, Source::Asked)
-                }
-                None => (k, it, Err(Reject::RequestFailed), Source::Asked),
-            }
-        }
-    })
-    .buffered(cfg.llm_concurrency.max(1));
-
-    let mut current: Option<PartJob> = None;
-    let expected: HashMap<usize, usize> = todo.iter().map(|(k, its)| (*k, its.len())).collect();
-    let mut send_failed = false;
-    let handle_events =
-        |summary: &mut Summary, parts_log: &mut JsonlLog, ev: Event| -> Result<()> {
-            let Event::Part(entry, agg, write) = ev;
-            parts_log.append(&entry)?;
-            let im = &mut summary.images;
-            im.parts_written += 1;
-            im.triples += entry.items.len();
-            im.samples_rendered += agg.rendered;
-            im.samples_passed += agg.passed;
-            im.rows += entry.rows;
-            for r in &agg.filtered {
-                *im.filtered.entry(r.as_str().to_owned()).or_default() += 1;
-            }
-            im.render_seconds += agg.render_time.as_secs_f64();
-            im.clip_seconds += agg.clip_time.as_secs_f64();
-            im.encode_seconds += agg.encode_time.as_secs_f64();
-            im.write_seconds += write.as_secs_f64();
-            bars.part_done(&entry);
-            Ok(())
-        };
-    while let Some((k, it, outcome, source)) = answers.next().await {
-        match source {
-            Source::Given => summary.text.given += 1,
-            Source::Cached => summary.text.cached += 1,
-            Source::Asked => {
-                summary.text.requested += 1;
-                text_log.append(&TextEntry {
-                    index: it.index,
-                    input: it.caption.clone(),
-                    edit: outcome.as_ref().ok().map(|t| t.edit.clone()),
-                    output: outcome.as_ref().ok().map(|t| t.output.clone()),
-                    reject: outcome.as_ref().err().copied(),
-                })?;
-                bars.text_done();
-            }
-        }
-        match &outcome {
-            Ok(_) if source != Source::Given => summary.text.ok += 1,
-            Ok(_) => {}
-            Err(r) => {
-                *summary
-                    .text
-                    .rejected
-                    .entry(r.as_str().to_owned())
-                    .or_default() += 1
-            }
-        }
-        let cur = current.get_or_insert_with(|| (k, Vec::new()));
-        cur.1.push((it, outcome));
-        if cur.1.len() == expected.get(&k).copied().unwrap_or(0) {
-            let job = current
-                .take()
-                .ok_or_else(|| Error::Worker("no part".into()))?;
-            // Apply finished parts while waiting for room in the queue.
-            let mut job = Some(job);
-            while let Some(j) = job.take() {
-                match job_tx.try_send(j) {
-                    Ok(()) => {}
-                    Err(tokio::sync::mpsc::error::TrySendError::Full(j)) => {
-                        match ev_rx.recv().await {
-                            Some(ev) => handle_events(&mut summary, &mut parts_log, ev)?,
-                            None => {
-                                send_failed = true;
-                                break;
-                            }
-                        }
-                        job = Some(j);
-                    }
-                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
-                        send_failed = true;
-                        break;
-                    }
-                }
-            }
-            if send_failed {
-                break;
-            }
-        }
-        while let Ok(ev) = ev_rx.try_recv() {
-            handle_events(&mut summary, &mut parts_log, ev)?;
-        }
-    }
-    drop(answers);
+    text_stage(&cfg, &todo, &mut cached, writer.as_ref(), &mut flow).await?;
+    let summary = &mut flow.summary;
     summary.text.seconds = text_started.elapsed().as_secs_f64();
     if let Some(w) = &writer {
         summary.text.retries = w.stats().snapshot();
@@ -475,20 +503,77 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
     if summary.text.requested > 0 && summary.text.seconds > 0.0 {
         summary.text.captions_per_second = summary.text.requested as f64 / summary.text.seconds;
     }
-    drop(job_tx);
-    while let Some(ev) = ev_rx.recv().await {
-        handle_events(&mut summary, &mut parts_log, ev)?;
+    flow.jobs = None;
+    while let Some(ev) = flow.events.recv().await {
+        flow.handle(ev)?;
     }
     if let Some(w) = worker {
-        let r = tokio::task::spawn_blocking(move || w.join())
-            .await
-            .map_err(|e| Error::Worker(e.to_string()))?;
-        match r {
-            Ok(r) => r?,
-            Err(_) => return Err(Error::Worker("the image thread panicked".into())),
-        }
+        join_worker(w).await?;
     }
     bars.finish();
+    finish_summary(flow.summary, &cfg, &ledger_dir, &tag, started)
+}
+
+/// The text stage, in item order (answers are awaited concurrently but consumed in order):
+/// each part goes to the image worker as soon as its last answer is in.
+async fn text_stage(
+    cfg: &RunConfig,
+    todo: &[(usize, Vec<Item>)],
+    cached: &mut HashMap<usize, TextEntry>,
+    writer: Option<&EditWriter>,
+    flow: &mut Flow<'_>,
+) -> Result<()> {
+    let mut answers = futures::stream::iter(
+        todo.iter()
+            .flat_map(|(k, its)| its.iter().map(move |it| (*k, it.clone()))),
+    )
+    .map(|(k, it)| {
+        let cached = cached.remove(&it.index);
+        async move {
+            if let Some(t) = it.triple.clone() {
+                return (k, it, Ok(t), Source::Given);
+            }
+            if let Some(c) = cached {
+                return (k, it, c.outcome(), Source::Cached);
+            }
+            let r = match writer {
+                Some(w) => w.write(&it.caption).await,
+                None => Err(Reject::RequestFailed),
+            };
+            (k, it, r, Source::Asked)
+        }
+    })
+    .buffered(cfg.llm_concurrency.max(1));
+    let expected: HashMap<usize, usize> = todo.iter().map(|(k, its)| (*k, its.len())).collect();
+    let mut current: Option<PartJob> = None;
+    while let Some((k, it, outcome, source)) = answers.next().await {
+        if source == Source::Asked {
+            flow.log_answer(&it, &outcome)?;
+        }
+        flow.summary.record_text(source, &outcome);
+        let cur = current.get_or_insert_with(|| (k, Vec::new()));
+        cur.1.push((it, outcome));
+        if cur.1.len() == expected.get(&k).copied().unwrap_or(0) {
+            let job = current
+                .take()
+                .ok_or_else(|| Error::Worker("no part".into()))?;
+            if !flow.send(job).await? {
+                break;
+            }
+        }
+        flow.drain_ready()?;
+    }
+    Ok(())
+}
+
+/// Rates, the dataset's totals from the ledger, and the summary file (written whole).
+fn finish_summary(
+    mut summary: Summary,
+    cfg: &RunConfig,
+    ledger_dir: &Path,
+    tag: &str,
+    started: Instant,
+) -> Result<Summary> {
     let im = &mut summary.images;
     let busy = im.render_seconds + im.clip_seconds;
     if busy > 0.0 {
@@ -499,12 +584,9 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
     summary.dataset_parts = all_parts.len();
     summary.dataset_rows = all_parts.iter().map(|p| p.rows).sum();
     summary.seconds = started.elapsed().as_secs_f64();
-    let path = summary_dir.join(format!("{tag}.json"));
+    let path = cfg.out.join("summary").join(format!("{tag}.json"));
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
-    commit_file(&path, |f| {
-        use std::io::Write;
-        f.write_all(&json).map_err(|e| Error::io(&path, e))
-    })?;
+    ip2p::fsutil::write_file(&path, &json)?;
     Ok(summary)
 }
 

@@ -377,7 +377,9 @@ fn build_cached<T>(
     let built = run(rec.clone());
     if let Some(c) = rec {
         let done = if built.is_ok() {
-            finish(c).and_then(|()| std::fs::rename(&tmp, &file))
+            finish(c).and_then(|()| {
+                crate::fsutil::rename_durably(&tmp, &file).map_err(std::io::Error::other)
+            })
         } else {
             Err(std::io::Error::other("the model did not build"))
         };

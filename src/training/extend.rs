@@ -8,7 +8,7 @@
 //! Euler ancestral, as in the published model.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -66,28 +66,7 @@ pub fn extend(src: &ModelDir, out: &Path) -> Result<()> {
         ));
     }
     // Built beside the target and renamed into place at the end: no half-made model on failure.
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let tmp: PathBuf = parent.join(format!(".{name}.extending-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    let result = build(src, &tmp, ucfg);
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out.exists() {
-        std::fs::remove_dir(out).map_err(io(out))?;
-    }
-    std::fs::rename(&tmp, out).map_err(io(out))
+    crate::fsutil::commit_dir(out, |tmp| build(src, tmp, ucfg))
 }
 
 fn build(src: &ModelDir, dst: &Path, mut ucfg: Value) -> Result<()> {

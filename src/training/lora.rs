@@ -98,7 +98,7 @@ pub fn attach(
 }
 
 /// Writes adapters (`name → tensor`, names without the `unet.` prefix) in the diffusers/PEFT
-/// layout, with rank and alpha in the metadata.
+/// layout, with rank and alpha in the metadata; the file is replaced whole.
 pub fn save(tensors: &HashMap<String, Tensor>, cfg: LoraConfig, path: &Path) -> Result<()> {
     let prefixed: HashMap<String, Tensor> = tensors
         .iter()
@@ -136,6 +136,7 @@ pub fn save(tensors: &HashMap<String, Tensor>, cfg: LoraConfig, path: &Path) -> 
                 .map_err(|e| Error::Internal(format!("LoRA tensor: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(tv, Some(meta), path)
-        .map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))
+    let bytes = safetensors::serialize(tv, Some(meta))
+        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+    crate::fsutil::write_file(path, &bytes)
 }

@@ -250,26 +250,15 @@ fn spawn_loader(
 /// Writes a complete diffusers pipeline folder at `dst`: the base model's components with the
 /// UNet's weights replaced by `unet`. Built under a temporary name and renamed into place.
 pub fn save_pipeline(base: &Path, unet: &HashMap<String, Tensor>, dst: &Path) -> Result<()> {
-    let parent = dst.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = dst
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.tmp"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    super::copy_model_except_unet(base, &tmp, true)?;
-    let u = tmp.join("unet");
-    std::fs::create_dir_all(&u).map_err(io(&u))?;
-    std::fs::copy(base.join("unet/config.json"), u.join("config.json"))
-        .map_err(io(&base.join("unet/config.json")))?;
-    candle_core::safetensors::save(unet, u.join("diffusion_pytorch_model.safetensors"))?;
-    if dst.exists() {
-        std::fs::remove_dir_all(dst).map_err(io(dst))?;
-    }
-    std::fs::rename(&tmp, dst).map_err(io(dst))
+    crate::fsutil::commit_dir(dst, |tmp| {
+        super::copy_model_except_unet(base, tmp, true)?;
+        let u = tmp.join("unet");
+        std::fs::create_dir_all(&u).map_err(io(&u))?;
+        let config = base.join("unet/config.json");
+        std::fs::copy(&config, u.join("config.json")).map_err(io(&config))?;
+        candle_core::safetensors::save(unet, u.join("diffusion_pytorch_model.safetensors"))?;
+        Ok(())
+    })
 }
 
 /// Edits the sample image with `weights` (the whole UNet, or LoRA adapters on the base).
@@ -347,9 +336,7 @@ fn save_model(
         None => save_pipeline(base, weights, dst),
         Some(lc) => {
             std::fs::create_dir_all(dst).map_err(io(dst))?;
-            let tmp = dst.join(format!(".{LORA_FILE}.tmp"));
-            lora::save(weights, lc, &tmp)?;
-            std::fs::rename(&tmp, dst.join(LORA_FILE)).map_err(io(dst))
+            lora::save(weights, lc, &dst.join(LORA_FILE))
         }
     }
 }
@@ -407,77 +394,69 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
-/// Runs (or resumes) training. `on_step` sees every optimisation step.
-pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<TrainSummary> {
-    validate(cfg)?;
-    let dev = &cfg.device;
-    let dir = ModelDir::open(&cfg.model, &cfg.hub)?;
-    let base = dir.root().to_path_buf();
-    let ucfg: UNetConfig = dir.config("unet", "config.json")?;
-    if ucfg.in_channels != 8 {
-        return Err(Error::IncompatibleModel(format!(
-            "the UNet has {} input channels; training needs InstructPix2Pix's 8 (run `ip2p extend` first)",
-            ucfg.in_channels
-        )));
-    }
-    let scfg: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
-    let schedule = NoiseSchedule::new(&scfg)?;
-    let frozen = Frozen::load(&dir, dev)?;
-    let data = PairDataset::open(&cfg.data, cfg.columns.clone())?;
-    std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
+/// Everything an open run holds: the model, its trainable variables, the optimizer and EMA,
+/// and where it starts.
+struct Run {
+    dir: ModelDir,
+    ucfg: UNetConfig,
+    scfg: SchedulerConfig,
+    schedule: NoiseSchedule,
+    frozen: Frozen,
+    data: PairDataset,
+    unet: UNet2DConditionModel,
+    vars: Vec<(String, Var)>,
+    opt: AdamW,
+    ema: Option<Ema>,
+    start_step: u64,
+}
 
-    // Where to start: the base weights, or the newest checkpoint.
-    let resume = if cfg.resume {
-        latest_checkpoint(&cfg.out)
-    } else {
-        None
-    };
-    let start_step = resume.as_ref().map(|r| r.0).unwrap_or(0);
-    let (unet, vars) = match cfg.lora {
-        // LoRA: the base weights stay plain (frozen) tensors; only the adapters are variables.
-        Some(lc) => {
-            if lc.rank == 0 || !(lc.alpha.is_finite() && lc.alpha > 0.0) {
-                return Err(Error::invalid("lora", "rank and alpha must be positive"));
-            }
-            let vb = loader::var_builder(
-                &dir.weights("unet", "diffusion_pytorch_model", Variant::Auto)?,
-                DType::F32,
-                dev,
-            )?;
-            let mut unet =
-                crate::models::nn::build_differentiable(|| UNet2DConditionModel::new(vb, &ucfg))
-                    .map_err(|e| Error::IncompatibleModel(format!("unet: {e}")))?;
-            let existing = match &resume {
-                Some((_, ck)) => Some(candle_core::safetensors::load(
-                    ck.join("training_state/lora.safetensors"),
-                    dev,
-                )?),
-                None => None,
-            };
-            let vars = lora::attach(&mut unet, lc, cfg.seed, dev, existing.as_ref())?;
-            (unet, vars)
+impl Run {
+    /// Opens the model and data, builds the trainable UNet (whole, or LoRA adapters on frozen
+    /// weights) and its optimizer, and restores the newest checkpoint when resuming.
+    fn open(cfg: &TrainConfig) -> Result<Self> {
+        validate(cfg)?;
+        let dev = &cfg.device;
+        let dir = ModelDir::open(&cfg.model, &cfg.hub)?;
+        let ucfg: UNetConfig = dir.config("unet", "config.json")?;
+        if ucfg.in_channels != 8 {
+            return Err(Error::IncompatibleModel(format!(
+                "the UNet has {} input channels; training needs InstructPix2Pix's 8 (run `ip2p extend` first)",
+                ucfg.in_channels
+            )));
         }
-        None => {
-            let vars_map: VarMap = match &resume {
-                Some((_, ck)) => load_vars(&[ck.join("training_state/unet.safetensors")], dev)?,
-                None => load_vars(
-                    &dir.weights("unet", "diffusion_pytorch_model", Variant::Auto)?,
-                    dev,
-                )?,
-            };
-            let unet = UNet2DConditionModel::new(var_builder(&vars_map, dev), &ucfg)
-                .map_err(|e| Error::IncompatibleModel(format!("unet: {e}")))?;
-            let mut vars: Vec<(String, Var)> = named_vars(&vars_map)?.into_iter().collect();
-            vars.sort_by(|a, b| a.0.cmp(&b.0));
-            (unet, vars)
+        let scfg: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
+        let schedule = NoiseSchedule::new(&scfg)?;
+        let frozen = Frozen::load(&dir, dev)?;
+        let data = PairDataset::open(&cfg.data, cfg.columns.clone())?;
+        std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
+        let resume = if cfg.resume {
+            latest_checkpoint(&cfg.out)
+        } else {
+            None
+        };
+        let checkpoint = resume.as_ref().map(|r| r.1.as_path());
+        let (unet, vars) = trainable_unet(cfg, &dir, &ucfg, checkpoint)?;
+        let mut run = Self {
+            opt: AdamW::new(vars.clone(), cfg.adam),
+            ema: cfg.ema.map(|d| Ema::new(&vars, d)).transpose()?,
+            start_step: resume.as_ref().map_or(0, |r| r.0),
+            dir,
+            ucfg,
+            scfg,
+            schedule,
+            frozen,
+            data,
+            unet,
+            vars,
+        };
+        if let Some((step, ck)) = &resume {
+            run.restore(cfg, *step, ck)?;
         }
-    };
-    let mut opt = AdamW::new(vars.clone(), cfg.adam);
-    let mut ema = match cfg.ema {
-        Some(d) => Some(Ema::new(&vars, d)?),
-        None => None,
-    };
-    if let Some((step, ck)) = &resume {
+        Ok(run)
+    }
+
+    /// Loads the optimizer moments and EMA of checkpoint `ck` (made with the same settings).
+    fn restore(&mut self, cfg: &TrainConfig, step: u64, ck: &Path) -> Result<()> {
         let st: State = loader::read_json(&ck.join("training_state/state.json"))?;
         if (st.seed, st.batch_size, st.grad_accum, st.resolution)
             != (cfg.seed, cfg.batch_size, cfg.grad_accum, cfg.resolution)
@@ -494,135 +473,109 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
                 ),
             ));
         }
-        let o =
+        let dev = &cfg.device;
+        let moments =
             candle_core::safetensors::load(ck.join("training_state/optimizer.safetensors"), dev)?;
-        opt.load_state(o, *step);
-        if let Some(e) = &mut ema {
+        self.opt.load_state(moments, step);
+        if let Some(e) = &mut self.ema {
             let p = ck.join("training_state/ema.safetensors");
             if p.is_file() {
                 e.shadow = candle_core::safetensors::load(&p, dev)?;
             }
         }
         tracing::info!(step, checkpoint = %ck.display(), "resuming");
+        Ok(())
     }
 
-    // The loss log keeps the lines up to where this run starts.
-    let log_path = cfg.out.join("train_log.jsonl");
-    let mut kept = String::new();
-    if let Ok(old) = std::fs::read_to_string(&log_path) {
-        for line in old.lines() {
-            if let Ok(l) = serde_json::from_str::<StepLog>(line) {
-                if l.step <= start_step {
-                    kept.push_str(line);
-                    kept.push('\n');
-                }
-            }
+    /// The weights a sample edit or a saved model uses: the EMA's, else the live ones.
+    fn serving_weights(&self) -> Result<HashMap<String, Tensor>> {
+        match &self.ema {
+            Some(e) => Ok(e.shadow.clone()),
+            None => snapshot(&self.vars),
         }
     }
-    std::fs::write(&log_path, kept).map_err(io(&log_path))?;
-    let mut log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&log_path)
-        .map_err(io(&log_path))?;
 
-    let micro_per_step = cfg.grad_accum as u64;
-    let rx = spawn_loader(
-        data.clone(),
-        cfg,
-        start_step * micro_per_step,
-        cfg.steps * micro_per_step,
-    );
-    let mut summary = TrainSummary {
-        start_step,
-        end_step: start_step,
-        ..Default::default()
-    };
-    let p = cfg.conditioning_dropout;
-    let sf = frozen.vae.config().scaling_factor;
-    let n_t = schedule.num_train_timesteps() as u64;
-    for step in start_step + 1..=cfg.steps {
-        let t0 = Instant::now();
-        let mut acc: HashMap<String, Tensor> = HashMap::new();
-        let mut loss_sum = 0f64;
-        for _ in 0..micro_per_step {
-            let batch = rx
-                .recv()
-                .map_err(|_| Error::invalid("data", "the data loader stopped"))??;
-            let b = batch.prompts.len();
-            // Per-sample draws, from each sample's global position.
-            let mut ts = Vec::with_capacity(b);
-            let mut noise = Vec::with_capacity(b);
-            let mut eps = Vec::with_capacity(b);
-            let mut texts = Vec::with_capacity(b);
-            let mut keep_image = Vec::with_capacity(b);
-            for j in 0..b {
-                let g = batch.first + j as u64;
-                let mut rng = rng_for(cfg.seed, b"sample__", g);
-                let r = unit(&mut rng);
-                ts.push((rand_core::RngCore::next_u64(&mut rng) % n_t) as u32);
-                let mut ns =
-                    crate::schedulers::SeededNoise::new(rand_core::RngCore::next_u64(&mut rng));
-                let h = (cfg.resolution / 8) as usize;
-                noise.push(crate::schedulers::NoiseSource::randn(
-                    &mut ns,
-                    &[1, 4, h, h],
-                    dev,
-                )?);
-                eps.push(crate::schedulers::NoiseSource::randn(
-                    &mut ns,
-                    &[1, 4, h, h],
-                    dev,
-                )?);
-                texts.push(r < 2.0 * p);
-                keep_image.push(!(r >= p && r < 3.0 * p));
-            }
-            let noise = Tensor::cat(&noise, 0)?;
-            let eps = Tensor::cat(&eps, 0)?;
-            let original = batch.original.to_device(dev)?;
-            let edited = batch.edited.to_device(dev)?;
-            let target = (frozen.vae.encode(&edited)?.sample_with(&eps)? * sf)?;
-            let image_lat = frozen.vae.encode(&original)?.mean;
-            let mask: Vec<f32> = keep_image
-                .iter()
-                .map(|&k| if k { 1.0 } else { 0.0 })
-                .collect();
-            let mask = Tensor::from_vec(mask, (b, 1, 1, 1), dev)?;
-            let image_lat = image_lat.broadcast_mul(&mask)?;
-            let prompts: Vec<&str> = batch.prompts.iter().map(String::as_str).collect();
-            let mut text = frozen.encode(&prompts, dev)?;
-            if texts.iter().any(|&d| d) {
-                let rows = (0..b)
-                    .map(|j| {
-                        if texts[j] {
-                            Ok(frozen.empty.clone())
-                        } else {
-                            text.narrow(0, j, 1)
-                        }
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                text = Tensor::cat(&rows, 0)?;
-            }
-            let noisy = schedule.add_noise(&target, &noise, &ts)?;
-            let loss = ip2p_loss(&unet, &noisy, &image_lat, &ts, &text, &noise)?;
-            loss_sum += f64::from(loss.to_scalar::<f32>()?);
-            let grads = loss.backward()?;
-            for (name, var) in &vars {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    let g = g.detach();
-                    let next = match acc.remove(name) {
-                        Some(a) => (a + g)?,
-                        None => g,
-                    };
-                    acc.insert(name.clone(), next);
-                }
+    /// One micro-batch: draws, encodings, the loss and its gradients, added into `acc`.
+    /// Returns the loss.
+    fn micro_step(
+        &self,
+        cfg: &TrainConfig,
+        batch: Batch,
+        acc: &mut HashMap<String, Tensor>,
+    ) -> Result<f64> {
+        let dev = &cfg.device;
+        let n_t = self.schedule.num_train_timesteps() as u64;
+        let d = Draws::new(cfg, &batch, n_t)?;
+        let vae = &self.frozen.vae;
+        let target = (vae
+            .encode(&batch.edited.to_device(dev)?)?
+            .sample_with(&d.eps)?
+            * vae.config().scaling_factor)?;
+        let image_lat = vae.encode(&batch.original.to_device(dev)?)?.mean;
+        let image_lat = image_lat.broadcast_mul(&d.image_mask)?;
+        let text = self.conditioning_text(&batch.prompts, &d.drop_text, dev)?;
+        let noisy = self.schedule.add_noise(&target, &d.noise, &d.timesteps)?;
+        let loss = ip2p_loss(
+            &self.unet,
+            &noisy,
+            &image_lat,
+            &d.timesteps,
+            &text,
+            &d.noise,
+        )?;
+        let grads = loss.backward()?;
+        for (name, var) in &self.vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let g = g.detach();
+                let next = match acc.remove(name) {
+                    Some(a) => (a + g)?,
+                    None => g,
+                };
+                acc.insert(name.clone(), next);
             }
         }
-        // Average over micro-batches, clip the global norm, update.
-        let scale = 1.0 / micro_per_step as f64;
+        Ok(f64::from(loss.to_scalar::<f32>()?))
+    }
+
+    /// The prompts' encodings, the empty prompt's where `drop_text` says.
+    fn conditioning_text(
+        &self,
+        prompts: &[String],
+        drop_text: &[bool],
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let text = self.frozen.encode(&prompts, dev)?;
+        if !drop_text.iter().any(|&d| d) {
+            return Ok(text);
+        }
+        let rows = drop_text
+            .iter()
+            .enumerate()
+            .map(|(j, &dropped)| {
+                if dropped {
+                    Ok(self.frozen.empty.clone())
+                } else {
+                    text.narrow(0, j, 1)
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// Averages the accumulated gradients over `micro` micro-batches, clips their global norm
+    /// and updates the weights and the EMA. Returns the norm before clipping.
+    fn clip_and_step(
+        &mut self,
+        cfg: &TrainConfig,
+        mut acc: HashMap<String, Tensor>,
+        micro: u64,
+        step: u64,
+    ) -> Result<f64> {
         let mut sq = 0f64;
         for g in acc.values_mut() {
-            if micro_per_step > 1 {
-                *g = (&*g * scale)?;
+            if micro > 1 {
+                *g = (&*g * (1.0 / micro as f64))?;
             }
             sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
         }
@@ -641,14 +594,178 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
                 }
             }
         }
-        opt.step(&acc)?;
-        if let Some(e) = &mut ema {
-            e.update(&vars, step)?;
+        self.opt.step(&acc)?;
+        if let Some(e) = &mut self.ema {
+            e.update(&self.vars, step)?;
         }
+        Ok(norm)
+    }
+
+    /// `checkpoint-<step>`: the model to serve (EMA weights) and the training state (raw
+    /// weights, optimizer, EMA), its `state.json` written last.
+    fn write_checkpoint(&self, cfg: &TrainConfig, step: u64) -> Result<PathBuf> {
+        let ck = cfg.out.join(format!("checkpoint-{step:08}"));
+        let raw = snapshot(&self.vars)?;
+        save_model(self.dir.root(), &self.serving_weights()?, cfg.lora, &ck)?;
+        let ts = ck.join("training_state");
+        std::fs::create_dir_all(&ts).map_err(io(&ts))?;
+        let raw_name = if cfg.lora.is_some() {
+            "lora.safetensors"
+        } else {
+            "unet.safetensors"
+        };
+        candle_core::safetensors::save(&raw, ts.join(raw_name))?;
+        candle_core::safetensors::save(&self.opt.state(), ts.join("optimizer.safetensors"))?;
+        if let Some(e) = &self.ema {
+            candle_core::safetensors::save(&e.shadow, ts.join("ema.safetensors"))?;
+        }
+        let st = State {
+            step,
+            seed: cfg.seed,
+            batch_size: cfg.batch_size,
+            grad_accum: cfg.grad_accum,
+            resolution: cfg.resolution,
+            dataset_rows: self.data.len(),
+        };
+        // Written last: a checkpoint without it is incomplete and ignored by --resume.
+        let json = serde_json::to_vec_pretty(&st)
+            .map_err(|e| Error::Internal(format!("training state: {e}")))?;
+        crate::fsutil::write_file(&ts.join("state.json"), &json)?;
+        Ok(ck)
+    }
+}
+
+/// The UNet with its trainable variables: LoRA adapters on frozen base weights, or the whole
+/// UNet as variables; from `checkpoint`'s training state when resuming.
+fn trainable_unet(
+    cfg: &TrainConfig,
+    dir: &ModelDir,
+    ucfg: &UNetConfig,
+    checkpoint: Option<&Path>,
+) -> Result<(UNet2DConditionModel, Vec<(String, Var)>)> {
+    let dev = &cfg.device;
+    let base_weights = || dir.weights("unet", "diffusion_pytorch_model", Variant::Auto);
+    let Some(lc) = cfg.lora else {
+        let vars_map: VarMap = match checkpoint {
+            Some(ck) => load_vars(&[ck.join("training_state/unet.safetensors")], dev)?,
+            None => load_vars(&base_weights()?, dev)?,
+        };
+        let unet = UNet2DConditionModel::new(var_builder(&vars_map, dev), ucfg)
+            .map_err(|e| Error::IncompatibleModel(format!("unet: {e}")))?;
+        let mut vars: Vec<(String, Var)> = named_vars(&vars_map)?.into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        return Ok((unet, vars));
+    };
+    if lc.rank == 0 || !(lc.alpha.is_finite() && lc.alpha > 0.0) {
+        return Err(Error::invalid("lora", "rank and alpha must be positive"));
+    }
+    let vb = loader::var_builder(&base_weights()?, DType::F32, dev)?;
+    let mut unet = crate::models::nn::build_differentiable(|| UNet2DConditionModel::new(vb, ucfg))
+        .map_err(|e| Error::IncompatibleModel(format!("unet: {e}")))?;
+    let existing = checkpoint
+        .map(|ck| candle_core::safetensors::load(ck.join("training_state/lora.safetensors"), dev))
+        .transpose()?;
+    let vars = lora::attach(&mut unet, lc, cfg.seed, dev, existing.as_ref())?;
+    Ok((unet, vars))
+}
+
+/// A micro-batch's random draws, each a function of the seed and the sample's global position.
+struct Draws {
+    timesteps: Vec<u32>,
+    /// The noise added to the target latents.
+    noise: Tensor,
+    /// The VAE's sampling noise for the target.
+    eps: Tensor,
+    /// Per sample: the text replaced by the empty prompt's encoding.
+    drop_text: Vec<bool>,
+    /// `[B, 1, 1, 1]`: 0 where the image latents are dropped.
+    image_mask: Tensor,
+}
+
+impl Draws {
+    /// Conditioning dropout as the paper: r < 2p drops the text, p ≤ r < 3p the image.
+    fn new(cfg: &TrainConfig, batch: &Batch, n_t: u64) -> Result<Self> {
+        use crate::schedulers::{NoiseSource, SeededNoise};
+        use rand_core::RngCore;
+        let (dev, p) = (&cfg.device, cfg.conditioning_dropout);
+        let b = batch.prompts.len();
+        let side = (cfg.resolution / 8) as usize;
+        let mut d = (
+            Vec::with_capacity(b),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for j in 0..b {
+            let mut rng = rng_for(cfg.seed, b"sample__", batch.first + j as u64);
+            let r = unit(&mut rng);
+            d.0.push((rng.next_u64() % n_t) as u32);
+            let mut ns = SeededNoise::new(rng.next_u64());
+            d.1.push(ns.randn(&[1, 4, side, side], dev)?);
+            d.2.push(ns.randn(&[1, 4, side, side], dev)?);
+            d.3.push(r < 2.0 * p);
+            d.4.push(if (p..3.0 * p).contains(&r) { 0f32 } else { 1.0 });
+        }
+        Ok(Self {
+            timesteps: d.0,
+            noise: Tensor::cat(&d.1, 0)?,
+            eps: Tensor::cat(&d.2, 0)?,
+            drop_text: d.3,
+            image_mask: Tensor::from_vec(d.4, (b, 1, 1, 1), dev)?,
+        })
+    }
+}
+
+/// The loss log, keeping the lines up to `start_step` of an earlier run, open for appending.
+fn open_log(out: &Path, start_step: u64) -> Result<(std::fs::File, PathBuf)> {
+    let path = out.join("train_log.jsonl");
+    let mut kept = String::new();
+    if let Ok(old) = std::fs::read_to_string(&path) {
+        for line in old.lines() {
+            if let Ok(l) = serde_json::from_str::<StepLog>(line) {
+                if l.step <= start_step {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+        }
+    }
+    std::fs::write(&path, kept).map_err(io(&path))?;
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    Ok((log, path))
+}
+
+/// Runs (or resumes) training. `on_step` sees every optimisation step.
+pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<TrainSummary> {
+    let mut run = Run::open(cfg)?;
+    let start_step = run.start_step;
+    let (mut log, log_path) = open_log(&cfg.out, start_step)?;
+    let micro = cfg.grad_accum as u64;
+    let rx = spawn_loader(run.data.clone(), cfg, start_step * micro, cfg.steps * micro);
+    let mut summary = TrainSummary {
+        start_step,
+        end_step: start_step,
+        ..Default::default()
+    };
+    for step in start_step + 1..=cfg.steps {
+        let t0 = Instant::now();
+        let mut acc = HashMap::new();
+        let mut loss_sum = 0f64;
+        for _ in 0..micro {
+            let batch = rx
+                .recv()
+                .map_err(|_| Error::invalid("data", "the data loader stopped"))??;
+            loss_sum += run.micro_step(cfg, batch, &mut acc)?;
+        }
+        let grad_norm = run.clip_and_step(cfg, acc, micro, step)?;
         let entry = StepLog {
             step,
-            loss: loss_sum / micro_per_step as f64,
-            grad_norm: norm,
+            loss: loss_sum / micro as f64,
+            grad_norm,
             lr: cfg.adam.lr,
             seconds: t0.elapsed().as_secs_f64(),
         };
@@ -659,61 +776,36 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
         summary.last_loss = Some(entry.loss);
         summary.end_step = step;
         on_step(&entry);
-
-        if let Some(se) = &cfg.samples {
-            if se.every > 0 && (step % se.every == 0 || step == cfg.steps) {
-                let weights = match &ema {
-                    Some(e) => e.shadow.clone(),
-                    None => snapshot(&vars)?,
-                };
-                let path = cfg.out.join("samples").join(format!("step-{step:08}.png"));
-                sample_edit(&dir, &ucfg, &scfg, &frozen, &weights, cfg.lora, se, &path)?;
-            }
+        if let Some(se) = cfg
+            .samples
+            .as_ref()
+            .filter(|se| se.every > 0 && (step % se.every == 0 || step == cfg.steps))
+        {
+            let path = cfg.out.join("samples").join(format!("step-{step:08}.png"));
+            let weights = run.serving_weights()?;
+            sample_edit(
+                &run.dir,
+                &run.ucfg,
+                &run.scfg,
+                &run.frozen,
+                &weights,
+                cfg.lora,
+                se,
+                &path,
+            )?;
         }
         if step % cfg.checkpoint_every.max(1) == 0 || step == cfg.steps {
-            let ck = cfg.out.join(format!("checkpoint-{step:08}"));
-            let raw = snapshot(&vars)?;
-            let serve = match &ema {
-                Some(e) => e.shadow.clone(),
-                None => raw.clone(),
-            };
-            save_model(&base, &serve, cfg.lora, &ck)?;
-            let ts = ck.join("training_state");
-            std::fs::create_dir_all(&ts).map_err(io(&ts))?;
-            let raw_name = if cfg.lora.is_some() {
-                "lora.safetensors"
-            } else {
-                "unet.safetensors"
-            };
-            candle_core::safetensors::save(&raw, ts.join(raw_name))?;
-            candle_core::safetensors::save(&opt.state(), ts.join("optimizer.safetensors"))?;
-            if let Some(e) = &ema {
-                candle_core::safetensors::save(&e.shadow, ts.join("ema.safetensors"))?;
-            }
-            let st = State {
-                step,
-                seed: cfg.seed,
-                batch_size: cfg.batch_size,
-                grad_accum: cfg.grad_accum,
-                resolution: cfg.resolution,
-                dataset_rows: data.len(),
-            };
-            // Written last: a checkpoint without it is incomplete and ignored by --resume.
-            let sj = serde_json::to_vec_pretty(&st)
-                .map_err(|e| Error::Internal(format!("training state: {e}")))?;
-            let tmp = ts.join(".state.json.tmp");
-            std::fs::write(&tmp, sj).map_err(io(&tmp))?;
-            std::fs::rename(&tmp, ts.join("state.json")).map_err(io(&ts))?;
-            summary.checkpoints.push(ck);
+            summary.checkpoints.push(run.write_checkpoint(cfg, step)?);
         }
     }
     let final_dir = cfg.out.join("final");
     if summary.end_step > start_step || !final_dir.exists() {
-        let serve = match &ema {
-            Some(e) => e.shadow.clone(),
-            None => snapshot(&vars)?,
-        };
-        save_model(&base, &serve, cfg.lora, &final_dir)?;
+        save_model(
+            run.dir.root(),
+            &run.serving_weights()?,
+            cfg.lora,
+            &final_dir,
+        )?;
     }
     summary.final_model = final_dir;
     Ok(summary)
