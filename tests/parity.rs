@@ -23,7 +23,8 @@ use ip2p::models::nn::Kernels;
 use ip2p::models::ClipTokenizer;
 use ip2p::pipeline::clip_score::{ClipScorer, Similarities};
 use ip2p::pipeline::{
-    image as img, Control, EditPipeline, StepInfo, Txt2ImgParams, Txt2ImgPipeline,
+    image as img, Control, EditPipeline, Guidance, Sampling, StepInfo, Txt2ImgParams,
+    Txt2ImgPipeline,
 };
 use ip2p::schedulers::{self, ReplayNoise, SchedulerConfig, SchedulerKind};
 use ip2p::training;
@@ -225,12 +226,17 @@ fn ip2p(case: &Case, models: &mut Models) -> R<Checks> {
             &image,
             &case.meta_str("prompt").unwrap_or_default(),
             &case.meta_str("negative_prompt").unwrap_or_default(),
-            case.meta_f64("guidance_scale").ok_or("no guidance_scale")?,
-            case.meta_f64("image_guidance_scale")
-                .ok_or("no image_guidance_scale")?,
-            sched.as_mut(),
-            &mut noise,
-            &mut progress,
+            Guidance {
+                text: case.meta_f64("guidance_scale").ok_or("no guidance_scale")?,
+                image: case
+                    .meta_f64("image_guidance_scale")
+                    .ok_or("no image_guidance_scale")?,
+            },
+            Sampling {
+                scheduler: sched.as_mut(),
+                noise: &mut noise,
+                progress: &mut progress,
+            },
         )
         .map_err(e)?;
     for (i, l) in per_step.iter().enumerate() {

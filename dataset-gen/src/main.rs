@@ -161,75 +161,84 @@ fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
+impl TryFrom<Args> for RunConfig {
+    type Error = anyhow::Error;
+
+    /// The shard from the flags, else from a Kubernetes indexed job or a Slurm array.
+    fn try_from(a: Args) -> anyhow::Result<Self> {
+        let shard = a
+            .shard
+            .or_else(|| env_usize("JOB_COMPLETION_INDEX"))
+            .or_else(|| env_usize("SLURM_ARRAY_TASK_ID"))
+            .unwrap_or(0);
+        let num_shards = a
+            .num_shards
+            .or_else(|| env_usize("SLURM_ARRAY_TASK_COUNT"))
+            .unwrap_or(1);
+        if !(a.llm_timeout.is_finite() && a.llm_timeout > 0.0) {
+            anyhow::bail!("--llm-timeout must be a positive number of seconds");
+        }
+        let llm = LlmConfig {
+            base_url: a.llm_base_url,
+            model: a.llm_model,
+            api_key: a.llm_api_key,
+            temperature: a.llm_temperature,
+            max_tokens: a.llm_max_tokens,
+            max_chars: a.max_chars,
+            few_shot: a.few_shot,
+            json_schema: !a.no_json_schema,
+            max_invalid_retries: a.llm_max_invalid_retries,
+            retry: RetryPolicy {
+                max_retries: a.llm_max_retries,
+                attempt_timeout: Duration::from_secs_f64(a.llm_timeout),
+                ..Default::default()
+            },
+        };
+        Ok(RunConfig {
+            inputs: a.input,
+            caption_column: a.caption_column,
+            limit: a.limit,
+            out: a.out,
+            shard,
+            num_shards,
+            items_per_part: a.items_per_part,
+            llm: Some(llm),
+            llm_concurrency: a.llm_concurrency,
+            model: a.model,
+            clip: a.clip,
+            hub: HubOptions {
+                offline: a.offline,
+                ..Default::default()
+            },
+            device: ip2p::device::open(a.device).context("opening the device")?,
+            image: ImageConfig {
+                width: a.width,
+                height: a.height,
+                steps: a.steps,
+                samples: a.samples,
+                keep: a.keep,
+                guidance_min: a.guidance_min,
+                guidance_max: a.guidance_max,
+                p2p_min: a.p2p_min,
+                p2p_max: a.p2p_max,
+                negative_prompt: a.negative_prompt,
+                filter: FilterConfig {
+                    min_image_image: a.min_image_image,
+                    min_direction: a.min_direction,
+                    min_image_text: a.min_image_text,
+                },
+                seed: a.seed,
+            },
+            progress_bars: std::io::stderr().is_terminal(),
+        })
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     ip2p::device::tune_allocator();
     let a = Args::parse();
     ip2p::logging::init(a.log_format, "info");
-    let shard = a
-        .shard
-        .or_else(|| env_usize("JOB_COMPLETION_INDEX"))
-        .or_else(|| env_usize("SLURM_ARRAY_TASK_ID"))
-        .unwrap_or(0);
-    let num_shards = a
-        .num_shards
-        .or_else(|| env_usize("SLURM_ARRAY_TASK_COUNT"))
-        .unwrap_or(1);
-    if !(a.llm_timeout.is_finite() && a.llm_timeout > 0.0) {
-        anyhow::bail!("--llm-timeout must be a positive number of seconds");
-    }
-    let llm = LlmConfig {
-        base_url: a.llm_base_url,
-        model: a.llm_model,
-        api_key: a.llm_api_key,
-        temperature: a.llm_temperature,
-        max_tokens: a.llm_max_tokens,
-        max_chars: a.max_chars,
-        few_shot: a.few_shot,
-        json_schema: !a.no_json_schema,
-        max_invalid_retries: a.llm_max_invalid_retries,
-        retry: RetryPolicy {
-            max_retries: a.llm_max_retries,
-            attempt_timeout: Duration::from_secs_f64(a.llm_timeout),
-            ..Default::default()
-        },
-    };
-    let cfg = RunConfig {
-        inputs: a.input,
-        caption_column: a.caption_column,
-        limit: a.limit,
-        out: a.out,
-        shard,
-        num_shards,
-        items_per_part: a.items_per_part,
-        llm: Some(llm),
-        llm_concurrency: a.llm_concurrency,
-        model: a.model,
-        clip: a.clip,
-        hub: HubOptions {
-            offline: a.offline,
-            ..Default::default()
-        },
-        device: ip2p::device::open(a.device).context("opening the device")?,
-        image: ImageConfig {
-            width: a.width,
-            height: a.height,
-            steps: a.steps,
-            samples: a.samples,
-            keep: a.keep,
-            guidance_min: a.guidance_min,
-            guidance_max: a.guidance_max,
-            p2p_min: a.p2p_min,
-            p2p_max: a.p2p_max,
-            negative_prompt: a.negative_prompt,
-            filter: FilterConfig {
-                min_image_image: a.min_image_image,
-                min_direction: a.min_direction,
-                min_image_text: a.min_image_text,
-            },
-            seed: a.seed,
-        },
-        progress_bars: std::io::stderr().is_terminal(),
-    };
+    let cfg = RunConfig::try_from(a)?;
     let out = cfg.out.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

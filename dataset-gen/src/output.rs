@@ -162,80 +162,80 @@ pub struct StoredRow {
     pub clip_sim_image: f32,
 }
 
-/// Reads a shard back, column by column (by name, so any column order works).
-pub fn read_part(path: &Path) -> Result<Vec<StoredRow>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
-    let mut out = Vec::new();
-    let missing = |c: &str| {
+/// One record batch's columns, by name, each checked for its type.
+struct Columns<'a> {
+    batch: &'a RecordBatch,
+    path: &'a Path,
+}
+
+impl Columns<'_> {
+    fn missing(&self, c: &str) -> Error {
         Error::Parquet(format!(
             "{}: column {c} missing or of the wrong type",
-            path.display()
+            self.path.display()
         ))
-    };
-    for b in reader {
-        let b = b?;
-        let col = |n: &str| b.column_by_name(n).ok_or_else(|| missing(n));
-        let s = |n: &str| -> Result<Vec<String>> {
-            let c = col(n)?;
-            let a = c.as_string_opt::<i32>().ok_or_else(|| missing(n))?;
-            Ok(a.iter().map(|v| v.unwrap_or_default().to_owned()).collect())
-        };
-        let img = |n: &str| -> Result<ImageColumn> {
-            let c = col(n)?;
-            let st = c.as_struct_opt().ok_or_else(|| missing(n))?;
-            let bytes = st
-                .column_by_name("bytes")
-                .and_then(|c| c.as_binary_opt::<i32>())
-                .ok_or_else(|| missing(n))?;
-            let paths = st
-                .column_by_name("path")
-                .and_then(|c| c.as_string_opt::<i32>())
-                .ok_or_else(|| missing(n))?;
-            Ok((
-                bytes
-                    .iter()
-                    .map(|v| v.unwrap_or_default().to_vec())
-                    .collect(),
-                paths.iter().map(|v| v.map(str::to_owned)).collect(),
-            ))
-        };
-        let f64s = |n: &str| -> Result<Vec<f64>> {
-            Ok(col(n)?
-                .as_primitive_opt::<Float64Type>()
-                .ok_or_else(|| missing(n))?
-                .values()
-                .to_vec())
-        };
-        let f32s = |n: &str| -> Result<Vec<f32>> {
-            Ok(col(n)?
-                .as_primitive_opt::<Float32Type>()
-                .ok_or_else(|| missing(n))?
-                .values()
-                .to_vec())
-        };
-        let seeds = col("seed")?
-            .as_primitive_opt::<Int64Type>()
-            .ok_or_else(|| missing("seed"))?
+    }
+
+    fn col(&self, n: &str) -> Result<&arrow_array::ArrayRef> {
+        self.batch.column_by_name(n).ok_or_else(|| self.missing(n))
+    }
+
+    fn strings(&self, n: &str) -> Result<Vec<String>> {
+        let a = self
+            .col(n)?
+            .as_string_opt::<i32>()
+            .ok_or_else(|| self.missing(n))?;
+        Ok(a.iter().map(|v| v.unwrap_or_default().to_owned()).collect())
+    }
+
+    fn images(&self, n: &str) -> Result<ImageColumn> {
+        let st = self
+            .col(n)?
+            .as_struct_opt()
+            .ok_or_else(|| self.missing(n))?;
+        let bytes = st
+            .column_by_name("bytes")
+            .and_then(|c| c.as_binary_opt::<i32>())
+            .ok_or_else(|| self.missing(n))?;
+        let paths = st
+            .column_by_name("path")
+            .and_then(|c| c.as_string_opt::<i32>())
+            .ok_or_else(|| self.missing(n))?;
+        Ok((
+            bytes
+                .iter()
+                .map(|v| v.unwrap_or_default().to_vec())
+                .collect(),
+            paths.iter().map(|v| v.map(str::to_owned)).collect(),
+        ))
+    }
+
+    fn values<T: arrow_array::ArrowPrimitiveType>(&self, n: &str) -> Result<Vec<T::Native>> {
+        Ok(self
+            .col(n)?
+            .as_primitive_opt::<T>()
+            .ok_or_else(|| self.missing(n))?
             .values()
-            .to_vec();
+            .to_vec())
+    }
+
+    /// Every row of the batch.
+    fn rows(&self) -> Result<Vec<StoredRow>> {
         let (op, ei, ep) = (
-            s("original_prompt")?,
-            s("edit_prompt")?,
-            s("edited_prompt")?,
+            self.strings("original_prompt")?,
+            self.strings("edit_prompt")?,
+            self.strings("edited_prompt")?,
         );
-        let (oi, opath) = img("original_image")?;
-        let (di, _) = img("edited_image")?;
-        let (g, p) = (f64s("guidance_scale")?, f64s("p2p_threshold")?);
-        let (c0, c1, cd, ci) = (
-            f32s("clip_sim_0")?,
-            f32s("clip_sim_1")?,
-            f32s("clip_sim_dir")?,
-            f32s("clip_sim_image")?,
-        );
-        for i in 0..b.num_rows() {
-            out.push(StoredRow {
+        let (oi, opath) = self.images("original_image")?;
+        let (di, _) = self.images("edited_image")?;
+        let seeds = self.values::<Int64Type>("seed")?;
+        let g = self.values::<Float64Type>("guidance_scale")?;
+        let p = self.values::<Float64Type>("p2p_threshold")?;
+        let [c0, c1, cd, ci] = ["clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image"]
+            .map(|n| self.values::<Float32Type>(n));
+        let (c0, c1, cd, ci) = (c0?, c1?, cd?, ci?);
+        Ok((0..self.batch.num_rows())
+            .map(|i| StoredRow {
                 original_prompt: op[i].clone(),
                 original_image: oi[i].clone(),
                 original_path: opath[i].clone(),
@@ -249,8 +249,26 @@ pub fn read_part(path: &Path) -> Result<Vec<StoredRow>> {
                 clip_sim_1: c1[i],
                 clip_sim_dir: cd[i],
                 clip_sim_image: ci[i],
-            });
-        }
+            })
+            .collect())
+    }
+}
+
+/// Reads a shard back, column by column (by name, so any column order works).
+pub fn read_part(path: &Path) -> Result<Vec<StoredRow>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        out.extend(
+            Columns {
+                batch: &batch,
+                path,
+            }
+            .rows()?,
+        );
     }
     Ok(out)
 }

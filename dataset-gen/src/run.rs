@@ -480,7 +480,9 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
     );
     let (jobs, job_rx) = tokio::sync::mpsc::channel::<PartJob>(1);
     let (ev_tx, events) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    // No parts to make: no worker, and the event channel closes at once.
     let worker = if todo.is_empty() {
+        drop(ev_tx);
         None
     } else {
         Some(spawn_image_worker(&cfg, job_rx, ev_tx)?)

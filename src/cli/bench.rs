@@ -165,159 +165,216 @@ fn emit_with(mut v: serde_json::Value, extra: &serde_json::Value) {
 
 /// Runs the benchmarks, printing JSON lines.
 pub fn run(o: &BenchOptions) -> Result<()> {
-    let cpu = Device::Cpu;
-    let threads = candle_core::utils::get_num_threads();
     let want = |k: &str| o.only.is_empty() || o.only.iter().any(|x| x == k);
     // Training steps are opt-in (minutes and ~20 GB for the full UNet).
     let asked = |k: &str| o.only.iter().any(|x| x == k);
-    let cfg = |c: &str| -> std::path::PathBuf { Path::new(&o.shapes).join(c).join("config.json") };
-    let dev = &o.device;
-    let (dt, at) = (o.dtype(), o.run_fields());
-    // Time what the device has finished, not what it has queued.
-    let sync = || -> Result<()> { Ok(dev.synchronize()?) };
     if want("text") {
-        let c: ClipTextConfig = read_json(&cfg("text_encoder"))?;
-        let te = o.random(|vb| ClipTextModel::new(vb, &c))?;
-        let ids = Tensor::from_vec(
-            (0..154u32).map(|i| (i * 311) % 49408).collect::<Vec<_>>(),
-            (2, 77),
-            dev,
-        )?;
-        let s = median_secs(o.reps, || {
-            te.forward(&ids)?;
-            sync()
-        })?;
-        emit_with(
-            serde_json::json!({"component": "text_encoder", "batch": 2, "s": s, "threads": threads}),
-            &at,
-        );
+        text_figure(o)?;
     }
     if want("unet") {
-        let c: UNetConfig = read_json(&cfg("unet"))?;
-        let unet = o.random(|vb| UNet2DConditionModel::new(vb, &c))?;
-        for &r in &o.resolutions {
-            let x =
-                Tensor::randn(0f32, 1.0, (3, c.in_channels, r / 8, r / 8), dev)?.to_dtype(dt)?;
-            let ehs = Tensor::randn(0f32, 1.0, (3, 77, 768), dev)?.to_dtype(dt)?;
-            let t = Tensor::new(500f32, dev)?;
-            let s = median_secs(o.reps, || {
-                unet.forward(&x, &t, &ehs)?;
-                sync()
-            })?;
-            emit_with(
-                serde_json::json!({"component": "unet8_dual_cfg_step", "res": r, "batch": 3, "s": s, "threads": threads}),
-                &at,
-            );
-        }
+        unet_figures(o)?;
     }
     if want("vae") {
-        let c: VaeConfig = read_json(&cfg("vae"))?;
-        let vae = o.random(|vb| AutoencoderKL::new(vb, &c))?;
-        for &r in &o.resolutions {
-            let img = Tensor::randn(0f32, 1.0, (1, 3, r, r), dev)?.to_dtype(dt)?;
-            let z = Tensor::randn(0f32, 1.0, (1, 4, r / 8, r / 8), dev)?.to_dtype(dt)?;
-            let s = median_secs(o.reps, || {
-                vae.encode(&img)?;
-                sync()
-            })?;
-            emit_with(
-                serde_json::json!({"component": "vae_encode", "res": r, "s": s, "threads": threads}),
-                &at,
-            );
-            let s = median_secs(o.reps, || {
-                vae.decode(&z)?;
-                sync()
-            })?;
-            emit_with(
-                serde_json::json!({"component": "vae_decode", "res": r, "s": s, "threads": threads}),
-                &at,
-            );
-        }
+        vae_figures(o)?;
     }
     if asked("gemm") {
         gemm_figures(o.reps)?;
     }
     if asked("edit") {
-        for &r in &o.resolutions {
-            let (s, peak) = edit_secs(o, r)?;
-            emit_with(
-                serde_json::json!({
-                    "component": "edit", "res": r, "steps": o.steps, "s": s, "threads": threads,
-                    "peak_rss_bytes": peak,
-                }),
-                &at,
-            );
-        }
+        edit_figures(o)?;
     }
     for (name, variant, dtype) in [
         ("load_f16", ip2p::loader::Variant::Fp16, DType::F16),
         ("load_f32", ip2p::loader::Variant::Full, DType::F32),
     ] {
         if asked("load") || asked(name) {
-            let dir = o.weights_dir.join(name.trim_start_matches("load_"));
-            let dev = &cpu;
-            write_random_model(o, &dir, variant, dtype, dev)?;
-            // Start to ready: the first load of this process (`first_s`) is what `ip2p serve`
-            // does (the files are in the page cache since they were written or read before);
-            // later ones (`s`, their median) may reuse memory the previous model gave back.
-            // Each model is dropped outside the timing.
-            let mut times = Vec::with_capacity(o.reps + 1);
-            let mut anon = 0;
-            let mut steps = [0f64; 2];
-            for _ in 0..=o.reps.max(1) {
-                let t = Instant::now();
-                let md = ip2p::loader::ModelDir::from_dir(&dir)?;
-                let c = ip2p::loader::load(
-                    &md,
-                    dev,
-                    &ip2p::loader::LoadOptions {
-                        variant,
-                        packed_cache: o.packed_cache.clone(),
-                        ..Default::default()
-                    },
-                )?;
-                times.push(t.elapsed().as_secs_f64());
-                if times.len() == 1 {
-                    // What the model keeps of its own (the mapped files not counted).
-                    anon = proc_status_bytes("RssAnon:");
-                    // The first UNet step after the start against the next one (batch 3 at
-                    // 256 px): what reading mapped weights in for the first time costs.
-                    let x =
-                        Tensor::randn(0f32, 1.0, (3, c.unet.config().in_channels, 32, 32), dev)?;
-                    let ehs = Tensor::randn(0f32, 1.0, (3, 77, 768), dev)?;
-                    let tt = Tensor::new(500f32, dev)?;
-                    for s in &mut steps {
-                        let t = Instant::now();
-                        c.unet.forward(&x, &tt, &ehs)?;
-                        *s = t.elapsed().as_secs_f64();
-                    }
-                }
-                drop(c);
-            }
-            let first = times.remove(0);
-            times.sort_by(|a, b| a.total_cmp(b));
-            let s = times[times.len() / 2];
-            emit(serde_json::json!({
-                "component": name, "s": s, "first_s": first, "threads": threads,
-                "model_anon_bytes": anon, "packed_cache": o.packed_cache.is_some(),
-                "first_unet_step_s": steps[0], "next_unet_step_s": steps[1],
-            }));
+            load_figure(o, name, variant, dtype)?;
         }
     }
     for (part, lora) in [("train_full", false), ("train_lora", true)] {
-        if !asked(part) {
-            continue;
-        }
-        let c: UNetConfig = read_json(&cfg("unet"))?;
-        for &r in &o.resolutions {
-            let s = train_step_secs(&c, r, lora, o.reps, &cpu)?;
-            emit(serde_json::json!({
-                "component": part, "res": r, "batch": 1, "s": s, "threads": threads,
-                "peak_rss_bytes": peak_rss_bytes(),
-            }));
+        if asked(part) {
+            train_figures(o, part, lora)?;
         }
     }
     emit(serde_json::json!({"component": "peak_rss", "bytes": peak_rss_bytes()}));
+    Ok(())
+}
+
+impl BenchOptions {
+    /// The full-size config of component `c`.
+    fn config(&self, c: &str) -> std::path::PathBuf {
+        Path::new(&self.shapes).join(c).join("config.json")
+    }
+
+    /// Waits for what the device has queued: times count finished work.
+    fn sync(&self) -> Result<()> {
+        Ok(self.device.synchronize()?)
+    }
+}
+
+/// The text encoder on a batch of 2 × 77 tokens.
+fn text_figure(o: &BenchOptions) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let (dev, at) = (&o.device, o.run_fields());
+    let c: ClipTextConfig = read_json(&o.config("text_encoder"))?;
+    let te = o.random(|vb| ClipTextModel::new(vb, &c))?;
+    let ids = Tensor::from_vec(
+        (0..154u32).map(|i| (i * 311) % 49408).collect::<Vec<_>>(),
+        (2, 77),
+        dev,
+    )?;
+    let s = median_secs(o.reps, || {
+        te.forward(&ids)?;
+        o.sync()
+    })?;
+    emit_with(
+        serde_json::json!({"component": "text_encoder", "batch": 2, "s": s, "threads": threads}),
+        &at,
+    );
+    Ok(())
+}
+
+/// One dual-guidance UNet step (batch 3) at each resolution.
+fn unet_figures(o: &BenchOptions) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let dev = &o.device;
+    let (dt, at) = (o.dtype(), o.run_fields());
+    let c: UNetConfig = read_json(&o.config("unet"))?;
+    let unet = o.random(|vb| UNet2DConditionModel::new(vb, &c))?;
+    for &r in &o.resolutions {
+        let x = Tensor::randn(0f32, 1.0, (3, c.in_channels, r / 8, r / 8), dev)?.to_dtype(dt)?;
+        let ehs = Tensor::randn(0f32, 1.0, (3, 77, 768), dev)?.to_dtype(dt)?;
+        let t = Tensor::new(500f32, dev)?;
+        let s = median_secs(o.reps, || {
+            unet.forward(&x, &t, &ehs)?;
+            o.sync()
+        })?;
+        emit_with(
+            serde_json::json!({"component": "unet8_dual_cfg_step", "res": r, "batch": 3, "s": s, "threads": threads}),
+            &at,
+        );
+    }
+    Ok(())
+}
+
+/// VAE encode and decode at each resolution.
+fn vae_figures(o: &BenchOptions) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let dev = &o.device;
+    let (dt, at) = (o.dtype(), o.run_fields());
+    let c: VaeConfig = read_json(&o.config("vae"))?;
+    let vae = o.random(|vb| AutoencoderKL::new(vb, &c))?;
+    for &r in &o.resolutions {
+        let img = Tensor::randn(0f32, 1.0, (1, 3, r, r), dev)?.to_dtype(dt)?;
+        let z = Tensor::randn(0f32, 1.0, (1, 4, r / 8, r / 8), dev)?.to_dtype(dt)?;
+        let s = median_secs(o.reps, || {
+            vae.encode(&img)?;
+            o.sync()
+        })?;
+        emit_with(
+            serde_json::json!({"component": "vae_encode", "res": r, "s": s, "threads": threads}),
+            &at,
+        );
+        let s = median_secs(o.reps, || {
+            vae.decode(&z)?;
+            o.sync()
+        })?;
+        emit_with(
+            serde_json::json!({"component": "vae_decode", "res": r, "s": s, "threads": threads}),
+            &at,
+        );
+    }
+    Ok(())
+}
+
+/// A whole edit at each resolution, with the peak resident size.
+fn edit_figures(o: &BenchOptions) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let at = o.run_fields();
+    for &r in &o.resolutions {
+        let (s, peak) = edit_secs(o, r)?;
+        emit_with(
+            serde_json::json!({
+                "component": "edit", "res": r, "steps": o.steps, "s": s, "threads": threads,
+                "peak_rss_bytes": peak,
+            }),
+            &at,
+        );
+    }
+    Ok(())
+}
+
+/// Start to ready from full-size random weights written as `variant` files.
+fn load_figure(
+    o: &BenchOptions,
+    name: &str,
+    variant: ip2p::loader::Variant,
+    dtype: DType,
+) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let cpu = Device::Cpu;
+    let dir = o.weights_dir.join(name.trim_start_matches("load_"));
+    let dev = &cpu;
+    write_random_model(o, &dir, variant, dtype, dev)?;
+    // Start to ready: the first load of this process (`first_s`) is what `ip2p serve`
+    // does (the files are in the page cache since they were written or read before);
+    // later ones (`s`, their median) may reuse memory the previous model gave back.
+    // Each model is dropped outside the timing.
+    let mut times = Vec::with_capacity(o.reps + 1);
+    let mut anon = 0;
+    let mut steps = [0f64; 2];
+    for _ in 0..=o.reps.max(1) {
+        let t = Instant::now();
+        let md = ip2p::loader::ModelDir::from_dir(&dir)?;
+        let c = ip2p::loader::load(
+            &md,
+            dev,
+            &ip2p::loader::LoadOptions {
+                variant,
+                packed_cache: o.packed_cache.clone(),
+                ..Default::default()
+            },
+        )?;
+        times.push(t.elapsed().as_secs_f64());
+        if times.len() == 1 {
+            // What the model keeps of its own (the mapped files not counted).
+            anon = proc_status_bytes("RssAnon:");
+            // The first UNet step after the start against the next one (batch 3 at
+            // 256 px): what reading mapped weights in for the first time costs.
+            let x = Tensor::randn(0f32, 1.0, (3, c.unet.config().in_channels, 32, 32), dev)?;
+            let ehs = Tensor::randn(0f32, 1.0, (3, 77, 768), dev)?;
+            let tt = Tensor::new(500f32, dev)?;
+            for s in &mut steps {
+                let t = Instant::now();
+                c.unet.forward(&x, &tt, &ehs)?;
+                *s = t.elapsed().as_secs_f64();
+            }
+        }
+        drop(c);
+    }
+    let first = times.remove(0);
+    times.sort_by(|a, b| a.total_cmp(b));
+    let s = times[times.len() / 2];
+    emit(serde_json::json!({
+        "component": name, "s": s, "first_s": first, "threads": threads,
+        "model_anon_bytes": anon, "packed_cache": o.packed_cache.is_some(),
+        "first_unet_step_s": steps[0], "next_unet_step_s": steps[1],
+    }));
+    Ok(())
+}
+
+/// One training step (whole UNet or LoRA) at each resolution, on the CPU.
+fn train_figures(o: &BenchOptions, part: &str, lora: bool) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let cpu = Device::Cpu;
+    let c: UNetConfig = read_json(&o.config("unet"))?;
+    for &r in &o.resolutions {
+        let s = train_step_secs(&c, r, lora, o.reps, &cpu)?;
+        emit(serde_json::json!({
+            "component": part, "res": r, "batch": 1, "s": s, "threads": threads,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }));
+    }
     Ok(())
 }
 

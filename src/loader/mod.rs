@@ -309,26 +309,22 @@ fn build_cached<T>(
     cache: Option<(&Path, &str)>,
     build: impl Fn(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<std::result::Result<T, candle_core::Error>> {
-    use ip2p_cpu::stored::{with_pack_cache, PackCache};
+    use crate::models::nn::BuildMode;
+    use ip2p_cpu::stored::PackCache;
     let st = map(files)?;
     let run = |cache: Option<Arc<PackCache>>| {
         let vb = VarBuilder::from_backend(Box::new(Widening(st.clone())), dtype, device.clone());
         let stored: Arc<dyn StoredWeights> = Arc::new(Mapped(st.clone()));
-        // The layer-choice flag is reset too: the loaders run at once on rayon's threads, and
-        // one may start on a thread that waits inside another's UNet level built for large maps.
-        ip2p_cpu::stored::build_from(Some(stored), || {
-            with_pack_cache(cache, || {
-                crate::models::nn::build_with_kernels(kernels, || {
-                    crate::models::nn::build_for_large_maps(false, || build(vb))
-                })
-            })
-        })
-    };
-    // The model holds its own references to a replayed map; the cache's are released here.
-    let finish = |c: Arc<PackCache>| {
-        Arc::try_unwrap(c)
-            .map_err(|_| std::io::Error::other("the cache is still in use"))
-            .and_then(PackCache::finish)
+        // A whole mode, not the current one changed: the loaders run at once on rayon's
+        // threads, and one may start on a thread that waits inside another's UNet level built
+        // for large maps.
+        BuildMode {
+            kernels,
+            source: Some(stored),
+            cache,
+            ..BuildMode::default()
+        }
+        .scope(|| build(vb))
     };
     let packs = dtype == DType::F32 && device.is_cpu() && kernels == Kernels::Auto;
     if cache.is_some() && !packs {
@@ -351,22 +347,43 @@ fn build_cached<T>(
     // replaces the old one's.
     let stem = format!("{name}-{which:016x}-");
     let file = dir.join(format!("{stem}{key:016x}.ip2p-packed"));
-    if let Some(c) = PackCache::open(&file) {
-        let c = Arc::new(c);
-        let built = run(Some(c.clone()));
-        match (built, finish(c)) {
-            (Ok(m), Ok(())) => return Ok(Ok(m)),
-            (Err(e), _) => return Ok(Err(e)),
-            (Ok(_), Err(e)) => {
-                tracing::warn!("packed-weight cache {}: {e}; rebuilding it", file.display());
-                let _ = std::fs::remove_file(&file);
-            }
+    if let Some(built) = replay_cache(&file, &run) {
+        return Ok(built);
+    }
+    Ok(record_cache(dir, &stem, &file, &run))
+}
+
+/// The model built with its packed weights mapped from `file`, if that cache exists and holds
+/// what the model packs; a damaged one is removed (`None`: build and record it again).
+fn replay_cache<T>(
+    file: &Path,
+    run: &impl Fn(Option<Arc<ip2p_cpu::stored::PackCache>>) -> candle_core::Result<T>,
+) -> Option<candle_core::Result<T>> {
+    let c = Arc::new(ip2p_cpu::stored::PackCache::open(file)?);
+    let built = run(Some(c.clone()));
+    match (built, finish_cache(c)) {
+        (Ok(m), Ok(())) => Some(Ok(m)),
+        (Err(e), _) => Some(Err(e)),
+        (Ok(_), Err(e)) => {
+            tracing::warn!("packed-weight cache {}: {e}; rebuilding it", file.display());
+            let _ = std::fs::remove_file(file);
+            None
         }
     }
-    // Computed, and recorded into a temporary file renamed into place once complete.
-    remove_orphans(dir, &stem);
+}
+
+/// The model built while its packed weights are recorded into a temporary file, renamed to
+/// `file` once complete (older versions' caches removed then). A cache that cannot be written
+/// only costs the write.
+fn record_cache<T>(
+    dir: &Path,
+    stem: &str,
+    file: &Path,
+    run: &impl Fn(Option<Arc<ip2p_cpu::stored::PackCache>>) -> candle_core::Result<T>,
+) -> candle_core::Result<T> {
+    remove_orphans(dir, stem);
     let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-    let rec = std::fs::create_dir_all(dir).and_then(|()| PackCache::create(&tmp));
+    let rec = std::fs::create_dir_all(dir).and_then(|()| ip2p_cpu::stored::PackCache::create(&tmp));
     let rec = match rec {
         Ok(c) => Some(Arc::new(c)),
         Err(e) => {
@@ -375,26 +392,32 @@ fn build_cached<T>(
         }
     };
     let built = run(rec.clone());
-    if let Some(c) = rec {
-        let done = if built.is_ok() {
-            finish(c).and_then(|()| {
-                crate::fsutil::rename_durably(&tmp, &file).map_err(std::io::Error::other)
-            })
-        } else {
-            Err(std::io::Error::other("the model did not build"))
-        };
-        match done {
-            Ok(()) => {
-                tracing::info!("packed-weight cache written: {}", file.display());
-                remove_stale(dir, &stem, &file);
-            }
-            Err(e) => {
-                tracing::warn!("packed-weight cache {}: not written: {e}", file.display());
-                let _ = std::fs::remove_file(&tmp);
-            }
+    let Some(c) = rec else { return built };
+    let done = if built.is_ok() {
+        finish_cache(c)
+            .and_then(|()| crate::fsutil::rename_durably(&tmp, file).map_err(std::io::Error::other))
+    } else {
+        Err(std::io::Error::other("the model did not build"))
+    };
+    match done {
+        Ok(()) => {
+            tracing::info!("packed-weight cache written: {}", file.display());
+            remove_stale(dir, stem, file);
+        }
+        Err(e) => {
+            tracing::warn!("packed-weight cache {}: not written: {e}", file.display());
+            let _ = std::fs::remove_file(&tmp);
         }
     }
-    Ok(built)
+    built
+}
+
+/// Closes a cache once the model is built (the model holds its own references to a replayed
+/// map; the cache's are released here).
+fn finish_cache(c: Arc<ip2p_cpu::stored::PackCache>) -> std::io::Result<()> {
+    Arc::try_unwrap(c)
+        .map_err(|_| std::io::Error::other("the cache is still in use"))
+        .and_then(ip2p_cpu::stored::PackCache::finish)
 }
 
 /// Which weight files a packed-weight cache is for (their paths), and everything it depends on:

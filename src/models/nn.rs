@@ -5,6 +5,8 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
+
 use ip2p_cpu::{kernels, profile, rows, stored};
 
 /// Runs `f` on the elements of a CPU f32 tensor in place (no copy when it is contiguous).
@@ -31,7 +33,7 @@ fn with_stored<T>(
     if vb.dtype() != DType::F32 || !vb.device().is_cpu() {
         return None;
     }
-    let source = stored::current_source()?;
+    let source = BuildMode::read(|m| m.source.clone())?;
     let prefix = vb.prefix();
     let full = if prefix.is_empty() {
         name.to_string()
@@ -92,7 +94,9 @@ impl Linear {
         shape: &[usize],
         bias: &Option<Tensor>,
     ) -> Option<Result<Self>> {
-        if DIFFERENTIABLE.with(|d| d.get()) || bias.as_ref().is_some_and(|b| !Self::fastable(b)) {
+        if BuildMode::read(|m| m.differentiable)
+            || bias.as_ref().is_some_and(|b| !Self::fastable(b))
+        {
             return None;
         }
         let (out_dim, in_dim) = (shape[0], shape[1]);
@@ -110,7 +114,7 @@ impl Linear {
     fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         if Self::fastable(&weight)
             && bias.as_ref().is_none_or(Self::fastable)
-            && !DIFFERENTIABLE.with(|d| d.get())
+            && !BuildMode::read(|m| m.differentiable)
         {
             let (out_dim, in_dim) = weight.dims2()?;
             let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
@@ -458,10 +462,70 @@ impl Module for GroupNorm {
     }
 }
 
+/// How the layers built on this thread choose their implementations: the one scoped switch
+/// for everything a model's constructor does not take as an argument.
+#[derive(Clone, Default)]
+pub struct BuildMode {
+    /// Fused CPU kernels where they apply, or candle's generic ops only.
+    pub kernels: Kernels,
+    /// Every layer passes gradients to its input even where its own weights are frozen plain
+    /// tensors (LoRA training): the 3×3 inference kernel, which has no backward, is not chosen.
+    pub differentiable: bool,
+    /// The layers run on large maps (at least half the latent's side, the UNet's two outer
+    /// levels): their 3×3 convolutions take Winograd's form whatever their channel counts (see
+    /// [`kernels::ConvAlgo::auto`]), since there its smaller products save more than its
+    /// larger weights cost.
+    pub large_maps: bool,
+    /// Layers pack straight from these stored weights where the `VarBuilder` they are given
+    /// asks for CPU f32 weights of a name the source has (it must hold the same tensors).
+    pub source: Option<Arc<dyn stored::StoredWeights>>,
+    /// Packed weights are replayed from or recorded into this cache.
+    pub cache: Option<Arc<stored::PackCache>>,
+}
+
+impl std::fmt::Debug for BuildMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuildMode")
+            .field("kernels", &self.kernels)
+            .field("differentiable", &self.differentiable)
+            .field("large_maps", &self.large_maps)
+            .field("source", &self.source.is_some())
+            .field("cache", &self.cache.is_some())
+            .finish()
+    }
+}
+
 thread_local! {
-    static DIFFERENTIABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    static LARGE_MAPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    static GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static MODE: std::cell::RefCell<BuildMode> = std::cell::RefCell::new(BuildMode::default());
+}
+
+impl BuildMode {
+    /// The mode models are being built under on this thread.
+    pub fn current() -> Self {
+        Self::read(Self::clone)
+    }
+
+    /// `f` of the current mode, without copying it.
+    fn read<R>(f: impl FnOnce(&Self) -> R) -> R {
+        MODE.with(|m| f(&m.borrow()))
+    }
+
+    /// Runs `f` (model constructors) under this mode, then restores the previous one, also on
+    /// panic, so constructors run by a rayon worker while it waits inside another one (work
+    /// stealing) see their own.
+    pub fn scope<T>(self, f: impl FnOnce() -> T) -> T {
+        struct Restore(Option<BuildMode>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                if let Some(prev) = self.0.take() {
+                    MODE.with(|m| *m.borrow_mut() = prev);
+                }
+            }
+        }
+        let cache = self.cache.clone();
+        let _restore = Restore(Some(MODE.with(|m| m.replace(self))));
+        stored::with_pack_cache(cache, f)
+    }
 }
 
 /// Which implementations a model's layers take.
@@ -478,11 +542,7 @@ pub enum Kernels {
 impl Kernels {
     /// The setting models are being built under on this thread ([`build_with_kernels`]).
     pub fn current() -> Self {
-        if GENERIC.with(|g| g.get()) {
-            Self::Generic
-        } else {
-            Self::Auto
-        }
+        BuildMode::read(|m| m.kernels)
     }
 
     pub fn name(self) -> &'static str {
@@ -512,7 +572,11 @@ impl std::str::FromStr for Kernels {
 
 /// Builds models (inside `f`) whose layers take the implementations `kernels` names.
 pub fn build_with_kernels<T>(kernels: Kernels, f: impl FnOnce() -> T) -> T {
-    with_flag(&GENERIC, kernels == Kernels::Generic, f)
+    BuildMode {
+        kernels,
+        ..BuildMode::current()
+    }
+    .scope(f)
 }
 
 /// Whether a layer being built with weight `t` takes a fused CPU kernel.
@@ -543,7 +607,7 @@ impl Ops {
     /// The setting models are being built under ([`build_with_kernels`]).
     pub fn current() -> Self {
         Self {
-            fused: !GENERIC.with(|g| g.get()),
+            fused: Kernels::current() == Kernels::Auto,
         }
     }
 
@@ -555,35 +619,22 @@ impl Ops {
     }
 }
 
-/// Runs `f` with the thread-local flag `key` set to `on`, then restores it (also on panic).
-fn with_flag<T>(
-    key: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
-    on: bool,
-    f: impl FnOnce() -> T,
-) -> T {
-    struct Reset(&'static std::thread::LocalKey<std::cell::Cell<bool>>, bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            self.0.with(|d| d.set(self.1));
-        }
-    }
-    let _reset = Reset(key, key.with(|d| d.replace(on)));
-    f()
-}
-
-/// Builds models whose every layer can pass gradients to its input even where its own weights
-/// are frozen plain tensors (LoRA training): the 3×3 inference kernel, which has no backward, is
-/// not chosen inside `f`.
+/// Builds models whose every layer can pass gradients to its input ([`BuildMode::differentiable`]).
 pub fn build_differentiable<T>(f: impl FnOnce() -> T) -> T {
-    with_flag(&DIFFERENTIABLE, true, f)
+    BuildMode {
+        differentiable: true,
+        ..BuildMode::current()
+    }
+    .scope(f)
 }
 
-/// Builds layers that run on large maps (`large = true`: at least half the latent's side, the
-/// UNet's two outer levels): their 3×3 convolutions take Winograd's form whatever their
-/// channel counts (see [`kernels::ConvAlgo::auto`]), since there its smaller products
-/// save more than its larger weights cost.
+/// Builds layers that run on large maps or not ([`BuildMode::large_maps`]).
 pub fn build_for_large_maps<T>(large: bool, f: impl FnOnce() -> T) -> T {
-    with_flag(&LARGE_MAPS, large, f)
+    BuildMode {
+        large_maps: large,
+        ..BuildMode::current()
+    }
+    .scope(f)
 }
 
 /// A 2-D convolution with optional stride and padding.
@@ -638,13 +689,13 @@ impl Conv2d {
             _ => false,
         };
         let fast_ok =
-            |t: &Tensor| fast_shape && builds_fused(t) && !DIFFERENTIABLE.with(|d| d.get());
+            |t: &Tensor| fast_shape && builds_fused(t) && !BuildMode::read(|m| m.differentiable);
         let fast = |w: stored::WeightData| -> Result<Self> {
             let bias = bias.to_vec1::<f32>()?;
             let fast = if stride == 2 {
                 kernels::FastConv::strided(w, &bias, out_c, in_c, padding)
             } else {
-                let large = LARGE_MAPS.with(|l| l.get());
+                let large = BuildMode::read(|m| m.large_maps);
                 let algo = kernels::ConvAlgo::auto(out_c, in_c, kernel, large);
                 kernels::FastConv::with_algo(w, &bias, out_c, in_c, kernel, algo)
             };
@@ -1100,12 +1151,16 @@ mod tests {
             with_stored(vb, "weight", shape, |d| d.to_f32_vec().iter().sum::<f32>())
         };
         assert_eq!(sum(&vb, &[2, 3]), None, "no source outside build_from");
-        stored::build_from(Some(src.clone()), || {
+        let with = |source: Option<std::sync::Arc<dyn stored::StoredWeights>>| BuildMode {
+            source,
+            ..BuildMode::default()
+        };
+        with(Some(src.clone())).scope(|| {
             assert_eq!(sum(&vb, &[2, 3]), Some(6.0));
             assert_eq!(sum(&vb, &[3, 2]), None, "shape differs");
             assert_eq!(sum(&vb.pp("c"), &[2, 3]), None, "other name");
             assert_eq!(sum(&vb.to_dtype(DType::F16), &[2, 3]), None, "f16 wanted");
-            stored::build_from(None, || assert_eq!(sum(&vb, &[2, 3]), None, "turned off"));
+            with(None).scope(|| assert_eq!(sum(&vb, &[2, 3]), None, "turned off"));
             assert_eq!(sum(&vb, &[2, 3]), Some(6.0), "restored");
         });
         assert_eq!(sum(&vb, &[2, 3]), None, "restored after");

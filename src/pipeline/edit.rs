@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 use image::DynamicImage;
 
-use super::guidance::{dual_guidance, dual_guidance_enabled};
+use super::guidance::{Guidance, TextCond};
 use super::image::{self as img, InputImage, ResizePolicy};
 use super::{Control, Progress, StepInfo};
 use crate::loader::Components;
@@ -60,7 +60,23 @@ impl Default for EditParams {
     }
 }
 
+/// The machinery of one denoising run: the scheduler, the noise it and the start draw from,
+/// and who hears of every step.
+pub struct Sampling<'a> {
+    pub scheduler: &'a mut dyn Scheduler,
+    pub noise: &'a mut dyn NoiseSource,
+    pub progress: &'a mut dyn Progress,
+}
+
 impl EditParams {
+    /// The two guidance scales.
+    pub fn guidance(&self) -> Guidance {
+        Guidance {
+            text: self.text_guidance,
+            image: self.image_guidance,
+        }
+    }
+
     /// Range checks that do not need the model.
     pub fn validate(&self) -> Result<()> {
         if self.steps == 0 || self.steps > 1000 {
@@ -164,63 +180,47 @@ impl EditPipeline {
         decode(&self.c, latents)
     }
 
-    /// Runs the denoising loop. `image_latents: [1, 4, h, w]`; `cond`, `uncond: [1, 77, D]`.
-    /// The starting latents are drawn from `noise` first, then whatever the scheduler draws.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs the denoising loop. `image_latents: [1, 4, h, w]`. The starting latents are drawn
+    /// from `run.noise` first, then whatever the scheduler draws.
     pub fn denoise(
         &self,
         image_latents: &Tensor,
-        cond: &Tensor,
-        uncond: &Tensor,
-        text_guidance: f64,
-        image_guidance: f64,
-        scheduler: &mut dyn Scheduler,
-        noise: &mut dyn NoiseSource,
-        progress: &mut dyn Progress,
+        text: &TextCond,
+        guidance: Guidance,
+        run: Sampling<'_>,
     ) -> Result<Tensor> {
         // The sample, the scheduler's arithmetic and the guidance stay in f32 whatever the
         // UNet computes in (f16 on a GPU): cast at the UNet's input and output, as diffusers'
         // schedulers upcast.
+        let Sampling {
+            scheduler,
+            noise,
+            progress,
+        } = run;
         let dev = &self.c.device;
-        let dtype = self.c.dtype;
         let image_latents = &image_latents.to_dtype(DType::F32)?;
         let (_, lc, h, w) = image_latents.dims4()?;
-        let guided = dual_guidance_enabled(text_guidance, image_guidance);
+        let guided = guidance.enabled();
         let (context, img_lat) = if guided {
+            let (c, u) = (&text.cond, &text.uncond);
             let zeros = image_latents.zeros_like()?;
             (
-                Tensor::cat(&[cond, uncond, uncond], 0)?,
+                Tensor::cat(&[c, u, u], 0)?,
                 Tensor::cat(&[image_latents, image_latents, &zeros], 0)?,
             )
         } else {
-            (cond.clone(), image_latents.clone())
+            (text.cond.clone(), image_latents.clone())
         };
         let init = noise.randn(&[1, lc, h, w], dev)?.to_dtype(DType::F32)?;
         let mut latents = (init * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
-            let model_in = if guided {
-                Tensor::cat(&[&latents, &latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
+            let copies = if guided { 3 } else { 1 };
+            let model_in = Tensor::cat(&vec![&latents; copies], 0)?;
             let scaled = scheduler.scale_model_input(&model_in, i)?;
-            let unet_in = Tensor::cat(&[&scaled, &img_lat], 1)?.to_dtype(dtype)?;
-            let t_tensor = Tensor::new(t as f32, dev)?;
-            let eps = self
-                .c
-                .unet
-                .forward(&unet_in, &t_tensor, &context)?
-                .to_dtype(DType::F32)?;
-            let eps = if guided {
-                let ti = eps.narrow(0, 0, 1)?;
-                let im = eps.narrow(0, 1, 1)?;
-                let un = eps.narrow(0, 2, 1)?;
-                dual_guidance(&ti, &im, &un, text_guidance, image_guidance)?
-            } else {
-                eps
-            };
+            let eps = self.predict_noise(&scaled, &img_lat, t, &context)?;
+            let eps = if guided { guidance.apply(&eps)? } else { eps };
             latents = scheduler.step(&eps, i, &latents, noise)?;
             let info = StepInfo {
                 step: i + 1,
@@ -235,33 +235,45 @@ impl EditPipeline {
         Ok(latents)
     }
 
+    /// One UNet call on the scaled latents beside the image latents, cast to the UNet's dtype
+    /// and back to f32.
+    fn predict_noise(
+        &self,
+        scaled: &Tensor,
+        image_latents: &Tensor,
+        t: f64,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let unet_in = Tensor::cat(&[scaled, image_latents], 1)?.to_dtype(self.c.dtype)?;
+        let t = Tensor::new(t as f32, &self.c.device)?;
+        Ok(self
+            .c
+            .unet
+            .forward(&unet_in, &t, context)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// The prompt's and the negative prompt's encodings, and how many of the prompt's tokens
+    /// were truncated.
+    pub fn encode_text(&self, prompt: &str, negative_prompt: &str) -> Result<(TextCond, usize)> {
+        let (cond, truncated) = self.encode_prompt(prompt)?;
+        let (uncond, _) = self.encode_prompt(negative_prompt)?;
+        Ok((TextCond { cond, uncond }, truncated))
+    }
+
     /// The whole pipeline on an image tensor `[1, 3, H, W]` in `[-1, 1]` (H, W multiples of 8):
     /// returns `[H, W, 3]` in `[0, 1]`, exactly what diffusers returns as `output_type="np"`.
-    #[allow(clippy::too_many_arguments)]
     pub fn edit_tensor(
         &self,
         image: &Tensor,
         prompt: &str,
         negative_prompt: &str,
-        text_guidance: f64,
-        image_guidance: f64,
-        scheduler: &mut dyn Scheduler,
-        noise: &mut dyn NoiseSource,
-        progress: &mut dyn Progress,
+        guidance: Guidance,
+        run: Sampling<'_>,
     ) -> Result<Tensor> {
-        let (cond, _) = self.encode_prompt(prompt)?;
-        let (uncond, _) = self.encode_prompt(negative_prompt)?;
+        let (text, _) = self.encode_text(prompt, negative_prompt)?;
         let image_latents = self.encode_image(image)?;
-        let latents = self.denoise(
-            &image_latents,
-            &cond,
-            &uncond,
-            text_guidance,
-            image_guidance,
-            scheduler,
-            noise,
-            progress,
-        )?;
+        let latents = self.denoise(&image_latents, &text, guidance, run)?;
         img::to_unit_hwc(&self.decode(&latents)?)
     }
 
@@ -290,21 +302,17 @@ impl EditPipeline {
         let t0 = Instant::now();
         let work = img::fit(&input.rgb, tw, th, params.resize);
         let x = img::to_tensor(&work, &self.c.device)?;
-        let (cond, truncated_tokens) = self.encode_prompt(&params.instruction)?;
-        let (uncond, _) = self.encode_prompt(&params.negative_prompt)?;
+        let (text, truncated_tokens) =
+            self.encode_text(&params.instruction, &params.negative_prompt)?;
         let image_latents = self.encode_image(&x)?;
         let t1 = Instant::now();
         let mut noise = SeededNoise::new(params.seed);
-        let latents = self.denoise(
-            &image_latents,
-            &cond,
-            &uncond,
-            params.text_guidance,
-            params.image_guidance,
-            scheduler.as_mut(),
-            &mut noise,
+        let run = Sampling {
+            scheduler: scheduler.as_mut(),
+            noise: &mut noise,
             progress,
-        )?;
+        };
+        let latents = self.denoise(&image_latents, &text, params.guidance(), run)?;
         let t2 = Instant::now();
         let out = img::unit_hwc_to_rgb(&img::to_unit_hwc(&self.decode(&latents)?)?)?;
         let out = if params.keep_working_size || (tw, th) == (w0, h0) {

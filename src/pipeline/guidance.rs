@@ -5,6 +5,36 @@ use candle_core::Tensor;
 use crate::schedulers::mul_s;
 use crate::Result;
 
+/// The two guidance scales of an edit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Guidance {
+    /// `s_T`: how strongly to follow the instruction.
+    pub text: f64,
+    /// `s_I`: how strongly to stay close to the input image.
+    pub image: f64,
+}
+
+impl Guidance {
+    /// Whether the UNet runs on (text + image, image, neither) or on the conditioned input only.
+    pub fn enabled(self) -> bool {
+        dual_guidance_enabled(self.text, self.image)
+    }
+
+    /// The guided noise prediction from the batch `[ε_TI, ε_I, ε∅]`.
+    pub fn apply(self, eps: &Tensor) -> Result<Tensor> {
+        let part = |i| eps.narrow(0, i, 1);
+        dual_guidance(&part(0)?, &part(1)?, &part(2)?, self.text, self.image)
+    }
+}
+
+/// The text conditioning of a guided run: the prompt's encoding and the unconditional (empty or
+/// negative) prompt's, each `[1, 77, D]`.
+#[derive(Debug, Clone)]
+pub struct TextCond {
+    pub cond: Tensor,
+    pub uncond: Tensor,
+}
+
 /// Whether dual guidance is on, as diffusers decides it: `s_T > 1` and `s_I ≥ 1`.
 pub fn dual_guidance_enabled(text_scale: f64, image_scale: f64) -> bool {
     text_scale > 1.0 && image_scale >= 1.0

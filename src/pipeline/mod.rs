@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-pub use self::edit::{EditOutput, EditParams, EditPipeline, Timings};
+pub use self::edit::{EditOutput, EditParams, EditPipeline, Sampling, Timings};
+pub use self::guidance::{Guidance, TextCond};
 pub use self::image::{DecodeLimits, InputImage, ResizePolicy};
 pub use self::txt2img::{Txt2ImgParams, Txt2ImgPipeline};
 

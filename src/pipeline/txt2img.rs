@@ -87,15 +87,8 @@ impl Txt2ImgPipeline {
         Ok(super::scheduler_for(&self.c, kind, steps)?.1)
     }
 
-    /// Renders every prompt from one shared draw of `noise`: returns `[B, H, W, 3]` in `[0, 1]`.
-    pub fn render_shared(
-        &self,
-        prompts: &[&str],
-        p: &Txt2ImgParams,
-        scheduler: &mut dyn Scheduler,
-        noise: &mut dyn NoiseSource,
-        progress: &mut dyn Progress,
-    ) -> Result<Vec<Tensor>> {
+    /// Checks the prompts, the Prompt-to-Prompt threshold and the size.
+    fn check(&self, prompts: &[&str], p: &Txt2ImgParams) -> Result<()> {
         if prompts.is_empty() {
             return Err(Error::invalid("prompts", "at least one prompt is needed"));
         }
@@ -116,20 +109,41 @@ impl Txt2ImgPipeline {
                 format!("width and height must be positive multiples of {sf}"),
             ));
         }
+        Ok(())
+    }
+
+    /// The UNet's text context: `[uncond × B, cond × B]` when guided, else `[cond × B]`.
+    fn context(&self, prompts: &[&str], negative: &str, guided: bool) -> Result<Tensor> {
+        let conds = prompts
+            .iter()
+            .map(|pr| Ok(encode_prompt(&self.c, pr)?.0))
+            .collect::<Result<Vec<_>>>()?;
+        let cond = Tensor::cat(&conds, 0)?;
+        if !guided {
+            return Ok(cond);
+        }
+        let (uncond, _) = encode_prompt(&self.c, negative)?;
+        Ok(Tensor::cat(
+            &[&uncond.repeat((prompts.len(), 1, 1))?, &cond],
+            0,
+        )?)
+    }
+
+    /// Renders every prompt from one shared draw of `noise`: returns `[B, H, W, 3]` in `[0, 1]`.
+    pub fn render_shared(
+        &self,
+        prompts: &[&str],
+        p: &Txt2ImgParams,
+        scheduler: &mut dyn Scheduler,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<Tensor>> {
+        self.check(prompts, p)?;
         let b = prompts.len();
         let dev = &self.c.device;
-        let mut conds = Vec::with_capacity(b);
-        for pr in prompts {
-            conds.push(encode_prompt(&self.c, pr)?.0);
-        }
-        let (uncond, _) = encode_prompt(&self.c, &p.negative_prompt)?;
+        let sf = self.c.vae.scale_factor() as u32;
         let guided = p.guidance_scale > 1.0;
-        let cond = Tensor::cat(&conds, 0)?;
-        let context = if guided {
-            Tensor::cat(&[&uncond.repeat((b, 1, 1))?, &cond], 0)?
-        } else {
-            cond
-        };
+        let context = self.context(prompts, &p.negative_prompt, guided)?;
         let lc = self.c.vae.config().latent_channels;
         let (h, w) = ((p.height / sf) as usize, (p.width / sf) as usize);
         let mut shared = Shared {

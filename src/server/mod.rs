@@ -202,6 +202,35 @@ pub async fn start_many(
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&health_reporter, false).await;
+    let app = router(&state, health_service)?;
+    spawn_warm_up(state.clone(), pipelines, health_reporter.clone());
+    let (tx, rx) = watch::channel(false);
+    let shutdown = drain(state.clone(), rx, health_reporter);
+    let task = tokio::spawn(serve::serve(
+        listener,
+        app,
+        tls,
+        shutdown,
+        Duration::from_secs(10),
+    ));
+    tracing::info!(%addr, "listening (gRPC, gRPC-Web, HTTP)");
+    Ok(ServerHandle {
+        addr,
+        state,
+        shutdown: tx,
+        task,
+    })
+}
+
+/// Every door on one router: gRPC (with health and reflection v1 and v1alpha), gRPC-Web and
+/// HTTP, behind the token check, the body limit and CORS.
+fn router(
+    state: &Arc<AppState>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<axum::Router> {
+    let config = &state.config;
     // Reflection in both versions: grpcurl asks v1, while Python's grpcio-reflection,
     // grpc_cli and several GUI clients still ask v1alpha.
     let reflection = || {
@@ -221,80 +250,72 @@ pub async fn start_many(
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(usize::MAX);
     let grpc_router = tonic::service::Routes::new(editor)
-        .add_service(health_service)
+        .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .prepare()
         .into_axum_router()
         .layer(tonic_web::GrpcWebLayer::new());
     let token = auth::Token(config.token.clone().map(Arc::new));
-    let app = http::router(state.clone())
+    Ok(http::router(state.clone())
         .merge(grpc_router)
         .layer(axum::middleware::from_fn_with_state(
             token,
             auth::middleware,
         ))
         .layer(DefaultBodyLimit::max(config.max_message_bytes))
-        .layer(cors(&config.cors_origins));
+        .layer(cors(&config.cors_origins)))
+}
 
-    // Warm-up, then SERVING.
-    {
-        let state = state.clone();
-        let reporter = health_reporter.clone();
-        let skip = config.no_warmup;
-        tokio::spawn(async move {
-            if !skip {
-                let t = std::time::Instant::now();
-                let r = tokio::task::spawn_blocking(move || {
-                    pipelines.iter().try_for_each(|p| warm_up(p))
-                })
-                .await;
-                match r {
-                    Ok(Ok(())) => {
-                        tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up edit done")
-                    }
-                    Ok(Err(e)) => tracing::error!(error = %e, "warm-up edit failed"),
-                    Err(e) => tracing::error!(error = %e, "warm-up task failed"),
+/// Runs every worker's warm-up edit (unless turned off), then reports SERVING.
+fn spawn_warm_up(
+    state: Arc<AppState>,
+    pipelines: Vec<Arc<EditPipeline>>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    let skip = state.config.no_warmup;
+    tokio::spawn(async move {
+        if !skip {
+            let t = std::time::Instant::now();
+            let r =
+                tokio::task::spawn_blocking(move || pipelines.iter().try_for_each(|p| warm_up(p)))
+                    .await;
+            match r {
+                Ok(Ok(())) => {
+                    tracing::info!(seconds = t.elapsed().as_secs_f64(), "warm-up edit done")
                 }
+                Ok(Err(e)) => tracing::error!(error = %e, "warm-up edit failed"),
+                Err(e) => tracing::error!(error = %e, "warm-up task failed"),
             }
-            state.ready.store(true, Ordering::SeqCst);
-            set_health(&reporter, true).await;
-        });
-    }
+        }
+        state.ready.store(true, Ordering::SeqCst);
+        set_health(&reporter, true).await;
+    });
+}
 
-    let (tx, mut rx) = watch::channel(false);
-    let drain = Duration::from_secs(config.drain_seconds);
-    let task = {
-        let queue = queue.clone();
-        let state = state.clone();
-        tokio::spawn(async move {
-            let shutdown = async move {
-                while !*rx.borrow() {
-                    if rx.changed().await.is_err() {
-                        break;
-                    }
-                }
-                tracing::info!("shutting down: draining in-flight edits");
-                state.ready.store(false, Ordering::SeqCst);
-                set_health(&health_reporter, false).await;
-                queue.stop_accepting();
-                if tokio::time::timeout(drain, queue.wait_idle())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!("drain time over with edits still running");
-                }
-            };
-            serve::serve(listener, app, tls, shutdown, Duration::from_secs(10)).await;
-        })
-    };
-    tracing::info!(%addr, "listening (gRPC, gRPC-Web, HTTP)");
-    Ok(ServerHandle {
-        addr,
-        state,
-        shutdown: tx,
-        task,
-    })
+/// Resolves once shutdown is asked for (`rx` turns true) and the in-flight edits have drained
+/// (or the drain time is over): health NOT_SERVING first, then the queue closed.
+async fn drain(
+    state: Arc<AppState>,
+    mut rx: watch::Receiver<bool>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+    tracing::info!("shutting down: draining in-flight edits");
+    state.ready.store(false, Ordering::SeqCst);
+    set_health(&reporter, false).await;
+    state.queue.stop_accepting();
+    let limit = Duration::from_secs(state.config.drain_seconds);
+    if tokio::time::timeout(limit, state.queue.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain time over with edits still running");
+    }
 }
 
 /// Sets both health entries a probe may ask for: `ip2p.v1.ImageEditor` and the server as a

@@ -109,14 +109,8 @@ fn finite_in(field: &str, v: f32, lo: f32, hi: f32) -> Result<f64, ServerError> 
     Ok(v as f64)
 }
 
-/// Checks every field and decodes the images (CPU work: call it off the async runtime).
-pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob, ServerError> {
-    let request_id: String = req
-        .request_id
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(128)
-        .collect();
+/// The text fields, within the configured length.
+fn texts(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<(), ServerError> {
     let chars = req.instruction.chars().count();
     if chars > cfg.max_instruction_chars as usize {
         return Err(ServerError::invalid(
@@ -132,6 +126,12 @@ pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob
             return Err(ServerError::invalid("negative_prompt", "too long"));
         }
     }
+    Ok(())
+}
+
+/// The sampling parameters (steps, guidances, scheduler, resolution, resize), defaults filled
+/// in; the instruction, negative prompt and seed are the caller's to set.
+fn sampling(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<EditParams, ServerError> {
     let steps = req.steps.unwrap_or(cfg.default_steps);
     if steps == 0 || steps > cfg.max_steps {
         return Err(ServerError::invalid(
@@ -139,26 +139,17 @@ pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob
             format!("{steps} is outside 1..={}", cfg.max_steps),
         ));
     }
-    let text_guidance = finite_in(
-        "text_guidance",
-        req.text_guidance.unwrap_or(DEFAULT_TEXT_GUIDANCE as f32),
-        0.0,
-        50.0,
-    )?;
-    let image_guidance = finite_in(
-        "image_guidance",
-        req.image_guidance.unwrap_or(DEFAULT_IMAGE_GUIDANCE as f32),
-        0.0,
-        50.0,
-    )?;
-    let scheduler = if req.scheduler.trim().is_empty() {
-        None
-    } else {
-        Some(
-            req.scheduler
-                .parse::<SchedulerKind>()
+    let guidance = |field, v: Option<f32>, default: f64| {
+        finite_in(field, v.unwrap_or(default as f32), 0.0, 50.0)
+    };
+    let text_guidance = guidance("text_guidance", req.text_guidance, DEFAULT_TEXT_GUIDANCE)?;
+    let image_guidance = guidance("image_guidance", req.image_guidance, DEFAULT_IMAGE_GUIDANCE)?;
+    let scheduler = match req.scheduler.trim() {
+        "" => None,
+        s => Some(
+            s.parse::<SchedulerKind>()
                 .map_err(|e| ServerError::invalid("scheduler", e.to_string()))?,
-        )
+        ),
     };
     let resolution = req.resolution.unwrap_or(cfg.default_resolution);
     if !(64..=cfg.max_resolution).contains(&resolution) {
@@ -177,6 +168,22 @@ pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob
             ))
         }
     };
+    Ok(EditParams {
+        steps: steps as usize,
+        text_guidance,
+        image_guidance,
+        scheduler,
+        resolution,
+        resize,
+        ..EditParams::default()
+    })
+}
+
+/// The number of variations and the output format.
+fn outputs(
+    req: &proto::EditRequest,
+    cfg: &ServerConfig,
+) -> Result<(u32, OutputFormat), ServerError> {
     let variations = req.variations.unwrap_or(1);
     if variations == 0 || variations > cfg.max_variations {
         return Err(ServerError::invalid(
@@ -205,44 +212,65 @@ pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob
             ))
         }
     };
+    Ok((variations, output))
+}
+
+/// The decoded image (whose working size must exist under `params`) and the optional mask of
+/// the same size.
+fn images(
+    req: &proto::EditRequest,
+    cfg: &ServerConfig,
+    params: &EditParams,
+) -> Result<(InputImage, Option<GrayImage>), ServerError> {
     let image = req
         .image
         .as_ref()
         .ok_or_else(|| ServerError::invalid("image", "no image given"))?;
     let input = InputImage::from_dynamic(decode_image("image", image, cfg)?);
-    // The working size must exist for this input.
-    img::target_size(input.width(), input.height(), resolution, resize)
-        .map_err(|e| ServerError::invalid("image", e.to_string()))?;
-    let mask = match &req.mask {
-        Some(m) if m.data.is_some() => {
-            let g = decode_image("mask", m, cfg)?.to_luma8();
-            if g.dimensions() != input.rgb.dimensions() {
-                return Err(ServerError::invalid(
-                    "mask",
-                    format!(
-                        "mask is {}×{}, the image is {}×{}",
-                        g.width(),
-                        g.height(),
-                        input.width(),
-                        input.height()
-                    ),
-                ));
-            }
-            Some(g)
-        }
-        _ => None,
+    img::target_size(
+        input.width(),
+        input.height(),
+        params.resolution,
+        params.resize,
+    )
+    .map_err(|e| ServerError::invalid("image", e.to_string()))?;
+    let Some(m) = req.mask.as_ref().filter(|m| m.data.is_some()) else {
+        return Ok((input, None));
     };
+    let g = decode_image("mask", m, cfg)?.to_luma8();
+    if g.dimensions() != input.rgb.dimensions() {
+        return Err(ServerError::invalid(
+            "mask",
+            format!(
+                "mask is {}×{}, the image is {}×{}",
+                g.width(),
+                g.height(),
+                input.width(),
+                input.height()
+            ),
+        ));
+    }
+    Ok((input, Some(g)))
+}
+
+/// Checks every field and decodes the images (CPU work: call it off the async runtime).
+pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob, ServerError> {
+    let request_id: String = req
+        .request_id
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(128)
+        .collect();
+    texts(req, cfg)?;
+    let sampled = sampling(req, cfg)?;
+    let (variations, output) = outputs(req, cfg)?;
+    let (input, mask) = images(req, cfg, &sampled)?;
     let params = EditParams {
         instruction: req.instruction.clone(),
         negative_prompt: req.negative_prompt.clone().unwrap_or_default(),
-        steps: steps as usize,
-        text_guidance,
-        image_guidance,
-        scheduler,
         seed: req.seed.unwrap_or_else(crate::pipeline::random_seed),
-        resolution,
-        resize,
         keep_working_size: false,
+        ..sampled
     };
     params.validate().map_err(ServerError::from)?;
     Ok(ValidJob {

@@ -18,7 +18,7 @@ use super::proto;
 use super::status::ServerError;
 use super::validate::ValidJob;
 use crate::pipeline::image::blend_masked;
-use crate::pipeline::{CancelToken, Control, EditPipeline, StepInfo};
+use crate::pipeline::{CancelToken, Control, EditOutput, EditPipeline, StepInfo};
 
 /// What a job reports back.
 #[derive(Debug)]
@@ -203,72 +203,58 @@ fn worker_loop(
     }
 }
 
-fn run_job(worker: &Worker, job: Job, preview_size: u32, metrics: &Metrics, step_ms: &AtomicUsize) {
-    let Job {
-        job,
-        events,
-        cancel,
-        deadline,
-        enqueued,
-    } = job;
-    let pipe = &worker.pipeline;
-    let rid = job.request_id.clone();
-    let span = tracing::info_span!("edit", request_id = %rid, device = %worker.labels[1]);
-    let _g = span.enter();
-    let stop_reason = |events: &mpsc::Sender<JobEvent>| -> Option<ServerError> {
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+/// One job on a worker: what each of its variations needs.
+struct Running<'a> {
+    worker: &'a Worker,
+    job: &'a ValidJob,
+    events: &'a mpsc::Sender<JobEvent>,
+    cancel: &'a CancelToken,
+    deadline: Option<Instant>,
+    metrics: &'a Metrics,
+    step_ms: &'a AtomicUsize,
+    preview_size: u32,
+}
+
+impl Running<'_> {
+    /// Why the job must stop now, if it must: its deadline passed, or its caller left.
+    fn stop_reason(&self) -> Option<ServerError> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
             Some(ServerError::DeadlineExceeded)
-        } else if cancel.is_cancelled() || events.is_closed() {
+        } else if self.cancel.is_cancelled() || self.events.is_closed() {
             Some(ServerError::Cancelled)
         } else {
             None
         }
-    };
-    if let Some(e) = stop_reason(&events) {
-        tracing::info!(reason = e.outcome(), "dropped before starting");
-        let _ = events.try_send(JobEvent::Done(Box::new(Err(e))));
-        return;
     }
-    let started = Instant::now();
-    let queue_time = started - enqueued;
-    let _ = events.try_send(JobEvent::Started);
-    tracing::info!(
-        steps = job.params.steps,
-        variations = job.variations,
-        w = job.input.width(),
-        h = job.input.height(),
-        "started"
-    );
-    let mut images = Vec::with_capacity(job.variations as usize);
-    let mut timings = proto::Timings {
-        queue_seconds: queue_time.as_secs_f64(),
-        ..Default::default()
-    };
-    let mut params_used = None;
-    let mut stopped: Option<ServerError> = None;
-    for v in 0..job.variations {
+
+    /// Edits variation `v` (seed + v) with progress events and per-step metrics, masks and
+    /// encodes it. An error ends the job.
+    fn variation(&self, v: u32) -> Result<(proto::EditedImage, EditOutput), ServerError> {
+        let job = self.job;
         let mut params = job.params.clone();
         params.seed = job.params.seed.wrapping_add(v as u64);
         let mut last = Instant::now();
+        let mut stopped: Option<ServerError> = None;
         let mut progress = |i: &StepInfo<'_>| {
-            let now = Instant::now();
-            let dt = now - last;
-            last = now;
-            metrics
+            let dt = last.elapsed();
+            last = Instant::now();
+            let labels = self.worker.labels();
+            self.metrics
                 .step_seconds
-                .with_label_values(&worker.labels())
+                .with_label_values(&labels)
                 .observe(dt.as_secs_f64());
-            step_ms.store(dt.as_millis() as usize, Ordering::Relaxed);
-            if let Some(e) = stop_reason(&events) {
+            self.step_ms
+                .store(dt.as_millis() as usize, Ordering::Relaxed);
+            if let Some(e) = self.stop_reason() {
                 stopped = Some(e);
                 return Control::Stop;
             }
             let preview = (job.preview_every > 0
                 && (i.step as u32).is_multiple_of(job.preview_every))
-            .then(|| codec::preview_png(i.latents, preview_size))
+            .then(|| codec::preview_png(i.latents, self.preview_size))
             .flatten();
             // Progress is best effort: a slow reader loses progress events, never the result.
-            let _ = events.try_send(JobEvent::Progress {
+            let _ = self.events.try_send(JobEvent::Progress {
                 step: i.step as u32,
                 total: i.total as u32,
                 variation: v,
@@ -276,18 +262,16 @@ fn run_job(worker: &Worker, job: Job, preview_size: u32, metrics: &Metrics, step
             });
             Control::Continue
         };
-        let out = match pipe.edit(&job.input, &params, &mut progress) {
+        let out = match self
+            .worker
+            .pipeline
+            .edit(&job.input, &params, &mut progress)
+        {
             Ok(o) => o,
-            Err(crate::Error::Cancelled) => {
-                let e = stopped.take().unwrap_or(ServerError::Cancelled);
-                tracing::info!(reason = e.outcome(), "stopped");
-                let _ = events.try_send(JobEvent::Done(Box::new(Err(e))));
-                return;
-            }
+            Err(crate::Error::Cancelled) => return Err(stopped.unwrap_or(ServerError::Cancelled)),
             Err(e) => {
                 tracing::error!(error = %e, "edit failed");
-                let _ = events.blocking_send(JobEvent::Done(Box::new(Err(e.into()))));
-                return;
+                return Err(e.into());
             }
         };
         let image = match &job.mask {
@@ -298,32 +282,86 @@ fn run_job(worker: &Worker, job: Job, preview_size: u32, metrics: &Metrics, step
             ),
             None => out.image.clone(),
         };
-        match codec::encode(&image, job.output, out.seed) {
-            Ok(e) => images.push(e),
+        Ok((codec::encode(&image, job.output, out.seed)?, out))
+    }
+}
+
+/// The parameters an edit ran with, as the response reports them.
+fn parameters_used(job: &ValidJob, out: &EditOutput) -> proto::EditParameters {
+    let p = &job.params;
+    proto::EditParameters {
+        steps: p.steps as u32,
+        text_guidance: p.text_guidance as f32,
+        image_guidance: p.image_guidance as f32,
+        scheduler: out.scheduler.name().into(),
+        resolution: p.resolution,
+        resize: proto::ResizePolicy::from(p.resize) as i32,
+        working_width: out.working_size.0,
+        working_height: out.working_size.1,
+        truncated_tokens: out.truncated_tokens as u32,
+        seed: p.seed,
+        variations: job.variations,
+    }
+}
+
+fn run_job(worker: &Worker, job: Job, preview_size: u32, metrics: &Metrics, step_ms: &AtomicUsize) {
+    let Job {
+        job,
+        events,
+        cancel,
+        deadline,
+        enqueued,
+    } = job;
+    let span =
+        tracing::info_span!("edit", request_id = %job.request_id, device = %worker.labels[1]);
+    let _g = span.enter();
+    let run = Running {
+        worker,
+        job: &job,
+        events: &events,
+        cancel: &cancel,
+        deadline,
+        metrics,
+        step_ms,
+        preview_size,
+    };
+    if let Some(e) = run.stop_reason() {
+        tracing::info!(reason = e.outcome(), "dropped before starting");
+        let _ = events.try_send(JobEvent::Done(Box::new(Err(e))));
+        return;
+    }
+    let _ = events.try_send(JobEvent::Started);
+    tracing::info!(
+        steps = job.params.steps,
+        variations = job.variations,
+        w = job.input.width(),
+        h = job.input.height(),
+        "started"
+    );
+    let mut timings = proto::Timings {
+        queue_seconds: (Instant::now() - enqueued).as_secs_f64(),
+        ..Default::default()
+    };
+    let mut images = Vec::with_capacity(job.variations as usize);
+    let mut params_used = None;
+    for v in 0..job.variations {
+        let (image, out) = match run.variation(v) {
+            Ok(r) => r,
+            Err(e @ (ServerError::Cancelled | ServerError::DeadlineExceeded)) => {
+                tracing::info!(reason = e.outcome(), "stopped");
+                let _ = events.try_send(JobEvent::Done(Box::new(Err(e))));
+                return;
+            }
             Err(e) => {
                 let _ = events.blocking_send(JobEvent::Done(Box::new(Err(e))));
                 return;
             }
-        }
+        };
+        images.push(image);
         timings.encode_seconds += out.timings.encode.as_secs_f64();
         timings.denoise_seconds += out.timings.denoise.as_secs_f64();
         timings.decode_seconds += out.timings.decode.as_secs_f64();
-        params_used.get_or_insert(proto::EditParameters {
-            steps: job.params.steps as u32,
-            text_guidance: job.params.text_guidance as f32,
-            image_guidance: job.params.image_guidance as f32,
-            scheduler: out.scheduler.name().into(),
-            resolution: job.params.resolution,
-            resize: match job.params.resize {
-                crate::pipeline::ResizePolicy::Paper => proto::ResizePolicy::Paper as i32,
-                crate::pipeline::ResizePolicy::Native => proto::ResizePolicy::Native as i32,
-            },
-            working_width: out.working_size.0,
-            working_height: out.working_size.1,
-            truncated_tokens: out.truncated_tokens as u32,
-            seed: job.params.seed,
-            variations: job.variations,
-        });
+        params_used.get_or_insert_with(|| parameters_used(&job, &out));
     }
     timings.total_seconds = enqueued.elapsed().as_secs_f64();
     metrics
@@ -336,7 +374,7 @@ fn run_job(worker: &Worker, job: Job, preview_size: u32, metrics: &Metrics, step
         "finished"
     );
     let resp = proto::EditResponse {
-        request_id: rid,
+        request_id: job.request_id.clone(),
         images,
         parameters: params_used,
         timings: Some(timings),

@@ -261,69 +261,6 @@ pub fn save_pipeline(base: &Path, unet: &HashMap<String, Tensor>, dst: &Path) ->
     })
 }
 
-/// Edits the sample image with `weights` (the whole UNet, or LoRA adapters on the base).
-#[allow(clippy::too_many_arguments)]
-fn sample_edit(
-    dir: &ModelDir,
-    ucfg: &UNetConfig,
-    scfg: &SchedulerConfig,
-    frozen: &Frozen,
-    weights: &HashMap<String, Tensor>,
-    lora_cfg: Option<LoraConfig>,
-    se: &SampleEdits,
-    path: &Path,
-) -> Result<()> {
-    let dev = frozen.empty.device().clone();
-    let unet = match lora_cfg {
-        None => {
-            let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
-            UNet2DConditionModel::new(vb, ucfg)?
-        }
-        Some(lc) => {
-            let vb = loader::var_builder(
-                &dir.weights("unet", "diffusion_pytorch_model", Variant::Auto)?,
-                DType::F32,
-                &dev,
-            )?;
-            let mut unet = UNet2DConditionModel::new(vb, ucfg)?;
-            let tmp = path.with_extension("lora.tmp");
-            if let Some(p) = tmp.parent() {
-                std::fs::create_dir_all(p).map_err(io(p))?;
-            }
-            lora::save(weights, lc, &tmp)?;
-            let r = lora::merge_file(&mut unet, &tmp);
-            let _ = std::fs::remove_file(&tmp);
-            r?;
-            unet
-        }
-    };
-    let c = loader::Components {
-        tokenizer: frozen.tokenizer.clone(),
-        text_encoder: frozen.text.clone(),
-        vae: frozen.vae.clone(),
-        unet,
-        scheduler: scfg.clone(),
-        device: dev,
-        dtype: DType::F32,
-    };
-    let pipe = crate::pipeline::EditPipeline::new(c)?;
-    let input = crate::pipeline::image::open(&se.image, &Default::default())?;
-    let params = crate::pipeline::EditParams {
-        instruction: se.instruction.clone(),
-        steps: se.steps,
-        seed: se.seed,
-        resolution: 256,
-        ..Default::default()
-    };
-    let out = pipe.edit(&input, &params, &mut crate::pipeline::NoProgress)?;
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).map_err(io(p))?;
-    }
-    out.image
-        .save(path)
-        .map_err(|e| Error::Image(format!("{}: {e}", path.display())))
-}
-
 /// A full pipeline folder, or for LoRA a folder with `pytorch_lora_weights.safetensors`
 /// (use it with the base model: `ip2p edit --model <base> --lora <file>`).
 fn save_model(
@@ -601,6 +538,67 @@ impl Run {
         Ok(norm)
     }
 
+    /// Edits the sample image with the serving weights (the whole UNet, or LoRA adapters on the
+    /// base).
+    fn sample_edit(
+        &self,
+        lora_cfg: Option<LoraConfig>,
+        se: &SampleEdits,
+        path: &Path,
+    ) -> Result<()> {
+        let (dir, ucfg, frozen) = (&self.dir, &self.ucfg, &self.frozen);
+        let weights = &self.serving_weights()?;
+        let dev = frozen.empty.device().clone();
+        let unet = match lora_cfg {
+            None => {
+                let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
+                UNet2DConditionModel::new(vb, ucfg)?
+            }
+            Some(lc) => {
+                let vb = loader::var_builder(
+                    &dir.weights("unet", "diffusion_pytorch_model", Variant::Auto)?,
+                    DType::F32,
+                    &dev,
+                )?;
+                let mut unet = UNet2DConditionModel::new(vb, ucfg)?;
+                let tmp = path.with_extension("lora.tmp");
+                if let Some(p) = tmp.parent() {
+                    std::fs::create_dir_all(p).map_err(io(p))?;
+                }
+                lora::save(weights, lc, &tmp)?;
+                let r = lora::merge_file(&mut unet, &tmp);
+                let _ = std::fs::remove_file(&tmp);
+                r?;
+                unet
+            }
+        };
+        let c = loader::Components {
+            tokenizer: frozen.tokenizer.clone(),
+            text_encoder: frozen.text.clone(),
+            vae: frozen.vae.clone(),
+            unet,
+            scheduler: self.scfg.clone(),
+            device: dev,
+            dtype: DType::F32,
+        };
+        let pipe = crate::pipeline::EditPipeline::new(c)?;
+        let input = crate::pipeline::image::open(&se.image, &Default::default())?;
+        let params = crate::pipeline::EditParams {
+            instruction: se.instruction.clone(),
+            steps: se.steps,
+            seed: se.seed,
+            resolution: 256,
+            ..Default::default()
+        };
+        let out = pipe.edit(&input, &params, &mut crate::pipeline::NoProgress)?;
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p).map_err(io(p))?;
+        }
+        out.image
+            .save(path)
+            .map_err(|e| Error::Image(format!("{}: {e}", path.display())))
+    }
+
     /// `checkpoint-<step>`: the model to serve (EMA weights) and the training state (raw
     /// weights, optimizer, EMA), its `state.json` written last.
     fn write_checkpoint(&self, cfg: &TrainConfig, step: u64) -> Result<PathBuf> {
@@ -782,17 +780,7 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
             .filter(|se| se.every > 0 && (step % se.every == 0 || step == cfg.steps))
         {
             let path = cfg.out.join("samples").join(format!("step-{step:08}.png"));
-            let weights = run.serving_weights()?;
-            sample_edit(
-                &run.dir,
-                &run.ucfg,
-                &run.scfg,
-                &run.frozen,
-                &weights,
-                cfg.lora,
-                se,
-                &path,
-            )?;
+            run.sample_edit(cfg.lora, se, &path)?;
         }
         if step % cfg.checkpoint_every.max(1) == 0 || step == cfg.steps {
             summary.checkpoints.push(run.write_checkpoint(cfg, step)?);

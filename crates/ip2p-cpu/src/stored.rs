@@ -184,21 +184,6 @@ impl std::fmt::Debug for Floats {
     }
 }
 
-thread_local! {
-    static SOURCE: RefCell<Option<Arc<dyn StoredWeights>>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` (a model's constructor) with its layers packing straight from `source` where the
-/// `VarBuilder` they are given asks for CPU f32 weights of a name `source` has; `None` turns
-/// that off for `f` (a model built from other tensors inside a loader). The previous source is
-/// restored afterwards, also on panic, so constructors run by a rayon worker while it waits
-/// inside another one (work stealing) see their own.
-///
-/// `source` must hold the same tensors the `VarBuilder`s used inside `f` read.
-pub fn build_from<T>(source: Option<Arc<dyn StoredWeights>>, f: impl FnOnce() -> T) -> T {
-    with_local(&SOURCE, source, f)
-}
-
 /// Runs `f` with the thread-local `key` set to `value`, then restores it (also on panic).
 fn with_local<V: 'static, T>(
     key: &'static std::thread::LocalKey<RefCell<Option<V>>>,
@@ -217,11 +202,6 @@ fn with_local<V: 'static, T>(
     }
     let _restore = Restore(key, key.with(|s| s.replace(value)));
     f()
-}
-
-/// The stored weights [`build_from`] set for this thread, if any.
-pub fn current_source() -> Option<Arc<dyn StoredWeights>> {
-    SOURCE.with(|s| s.borrow().clone())
 }
 
 /// Packed weights kept in a file, so that a later start maps them instead of computing them
