@@ -12,5 +12,6 @@ pub mod output;
 pub mod render;
 pub mod retry;
 pub mod run;
+pub mod world;
 
 pub use error::{Error, Result};
