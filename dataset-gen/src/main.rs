@@ -10,6 +10,7 @@ use dataset_gen::llm::LlmConfig;
 use dataset_gen::render::{FilterConfig, ImageConfig};
 use dataset_gen::retry::RetryPolicy;
 use dataset_gen::run::{run, RunConfig};
+use dataset_gen::world::World;
 use ip2p::device::DeviceChoice;
 use ip2p::loader::HubOptions;
 
@@ -22,10 +23,17 @@ struct Args {
     #[arg(
         long,
         env = "DATASET_GEN_INPUT",
-        required = true,
+        required_unless_present = "world",
         value_delimiter = ','
     )]
     input: Vec<PathBuf>,
+    /// Make the data from a procedural world instead (no inputs, LLM or models): `flowers`
+    /// renders scenes and their edits at --width × --height, seeded by --seed.
+    #[arg(long, env = "DATASET_GEN_WORLD")]
+    world: Option<World>,
+    /// How many examples a world run makes (across all shards).
+    #[arg(long, env = "DATASET_GEN_WORLD_EXAMPLES", default_value_t = 10_000)]
+    world_examples: usize,
     /// The caption column/field (default: the first of caption, input, text, TEXT, prompt, original_prompt).
     #[arg(long, env = "DATASET_GEN_CAPTION_COLUMN")]
     caption_column: Option<String>,
@@ -230,6 +238,7 @@ impl TryFrom<Args> for RunConfig {
                 seed: a.seed,
             },
             progress_bars: std::io::stderr().is_terminal(),
+            world: a.world.map(|w| (w, a.world_examples)),
         })
     }
 }

@@ -25,6 +25,7 @@ use crate::llm::{EditWriter, LlmConfig, Reject};
 use crate::output::write_part;
 use crate::render::{ImageConfig, ItemResult, PairGenerator};
 use crate::retry::RetryCounts;
+use crate::world::{self, World, WorldGenerator};
 
 /// Everything a run needs.
 #[derive(Debug, Clone)]
@@ -49,6 +50,9 @@ pub struct RunConfig {
     pub image: ImageConfig,
     /// Progress bars (on a terminal) instead of log lines.
     pub progress_bars: bool,
+    /// Make the dataset from a procedural world instead of inputs, an LLM and renders:
+    /// `(world, examples)`. The shards, parts, ledger and resume work as for any run.
+    pub world: Option<(World, usize)>,
 }
 
 /// A text-stage result: the triple, or why there is none.
@@ -59,6 +63,8 @@ type PartJob = (usize, Vec<(Item, TextOutcome)>);
 /// What a rerun must agree on, stored beside the ledger.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Identity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    world: Option<World>,
     num_shards: usize,
     items_per_part: usize,
     model: String,
@@ -171,7 +177,38 @@ enum Event {
 }
 
 /// Loads SD and CLIP and returns a pair generator.
-pub fn load_generator(cfg: &RunConfig) -> Result<PairGenerator> {
+/// What renders the pairs of a run.
+#[derive(Debug)]
+pub enum Generator {
+    /// Stable Diffusion with Prompt-to-Prompt, filtered by CLIP.
+    Diffusion(Box<PairGenerator>),
+    /// A procedural world's exact pairs.
+    World(WorldGenerator),
+}
+
+impl Generator {
+    /// The rows of item `index`, whose triple is `t`.
+    pub fn generate(&self, index: usize, t: &Triple) -> Result<ItemResult> {
+        match self {
+            Self::Diffusion(g) => g.generate(index, t),
+            Self::World(g) => g.generate(index, t),
+        }
+    }
+}
+
+/// The run's pair renderer: the world's, or Stable Diffusion and CLIP loaded.
+pub fn load_generator(cfg: &RunConfig) -> Result<Generator> {
+    if cfg.world.is_some() {
+        return Ok(Generator::World(WorldGenerator {
+            run_seed: cfg.image.seed,
+            width: cfg.image.width,
+            height: cfg.image.height,
+        }));
+    }
+    Ok(Generator::Diffusion(Box::new(load_diffusion(cfg)?)))
+}
+
+fn load_diffusion(cfg: &RunConfig) -> Result<PairGenerator> {
     let dir = ModelDir::open(&cfg.model, &cfg.hub)?;
     let c = loader::load(&dir, &cfg.device, &LoadOptions::default())?;
     let pipe = Txt2ImgPipeline::new(c)?;
@@ -209,6 +246,7 @@ fn check_config(cfg: &RunConfig) -> Result<()> {
 /// Checks that a resumed shard was started with the same settings, or records them.
 fn check_identity(cfg: &RunConfig, path: &Path) -> Result<()> {
     let identity = Identity {
+        world: cfg.world.map(|w| w.0),
         num_shards: cfg.num_shards,
         items_per_part: cfg.items_per_part,
         model: cfg.model.clone(),
@@ -294,7 +332,7 @@ impl Summary {
 /// Renders, filters and writes one part on the image worker: its ledger entry and counts as an
 /// event (with the time the write took).
 fn render_part(
-    gen: &PairGenerator,
+    gen: &Generator,
     cfg: &RunConfig,
     part: usize,
     batch: &[(Item, TextOutcome)],
@@ -429,7 +467,10 @@ async fn join_worker(worker: std::thread::JoinHandle<Result<()>>) -> Result<()> 
 pub async fn run(cfg: RunConfig) -> Result<Summary> {
     check_config(&cfg)?;
     let started = Instant::now();
-    let (mut items, inputs) = read_inputs(&cfg.inputs, cfg.caption_column.as_deref())?;
+    let (mut items, inputs) = match cfg.world {
+        Some((_, count)) => (world::items(cfg.image.seed, count), InputStats::default()),
+        None => read_inputs(&cfg.inputs, cfg.caption_column.as_deref())?,
+    };
     if let Some(n) = cfg.limit {
         items.truncate(n);
     }

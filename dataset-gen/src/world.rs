@@ -8,9 +8,17 @@
 //! flower positions and sizes included. [`Scene::labels`] and [`classify`] name what a pixel
 //! shows, for judging an edit by its pixels.
 
+use std::time::Instant;
+
 use image::{Rgb, RgbImage};
+use ip2p::pipeline::clip_score::Similarities;
 use ip2p::schedulers::noise::{rng_for, unit};
 use rand_chacha::ChaCha20Rng;
+use rand_core::RngCore;
+
+use crate::input::{Item, Triple};
+use crate::render::{png, ItemResult, Row, SampleSpec};
+use crate::Result;
 
 /// The sky, by time of day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -619,6 +627,99 @@ pub fn example(seed: u64) -> Example {
         edit,
         instruction,
         edited,
+    }
+}
+
+/// A world a dataset can be made of instead of Stable Diffusion renders (`--world`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum World {
+    Flowers,
+}
+
+impl std::str::FromStr for World {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "flowers" => Ok(Self::Flowers),
+            _ => Err(format!("unknown world `{s}` (flowers)")),
+        }
+    }
+}
+
+/// The seed of example `index` of a run seeded `run_seed`.
+pub fn example_seed(run_seed: u64, index: usize) -> u64 {
+    rng_for(run_seed, b"worldsee", index as u64).next_u64()
+}
+
+/// The run's items: `count` examples, each already a triple (caption, instruction, edited
+/// caption), so the text stage asks no LLM.
+pub fn items(run_seed: u64, count: usize) -> Vec<Item> {
+    (0..count)
+        .map(|index| {
+            let ex = example(example_seed(run_seed, index));
+            let caption = ex.scene.caption();
+            Item {
+                index,
+                caption: caption.clone(),
+                triple: Some(Triple {
+                    input: caption,
+                    edit: ex.instruction,
+                    output: ex.edited.caption(),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Renders examples as dataset rows (the image worker's job for a world run).
+#[derive(Debug, Clone)]
+pub struct WorldGenerator {
+    pub run_seed: u64,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl WorldGenerator {
+    /// Example `index`: one row, both pictures rendered (no sampling, no filter).
+    pub fn generate(&self, index: usize, t: &Triple) -> Result<ItemResult> {
+        let seed = example_seed(self.run_seed, index);
+        let ex = example(seed);
+        let t0 = Instant::now();
+        let (a, b) = (
+            ex.scene.render(self.width, self.height),
+            ex.edited.render(self.width, self.height),
+        );
+        let render_time = t0.elapsed();
+        let t1 = Instant::now();
+        let row = Row {
+            item: index,
+            sample: 0,
+            triple: t.clone(),
+            original_png: png(&a)?,
+            edited_png: png(&b)?,
+            spec: SampleSpec {
+                seed: seed as u32,
+                guidance_scale: 0.0,
+                p2p_threshold: 0.0,
+            },
+            // Exact pairs: nothing to measure.
+            sims: Similarities {
+                image0_caption0: f32::NAN,
+                image1_caption1: f32::NAN,
+                direction: f32::NAN,
+                image0_image1: f32::NAN,
+            },
+        };
+        Ok(ItemResult {
+            rows: vec![row],
+            rendered: 1,
+            passed: 1,
+            filtered: Vec::new(),
+            render_time,
+            clip_time: Default::default(),
+            encode_time: t1.elapsed(),
+        })
     }
 }
 

@@ -56,6 +56,7 @@ pub fn run_config(inputs: Vec<PathBuf>, out: &Path) -> RunConfig {
         device: Device::Cpu,
         image: tiny_image_config(),
         progress_bars: false,
+        world: None,
     }
 }
 
