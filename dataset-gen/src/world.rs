@@ -723,6 +723,129 @@ impl WorldGenerator {
     }
 }
 
+/// How an edited picture compares with the truth (see [`judge`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Verdict {
+    /// Of the pixels the edit should change, the fraction whose class is now the truth's.
+    pub changed_right: f64,
+    /// Mean absolute difference from the input (0–255) over the pixels that should not change.
+    pub unchanged_mae: f64,
+    /// `changed_right ≥ 0.8` and `unchanged_mae ≤ 10`.
+    pub correct: bool,
+}
+
+/// A pixel "should change" when the truth differs from the input by more than this (0–255) in
+/// some channel; it "should not" when the two are equal.
+const CHANGE: u8 = 24;
+
+/// Judges `output` (the model's edit of `input`) against `truth` (the edited scene rendered):
+/// the pixels that should change must take the truth's class ([`classify`]), the others must
+/// keep their colour.
+pub fn judge(input: &RgbImage, truth: &RgbImage, output: &RgbImage) -> Verdict {
+    let (mut changed, mut right, mut kept, mut err) = (0usize, 0usize, 0usize, 0f64);
+    for ((a, t), o) in input.pixels().zip(truth.pixels()).zip(output.pixels()) {
+        let diff = (0..3).map(|i| a[i].abs_diff(t[i])).max().unwrap_or(0);
+        if diff > CHANGE {
+            changed += 1;
+            right += usize::from(classify(o.0) == classify(t.0));
+        } else if diff == 0 {
+            kept += 1;
+            err += (0..3).map(|i| f64::from(a[i].abs_diff(o[i]))).sum::<f64>() / 3.0;
+        }
+    }
+    let changed_right = if changed == 0 {
+        1.0
+    } else {
+        right as f64 / changed as f64
+    };
+    let unchanged_mae = if kept == 0 { 0.0 } else { err / kept as f64 };
+    Verdict {
+        changed_right,
+        unchanged_mae,
+        correct: changed_right >= 0.8 && unchanged_mae <= 10.0,
+    }
+}
+
+/// The seed of held-out example `index`: a stream no training run draws from.
+pub fn held_out_seed(index: usize) -> u64 {
+    rng_for(0x5eed_e7a1, b"heldout_", index as u64).next_u64()
+}
+
+/// How the edits of held-out examples are made and judged.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub examples: usize,
+    pub width: u32,
+    pub height: u32,
+    pub steps: usize,
+    pub text_guidance: f64,
+    pub image_guidance: f64,
+    /// The edits' noise seed.
+    pub seed: u64,
+}
+
+/// Counts of one edit type (or of all).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Tally {
+    pub examples: usize,
+    pub correct: usize,
+    pub mean_changed_right: f64,
+    pub mean_unchanged_mae: f64,
+}
+
+impl Tally {
+    fn add(&mut self, v: &Verdict) {
+        let n = self.examples as f64;
+        self.mean_changed_right = (self.mean_changed_right * n + v.changed_right) / (n + 1.0);
+        self.mean_unchanged_mae = (self.mean_unchanged_mae * n + v.unchanged_mae) / (n + 1.0);
+        self.examples += 1;
+        self.correct += usize::from(v.correct);
+    }
+
+    /// The fraction correct.
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.examples.max(1) as f64
+    }
+}
+
+/// Accuracy per edit type and overall.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub by_type: std::collections::BTreeMap<String, Tally>,
+    pub overall: Tally,
+}
+
+/// Edits `opts.examples` held-out scenes with `pipe` and judges each against its truth.
+pub fn evaluate(pipe: &ip2p::pipeline::EditPipeline, opts: &EvalOptions) -> ip2p::Result<Report> {
+    let mut report = Report::default();
+    for index in 0..opts.examples {
+        let ex = example(held_out_seed(index));
+        let input = ex.scene.render(opts.width, opts.height);
+        let truth = ex.edited.render(opts.width, opts.height);
+        let params = ip2p::pipeline::EditParams {
+            instruction: ex.instruction.clone(),
+            steps: opts.steps,
+            text_guidance: opts.text_guidance,
+            image_guidance: opts.image_guidance,
+            seed: opts.seed,
+            resolution: opts.width.max(opts.height),
+            resize: ip2p::pipeline::ResizePolicy::Native,
+            keep_working_size: true,
+            ..Default::default()
+        };
+        let image = ip2p::pipeline::InputImage::from_dynamic(input.clone().into());
+        let out = pipe.edit(&image, &params, &mut ip2p::pipeline::NoProgress)?;
+        let v = judge(&input, &truth, &out.image.to_rgb8());
+        report
+            .by_type
+            .entry(ex.edit.kind_name().to_owned())
+            .or_default()
+            .add(&v);
+        report.overall.add(&v);
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -839,6 +962,33 @@ mod tests {
             s.caption(),
             "one daisy on snow under a night sky with stars and a moon"
         );
+    }
+
+    #[test]
+    fn the_judge_accepts_the_truth_and_refuses_no_edit_or_a_wrong_one() {
+        let mut seen = 0;
+        for index in 0..30 {
+            let ex = example(held_out_seed(index));
+            let (a, t) = (ex.scene.render(128, 96), ex.edited.render(128, 96));
+            let right = judge(&a, &t, &t);
+            assert!(right.correct && right.changed_right == 1.0 && right.unchanged_mae == 0.0);
+            let none = judge(&a, &t, &a);
+            assert!(!none.correct, "{:?}: {none:?}", ex.edit);
+            // The right change with a wash over everything else is still wrong.
+            let washed = image::RgbImage::from_fn(128, 96, |x, y| {
+                let p = t.get_pixel(x, y).0;
+                image::Rgb(p.map(|v| v.saturating_add(20)))
+            });
+            assert!(!judge(&a, &t, &washed).correct);
+            seen += 1;
+        }
+        assert_eq!(seen, 30);
+    }
+
+    #[test]
+    fn held_out_seeds_are_not_training_seeds() {
+        let train: std::collections::HashSet<u64> = (0..5000).map(|i| example_seed(0, i)).collect();
+        assert!((0..500).all(|i| !train.contains(&held_out_seed(i))));
     }
 
     #[test]

@@ -85,3 +85,28 @@ async fn shards_split_a_world_between_them() {
     want.sort();
     assert_eq!(prompts, want);
 }
+
+#[test]
+fn the_evaluator_edits_and_judges_held_out_scenes() {
+    use dataset_gen::world::{evaluate, EvalOptions};
+    let dir = common::fixtures().join("tiny-ip2p");
+    let md = ip2p::loader::ModelDir::from_dir(&dir).expect("model");
+    let c = ip2p::loader::load(&md, &candle_core::Device::Cpu, &Default::default()).expect("load");
+    let pipe = ip2p::pipeline::EditPipeline::new(c).expect("pipeline");
+    let opts = EvalOptions {
+        examples: 4,
+        width: 64,
+        height: 48,
+        steps: 2,
+        text_guidance: 7.5,
+        image_guidance: 1.5,
+        seed: 0,
+    };
+    let r = evaluate(&pipe, &opts).expect("evaluate");
+    assert_eq!(r.overall.examples, 4);
+    assert_eq!(r.by_type.values().map(|t| t.examples).sum::<usize>(), 4);
+    // Random weights edit nothing right.
+    assert_eq!(r.overall.correct, 0);
+    assert!(r.overall.mean_unchanged_mae > 10.0, "{:?}", r.overall);
+    assert!((0.0..=1.0).contains(&r.overall.mean_changed_right));
+}
