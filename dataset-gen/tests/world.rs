@@ -110,3 +110,94 @@ fn the_evaluator_edits_and_judges_held_out_scenes() {
     assert!(r.overall.mean_unchanged_mae > 10.0, "{:?}", r.overall);
     assert!((0.0..=1.0).contains(&r.overall.mean_changed_right));
 }
+
+fn tiny_vae_config(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    steps: u64,
+) -> ip2p::training::vae::VaeTrainConfig {
+    let vae: ip2p::models::VaeConfig = serde_json::from_value(serde_json::json!({
+        "block_out_channels": [8, 16],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "latent_channels": 4,
+    }))
+    .expect("config");
+    ip2p::training::vae::VaeTrainConfig {
+        vae,
+        data: vec![data.to_path_buf()],
+        columns: Default::default(),
+        out: out.to_path_buf(),
+        crop: 32,
+        batch_size: 4,
+        steps,
+        adam: ip2p::training::adamw::AdamWConfig {
+            lr: 2e-3,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        kl_weight: 1e-6,
+        max_grad_norm: 1.0,
+        seed: 5,
+        checkpoint_every: 4,
+        resume: true,
+        holdout: 2,
+        device: candle_core::Device::Cpu,
+    }
+}
+
+#[tokio::test]
+async fn a_vae_trains_on_world_pictures_and_resumes_exactly() {
+    use ip2p::training::vae::train_vae;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    run(world_config(&data, 10)).await.expect("world data");
+    let weights = |p: &std::path::Path| {
+        candle_core::safetensors::load(
+            p.join("diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .expect("weights")
+    };
+    // Straight to 40 steps, and 6 then on to 40 in a second run: the same weights.
+    let a = dir.path().join("a");
+    let mut losses = Vec::new();
+    let s = train_vae(&tiny_vae_config(&data.join("data"), &a, 40), &mut |l| {
+        losses.push(l.loss)
+    })
+    .expect("train");
+    assert_eq!((s.start_step, s.end_step, losses.len()), (0, 40, 40));
+    let early: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+    let late: f64 = losses[35..].iter().sum::<f64>() / 5.0;
+    assert!(late < 0.5 * early, "loss {early} -> {late}");
+    assert!(
+        s.psnr_db.is_finite() && s.psnr_db > 12.0,
+        "PSNR {}",
+        s.psnr_db
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.final_model.join("config.json")).expect("config"))
+            .expect("json");
+    assert_eq!(cfg["_class_name"], "AutoencoderKL");
+    assert_eq!(cfg["down_block_types"].as_array().map(Vec::len), Some(2));
+    let b = dir.path().join("b");
+    train_vae(&tiny_vae_config(&data.join("data"), &b, 6), &mut |_| {}).expect("first part");
+    let s2 = train_vae(&tiny_vae_config(&data.join("data"), &b, 40), &mut |_| {}).expect("resumed");
+    assert_eq!(
+        s2.start_step, 6,
+        "from the newest checkpoint: the first run's last step"
+    );
+    let (wa, wb) = (weights(&s.final_model), weights(&s2.final_model));
+    assert_eq!(wa.len(), wb.len());
+    for (k, t) in &wa {
+        let d = (t - &wb[k])
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>());
+        assert_eq!(d.expect("diff"), 0.0, "{k}");
+    }
+    // The folder loads as the pipeline's VAE.
+    let vae_cfg: ip2p::models::VaeConfig =
+        ip2p::loader::read_json(&s.final_model.join("config.json")).expect("cfg");
+    assert_eq!(vae_cfg.block_out_channels, vec![8, 16]);
+}

@@ -40,12 +40,17 @@ pub enum Command {
     Extend(train::ExtendArgs),
     /// Fine-tune an 8-channel UNet on (input image, instruction, edited image) Parquet rows.
     Train(train::TrainArgs),
+    /// Train a VAE of any widths on a dataset's pictures (diffusers `vae/` folder out).
+    TrainVae(train::TrainVaeArgs),
 }
 
 impl Cli {
     /// Serving and training log at `info`; one-shot commands only warn.
     pub fn long_running(&self) -> bool {
-        matches!(self.command, Command::Serve(_) | Command::Train(_))
+        matches!(
+            self.command,
+            Command::Serve(_) | Command::Train(_) | Command::TrainVae(_)
+        )
     }
 }
 
@@ -57,5 +62,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(&a.try_into()?).map_err(Into::into),
         Command::Extend(a) => train::extend(a),
         Command::Train(a) => train::run(a),
+        Command::TrainVae(a) => train::run_vae(a),
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use ip2p::training::trainer::{train, TrainConfig};
+use ip2p::training::vae::{train_vae, VaeTrainConfig};
 
 use super::progress;
 
@@ -204,6 +205,124 @@ pub fn run(a: TrainArgs) -> Result<()> {
         s.end_step,
         s.first_loss.unwrap_or(f64::NAN),
         s.last_loss.unwrap_or(f64::NAN),
+        s.final_model.display()
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct TrainVaeArgs {
+    /// The architecture: a diffusers AutoencoderKL `config.json` (any widths).
+    #[arg(long, env = "IP2P_VAE_CONFIG")]
+    pub config: PathBuf,
+    /// Parquet files or folders; both pictures of every row are trained on.
+    #[arg(long, env = "IP2P_VAE_DATA", required = true, value_delimiter = ',')]
+    pub data: Vec<PathBuf>,
+    /// Checkpoints, the loss log and `final/vae` go here.
+    #[arg(long, env = "IP2P_VAE_OUT")]
+    pub out: PathBuf,
+    /// Side of the square training crops, at the pictures' own scale.
+    #[arg(long, env = "IP2P_VAE_CROP", default_value_t = 128)]
+    pub crop: u32,
+    #[arg(long, env = "IP2P_VAE_BATCH_SIZE", default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, env = "IP2P_VAE_STEPS", default_value_t = 2000)]
+    pub steps: u64,
+    #[arg(long, env = "IP2P_VAE_LR", default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Weight of the KL term against the mean squared reconstruction error.
+    #[arg(long, env = "IP2P_VAE_KL_WEIGHT", default_value_t = 1e-6)]
+    pub kl_weight: f64,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long, env = "IP2P_VAE_MAX_GRAD_NORM", default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, env = "IP2P_VAE_SEED", default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, env = "IP2P_VAE_CHECKPOINT_EVERY", default_value_t = 250)]
+    pub checkpoint_every: u64,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long, env = "IP2P_VAE_RESUME")]
+    pub resume: bool,
+    /// Rows at the end of the data held out for the reconstruction PSNR.
+    #[arg(long, env = "IP2P_VAE_HOLDOUT", default_value_t = 16)]
+    pub holdout: usize,
+    #[arg(
+        long,
+        env = "IP2P_VAE_ORIGINAL_IMAGE_COLUMN",
+        default_value = "original_image"
+    )]
+    pub original_image_column: String,
+    #[arg(
+        long,
+        env = "IP2P_VAE_EDITED_IMAGE_COLUMN",
+        default_value = "edited_image"
+    )]
+    pub edited_image_column: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "IP2P_DEVICE", default_value = "auto")]
+    pub device: ip2p::device::DeviceChoice,
+}
+
+impl TryFrom<TrainVaeArgs> for VaeTrainConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(a: TrainVaeArgs) -> Result<Self> {
+        Ok(VaeTrainConfig {
+            vae: ip2p::loader::read_json(&a.config)?,
+            data: a.data,
+            columns: ip2p::training::data::Columns {
+                original_image: a.original_image_column,
+                edited_image: a.edited_image_column,
+                ..Default::default()
+            },
+            out: a.out,
+            crop: a.crop,
+            batch_size: a.batch_size,
+            steps: a.steps,
+            adam: ip2p::training::adamw::AdamWConfig {
+                lr: a.lr,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+            kl_weight: a.kl_weight,
+            max_grad_norm: a.max_grad_norm,
+            seed: a.seed,
+            checkpoint_every: a.checkpoint_every,
+            resume: a.resume,
+            holdout: a.holdout,
+            device: ip2p::device::open(a.device)?,
+        })
+    }
+}
+
+/// `ip2p train-vae`.
+pub fn run_vae(a: TrainVaeArgs) -> Result<()> {
+    let cfg = VaeTrainConfig::try_from(a)?;
+    let bar = progress::bar(cfg.steps, progress::TRAINING);
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let s = train_vae(&cfg, &mut |l| {
+        bar.set_position(l.step);
+        bar.set_message(format!("loss {:.5}", l.loss));
+        if bar.is_hidden() && (l.step % 10 == 0 || l.step == 1) {
+            tracing::info!(
+                step = l.step,
+                loss = l.loss,
+                mse = l.mse,
+                kl = l.kl,
+                "train-vae"
+            );
+        }
+    })?;
+    bar.finish();
+    println!(
+        "steps {}..{}: loss {:.5} -> {:.5}; held-out PSNR {:.2} dB; VAE in {}",
+        s.start_step,
+        s.end_step,
+        s.first_loss.unwrap_or(f64::NAN),
+        s.last_loss.unwrap_or(f64::NAN),
+        s.psnr_db,
         s.final_model.display()
     );
     Ok(())

@@ -12,6 +12,7 @@ pub mod ema;
 pub mod extend;
 pub mod lora;
 pub mod trainer;
+pub mod vae;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
