@@ -249,21 +249,29 @@ fn main() -> anyhow::Result<()> {
     ip2p::logging::init(a.log_format, "info");
     let cfg = RunConfig::try_from(a)?;
     let out = cfg.out.clone();
+    let world = cfg.world.is_some();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let summary = rt.block_on(run(cfg))?;
+    let s = rt.block_on(run(cfg))?;
+    let im = &s.images;
+    let kept = if world {
+        format!("{} exact pairs rendered", im.samples_rendered)
+    } else {
+        format!(
+            "{} of {} samples passed the CLIP filter",
+            im.samples_passed, im.samples_rendered
+        )
+    };
     println!(
-        "shard {}/{}: {} rows written in {} parts this run ({} rows in {} parts in total); {} of {} samples passed the CLIP filter; summary in {}",
-        summary.shard,
-        summary.num_shards,
-        summary.images.rows,
-        summary.images.parts_written,
-        summary.dataset_rows,
-        summary.dataset_parts,
-        summary.images.samples_passed,
-        summary.images.samples_rendered,
+        "shard {}/{}: {} rows written in {} parts this run ({} rows in {} parts in total); {kept}; summary in {}",
+        s.shard,
+        s.num_shards,
+        im.rows,
+        im.parts_written,
+        s.dataset_rows,
+        s.dataset_parts,
         out.join("summary").display()
     );
     Ok(())

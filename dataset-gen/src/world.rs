@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use image::{Rgb, RgbImage};
+use image::RgbImage;
 use ip2p::pipeline::clip_score::Similarities;
 use ip2p::schedulers::noise::{rng_for, unit};
 use rand_chacha::ChaCha20Rng;
@@ -279,24 +279,33 @@ impl Scene {
         (dy > 0.0 && y <= stem_end && dx.abs() <= 0.08 * r).then_some((Label::Stem, STEM))
     }
 
-    /// The picture at `w × h`, 4 × 4 samples per pixel.
+    /// The picture at `w × h`, 4 × 4 samples per pixel (rows in parallel).
     pub fn render(&self, w: u32, h: u32) -> RgbImage {
+        use rayon::prelude::*;
         const S: u32 = 4;
         let (wf, hf) = (w as f32, h as f32);
-        RgbImage::from_fn(w, h, |px, py| {
-            let mut acc = [0f32; 3];
-            for sy in 0..S {
-                for sx in 0..S {
-                    let x = px as f32 + (sx as f32 + 0.5) / S as f32;
-                    let y = py as f32 + (sy as f32 + 0.5) / S as f32;
-                    let (_, c) = self.sample(x, y, wf, hf);
+        let mut buf = vec![0u8; (w * h * 3) as usize];
+        buf.par_chunks_mut((w * 3).max(1) as usize)
+            .enumerate()
+            .for_each(|(py, row)| {
+                for (px, out) in row.chunks_exact_mut(3).enumerate() {
+                    let mut acc = [0f32; 3];
+                    for sy in 0..S {
+                        for sx in 0..S {
+                            let x = px as f32 + (sx as f32 + 0.5) / S as f32;
+                            let y = py as f32 + (sy as f32 + 0.5) / S as f32;
+                            let (_, c) = self.sample(x, y, wf, hf);
+                            for i in 0..3 {
+                                acc[i] += c[i];
+                            }
+                        }
+                    }
                     for i in 0..3 {
-                        acc[i] += c[i];
+                        out[i] = (acc[i] / (S * S) as f32).round().clamp(0.0, 255.0) as u8;
                     }
                 }
-            }
-            Rgb(acc.map(|v| (v / (S * S) as f32).round().clamp(0.0, 255.0) as u8))
-        })
+            });
+        RgbImage::from_raw(w, h, buf).unwrap_or_default()
     }
 
     /// What each pixel's centre shows, row by row.
