@@ -728,8 +728,9 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Candle { conv, pad_end: 0 } => conv.forward(x),
-            Self::Candle { conv, pad_end } => conv.forward(
+            Self::Candle { conv, pad_end: 0 } => train_conv(conv, x),
+            Self::Candle { conv, pad_end } => train_conv(
+                conv,
                 &x.pad_with_zeros(3, 0, *pad_end)?
                     .pad_with_zeros(2, 0, *pad_end)?,
             ),
@@ -742,6 +743,176 @@ impl Module for Conv2d {
                 x.contiguous()?.apply_op1_no_bwd(k.as_ref())
             }
         }
+    }
+}
+
+/// candle's convolution, except while training on CPU f32 (the input or the weight records
+/// gradients): then the forward and both gradients run on the GEMM ([`TrainConv`]).
+fn train_conv(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
+    let w = conv.weight();
+    let c = conv.config();
+    let square = w.rank() == 4 && w.dim(2)? == w.dim(3)?;
+    let trains = x.track_op() || w.track_op();
+    let cpu_f32 = [x, w]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if !(trains && cpu_f32 && square && c.dilation == 1 && c.groups == 1 && x.rank() == 4) {
+        return conv.forward(x);
+    }
+    let op = TrainConv {
+        stride: c.stride,
+        padding: c.padding,
+    };
+    let y = x.contiguous()?.apply_op2(&w.contiguous()?, op)?;
+    match conv.bias() {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// A convolution whose forward and gradients are `ip2p_cpu::grad`'s (CPU f32, contiguous).
+#[derive(Debug, Clone, Copy)]
+struct TrainConv {
+    stride: usize,
+    padding: usize,
+}
+
+impl TrainConv {
+    /// The geometry of input `x` (`[B, Ci, H, W]`) and weight `w` (`[Co, Ci, K, K]`).
+    fn shape(self, x: &[usize], w: &[usize]) -> Result<ip2p_cpu::grad::ConvShape> {
+        let (&[batch, in_c, h, wd], &[out_c, wc, k, _]) = (x, w) else {
+            candle_core::bail!("train conv: expected 4-D input and weight");
+        };
+        let s = ip2p_cpu::grad::ConvShape {
+            batch,
+            in_c,
+            out_c,
+            h,
+            w: wd,
+            kernel: k,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        if wc != in_c || !s.is_valid() {
+            candle_core::bail!("train conv: input {x:?} and weight {w:?} do not fit");
+        }
+        Ok(s)
+    }
+}
+
+impl candle_core::CustomOp2 for TrainConv {
+    fn name(&self) -> &'static str {
+        "train-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let s = self.shape(xl.dims(), wl.dims())?;
+        let x = contiguous_f32(xs, xl, "train conv")?;
+        let w = contiguous_f32(ws, wl, "train conv")?;
+        let (ho, wo) = s.out_hw();
+        let y = ip2p_cpu::grad::conv2d(&s, x, w);
+        Ok((
+            candle_core::CpuStorage::F32(y),
+            candle_core::Shape::from((s.batch, s.out_c, ho, wo)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Only what records gradients needs one (frozen weights in LoRA training do not).
+        let dy = dy.contiguous()?;
+        let dx = if x.track_op() {
+            let op = TrainConvGrad {
+                op: *self,
+                x_dims: x.dims4()?,
+            };
+            Some(dy.apply_op2_no_bwd(w, &op)?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let op = TrainConvWeightGrad {
+                op: *self,
+                w_dims: w.dims4()?,
+            };
+            Some(x.apply_op2_no_bwd(&dy, &op)?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// The input's gradient of a [`TrainConv`]: `(dy, w) → dx`.
+#[derive(Debug, Clone, Copy)]
+struct TrainConvGrad {
+    op: TrainConv,
+    x_dims: (usize, usize, usize, usize),
+}
+
+impl candle_core::CustomOp2 for TrainConvGrad {
+    fn name(&self) -> &'static str {
+        "train-conv-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dys: &candle_core::CpuStorage,
+        dyl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (b, c, h, w) = self.x_dims;
+        let s = self.op.shape(&[b, c, h, w], wl.dims())?;
+        let dy = contiguous_f32(dys, dyl, "train conv gradient")?;
+        let wt = contiguous_f32(ws, wl, "train conv gradient")?;
+        let dx = ip2p_cpu::grad::conv2d_grad_input(&s, dy, wt);
+        Ok((
+            candle_core::CpuStorage::F32(dx),
+            candle_core::Shape::from(self.x_dims),
+        ))
+    }
+}
+
+/// The weight's gradient of a [`TrainConv`]: `(x, dy) → dw`.
+#[derive(Debug, Clone, Copy)]
+struct TrainConvWeightGrad {
+    op: TrainConv,
+    w_dims: (usize, usize, usize, usize),
+}
+
+impl candle_core::CustomOp2 for TrainConvWeightGrad {
+    fn name(&self) -> &'static str {
+        "train-conv-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        dys: &candle_core::CpuStorage,
+        dyl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (o, c, k, k2) = self.w_dims;
+        let s = self.op.shape(xl.dims(), &[o, c, k, k2])?;
+        let x = contiguous_f32(xs, xl, "train conv gradient")?;
+        let dy = contiguous_f32(dys, dyl, "train conv gradient")?;
+        let dw = ip2p_cpu::grad::conv2d_grad_weight(&s, x, dy);
+        Ok((
+            candle_core::CpuStorage::F32(dw),
+            candle_core::Shape::from(self.w_dims),
+        ))
     }
 }
 

@@ -8,9 +8,11 @@
 //! * [`kernels`]: convolutions (direct and shifted 3×3, stride 2, Winograd, narrow, 1×1),
 //!   linear layers, fused attention, element-wise activations and their SIMD dispatch.
 //! * [`rows`]: LayerNorm, GroupNorm (+SiLU) and the batched transpose.
+//! * [`grad`]: convolution for training (forward and both gradients on the GEMM).
 //! * [`stored`]: weights read straight from a checkpoint's bytes, and the packed-weight cache.
 //! * [`profile`]: per-kernel time and FLOP counters (`IP2P_PROFILE`).
 
+pub mod grad;
 pub mod kernels;
 pub mod profile;
 pub mod rows;
