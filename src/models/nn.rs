@@ -396,7 +396,145 @@ impl GroupNorm {
                 silu: true,
             });
         }
+        if let Some(y) = self.train_fused(x, true)? {
+            return Ok(y);
+        }
         candle_nn::ops::silu(&self.forward(x)?)
+    }
+
+    /// While training on CPU f32 (anything records gradients): the norm (and SiLU) as one op
+    /// whose backward is `ip2p_cpu::grad::group_norm_backward`.
+    fn train_fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        let (w, b) = (&self.weight, &self.bias);
+        let trains = x.track_op() || w.track_op() || b.track_op();
+        let cpu_f32 = [x, w, b]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+        if !(trains && cpu_f32 && x.rank() >= 2) {
+            return Ok(None);
+        }
+        let op = TrainGroupNorm {
+            groups: self.groups,
+            eps: self.eps,
+            silu,
+        };
+        Ok(Some(x.contiguous()?.apply_op3(w, b, op)?))
+    }
+}
+
+/// GroupNorm (+SiLU) for training on CPU f32: `(x, γ, β) → y`, f64 statistics.
+#[derive(Debug, Clone, Copy)]
+struct TrainGroupNorm {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl TrainGroupNorm {
+    fn shape(self, dims: &[usize]) -> Result<ip2p_cpu::grad::NormShape> {
+        if dims.len() < 2 || !dims[1].is_multiple_of(self.groups.max(1)) {
+            candle_core::bail!("train group norm: {dims:?} in {} groups", self.groups);
+        }
+        Ok(ip2p_cpu::grad::NormShape {
+            batch: dims[0],
+            channels: dims[1],
+            hw: dims[2..].iter().product(),
+            groups: self.groups,
+            eps: self.eps,
+        })
+    }
+}
+
+impl candle_core::CustomOp3 for TrainGroupNorm {
+    fn name(&self) -> &'static str {
+        "train-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let s = self.shape(xl.dims())?;
+        let x = contiguous_f32(xs, xl, "train group norm")?;
+        let params = rows::GroupNormParams {
+            gamma: contiguous_f32(gs, gl, "train group norm")?.to_vec(),
+            beta: contiguous_f32(bs, bl, "train group norm")?.to_vec(),
+            groups: s.groups,
+            eps: s.eps,
+        };
+        if params.gamma.len() != s.channels || params.beta.len() != s.channels {
+            candle_core::bail!(
+                "train group norm: {} channels, γ/β of another size",
+                s.channels
+            );
+        }
+        let y = rows::group_norm(x, s.hw, &params, self.silu);
+        Ok((candle_core::CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = TrainGroupNormGrad {
+            norm: *self,
+            gamma: gamma.to_vec1::<f32>()?,
+            beta: beta.to_vec1::<f32>()?,
+        };
+        // One op writes [dx | dγ | dβ].
+        let packed = x.apply_op2_no_bwd(&dy.contiguous()?, &op)?;
+        let (n, c) = (x.elem_count(), gamma.elem_count());
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(packed.narrow(0, n, c)?),
+            Some(packed.narrow(0, n + c, c)?),
+        ))
+    }
+}
+
+/// The gradients of a [`TrainGroupNorm`]: `(x, dy) → [dx | dγ | dβ]`.
+struct TrainGroupNormGrad {
+    norm: TrainGroupNorm,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+impl candle_core::CustomOp2 for TrainGroupNormGrad {
+    fn name(&self) -> &'static str {
+        "train-group-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        dys: &candle_core::CpuStorage,
+        dyl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let s = self.norm.shape(xl.dims())?;
+        let x = contiguous_f32(xs, xl, "train group norm gradient")?;
+        let dy = contiguous_f32(dys, dyl, "train group norm gradient")?;
+        if dy.len() != x.len() || self.gamma.len() != s.channels {
+            candle_core::bail!("train group norm gradient: shapes differ");
+        }
+        let (mut dx, dg, db) =
+            ip2p_cpu::grad::group_norm_backward(&s, x, &self.gamma, &self.beta, dy, self.norm.silu);
+        dx.extend(dg);
+        dx.extend(db);
+        let len = dx.len();
+        Ok((
+            candle_core::CpuStorage::F32(dx),
+            candle_core::Shape::from(len),
+        ))
     }
 }
 
@@ -440,6 +578,9 @@ impl Module for GroupNorm {
                 norm: f,
                 silu: false,
             });
+        }
+        if let Some(y) = self.train_fused(x, false)? {
+            return Ok(y);
         }
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);

@@ -284,3 +284,158 @@ mod tests {
         }
     }
 }
+
+/// A GroupNorm's geometry: `[B, C, HW]` in `groups` groups of `C / groups` channels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub hw: usize,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+/// One group's mean and `1/√(σ² + eps)`, in f64.
+fn group_stats(x: &[f32], eps: f64) -> (f64, f64) {
+    let n = x.len().max(1) as f64;
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = x
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// The gradients of `y = act(γ·x̂ + β)` (GroupNorm, then SiLU if `silu`) for the output's `dy`:
+/// `(dx, dγ, dβ)`.
+///
+/// # Panics
+/// If the slices do not match `s` or the channels do not divide into the groups.
+pub fn group_norm_backward(
+    s: &NormShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    dy: &[f32],
+    silu: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (c, g) = (s.channels, s.groups);
+    assert!(g > 0 && c.is_multiple_of(g) && gamma.len() == c && beta.len() == c);
+    assert!(x.len() == s.batch * c * s.hw && dy.len() == x.len());
+    let per = c / g;
+    let n = per * s.hw;
+    let mut dx = vec![0f32; x.len()];
+    // Per group: its channels' (dγ, dβ) partial sums.
+    let mut partial = vec![(0f64, 0f64); s.batch * c];
+    dx.par_chunks_mut(n.max(1))
+        .zip(partial.par_chunks_mut(per.max(1)))
+        .enumerate()
+        .for_each(|(idx, (dxg, part))| {
+            let first = (idx % g) * per;
+            let xg = &x[idx * n..(idx + 1) * n];
+            let dyg = &dy[idx * n..(idx + 1) * n];
+            let (mean, rstd) = group_stats(xg, s.eps);
+            let (mut s1, mut s2) = (0f64, 0f64);
+            for ch in 0..per {
+                let (gm, bt) = (f64::from(gamma[first + ch]), f64::from(beta[first + ch]));
+                let (mut dg, mut db) = (0f64, 0f64);
+                for i in ch * s.hw..(ch + 1) * s.hw {
+                    let xhat = (f64::from(xg[i]) - mean) * rstd;
+                    let mut dz = f64::from(dyg[i]);
+                    if silu {
+                        let z = gm * xhat + bt;
+                        let sg = 1.0 / (1.0 + (-z).exp());
+                        dz *= sg * (1.0 + z * (1.0 - sg));
+                    }
+                    dg += dz * xhat;
+                    db += dz;
+                    let dxhat = dz * gm;
+                    s1 += dxhat;
+                    s2 += dxhat * xhat;
+                    // Held for the second pass.
+                    dxg[i] = dxhat as f32;
+                }
+                part[ch] = (dg, db);
+            }
+            let (m1, m2) = (s1 / n as f64, s2 / n as f64);
+            for (i, d) in dxg.iter_mut().enumerate() {
+                let xhat = (f64::from(xg[i]) - mean) * rstd;
+                *d = (rstd * (f64::from(*d) - m1 - xhat * m2)) as f32;
+            }
+        });
+    let mut dgamma = vec![0f64; c];
+    let mut dbeta = vec![0f64; c];
+    for (k, &(dg, db)) in partial.iter().enumerate() {
+        dgamma[k % c] += dg;
+        dbeta[k % c] += db;
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+    (dx, f(dgamma), f(dbeta))
+}
+
+#[cfg(test)]
+mod norm_tests {
+    use super::*;
+
+    #[test]
+    fn group_norm_gradients_match_finite_differences() {
+        let s = NormShape {
+            batch: 2,
+            channels: 4,
+            hw: 5,
+            groups: 2,
+            eps: 1e-5,
+        };
+        let n = s.batch * s.channels * s.hw;
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.2)
+            .collect();
+        let gamma = vec![0.5f32, 1.5, -0.7, 1.1];
+        let beta = vec![0.1f32, -0.3, 0.2, 0.0];
+        let dy: Vec<f32> = (0..n).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1).collect();
+        for silu in [false, true] {
+            // loss = Σ dy · f(x, γ, β), in f64.
+            let loss = |x: &[f64], g: &[f64], b: &[f64]| -> f64 {
+                let per = s.channels / s.groups;
+                let m = per * s.hw;
+                let mut total = 0.0;
+                for grp in 0..s.batch * s.groups {
+                    let xs = &x[grp * m..(grp + 1) * m];
+                    let mean = xs.iter().sum::<f64>() / m as f64;
+                    let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / m as f64;
+                    for (i, v) in xs.iter().enumerate() {
+                        let ch = (grp % s.groups) * per + i / s.hw;
+                        let z = g[ch] * (v - mean) / (var + s.eps).sqrt() + b[ch];
+                        let y = if silu { z / (1.0 + (-z).exp()) } else { z };
+                        total += f64::from(dy[grp * m + i]) * y;
+                    }
+                }
+                total
+            };
+            let to64 = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+            let (x64, g64, b64) = (to64(&x), to64(&gamma), to64(&beta));
+            let (dx, dg, db) = group_norm_backward(&s, &x, &gamma, &beta, &dy, silu);
+            let h = 1e-6;
+            let numeric = |which: usize, i: usize| {
+                let (mut xp, mut gp, mut bp) = (x64.clone(), g64.clone(), b64.clone());
+                let (mut xm, mut gm, mut bm) = (x64.clone(), g64.clone(), b64.clone());
+                match which {
+                    0 => (xp[i] += h, xm[i] -= h),
+                    1 => (gp[i] += h, gm[i] -= h),
+                    _ => (bp[i] += h, bm[i] -= h),
+                };
+                (loss(&xp, &gp, &bp) - loss(&xm, &gm, &bm)) / (2.0 * h)
+            };
+            for (which, got) in [(0, &dx), (1, &dg), (2, &db)] {
+                for (i, &v) in got.iter().enumerate() {
+                    let want = numeric(which, i);
+                    assert!(
+                        (f64::from(v) - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "silu {silu} grad {which}[{i}]: {v} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
