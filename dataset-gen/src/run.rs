@@ -463,10 +463,8 @@ async fn join_worker(worker: std::thread::JoinHandle<Result<()>>) -> Result<()> 
     }
 }
 
-/// Runs (or resumes) one shard.
-pub async fn run(cfg: RunConfig) -> Result<Summary> {
-    check_config(&cfg)?;
-    let started = Instant::now();
+/// The run's items (a world's examples, or the inputs read), cut to `--limit`.
+fn run_items(cfg: &RunConfig) -> Result<(Vec<Item>, InputStats)> {
     let (mut items, inputs) = match cfg.world {
         Some((_, count)) => (world::items(cfg.image.seed, count), InputStats::default()),
         None => read_inputs(&cfg.inputs, cfg.caption_column.as_deref())?,
@@ -474,6 +472,25 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
     if let Some(n) = cfg.limit {
         items.truncate(n);
     }
+    Ok((items, inputs))
+}
+
+/// The LLM client when `needs` captions still need an edit written.
+fn edit_writer(cfg: &RunConfig, needs: usize) -> Result<Option<EditWriter>> {
+    match (&cfg.llm, needs) {
+        (_, 0) => Ok(None),
+        (Some(l), _) => Ok(Some(EditWriter::new(l.clone())?)),
+        (None, n) => Err(Error::Config(format!(
+            "{n} captions need an edit written: configure the LLM (--llm-model, --llm-base-url)"
+        ))),
+    }
+}
+
+/// Runs (or resumes) one shard.
+pub async fn run(cfg: RunConfig) -> Result<Summary> {
+    check_config(&cfg)?;
+    let started = Instant::now();
+    let (items, inputs) = run_items(&cfg)?;
     let items_total = items.len();
     let items = shard_items(&items, cfg.shard, cfg.num_shards);
     let tag = shard_tag(cfg.shard, cfg.num_shards);
@@ -505,15 +522,7 @@ pub async fn run(cfg: RunConfig) -> Result<Summary> {
         .flat_map(|(_, it)| it)
         .filter(|it| it.triple.is_none() && !ledger.answers.contains_key(&it.index))
         .count();
-    let writer = match (&cfg.llm, needs_llm) {
-        (_, 0) => None,
-        (Some(l), _) => Some(EditWriter::new(l.clone())?),
-        (None, n) => {
-            return Err(Error::Config(format!(
-                "{n} captions need an edit written: configure the LLM (--llm-model, --llm-base-url)"
-            )))
-        }
-    };
+    let writer = edit_writer(&cfg, needs_llm)?;
     let bars = Bars::new(
         cfg.progress_bars,
         needs_llm,

@@ -387,104 +387,102 @@ fn train_step_secs(
     reps: usize,
     dev: &Device,
 ) -> Result<f64> {
-    use ip2p::training::{adamw, lora as lo};
-    let map = candle_nn::VarMap::new();
-    let (unet, vars) = if lora {
-        let mut unet = ip2p::models::nn::build_differentiable(|| {
-            UNet2DConditionModel::new(random_vb(DType::F32, dev), c)
-        })?;
-        let vars = lo::attach(
-            &mut unet,
-            lo::LoraConfig {
-                rank: 4,
-                alpha: 4.0,
-            },
-            0,
-            dev,
-            None,
-        )?;
-        (unet, vars)
-    } else {
-        let unet = UNet2DConditionModel::new(VarBuilder::from_varmap(&map, DType::F32, dev), c)?;
-        let mut vars: Vec<(String, candle_core::Var)> =
-            ip2p::training::named_vars(&map)?.into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        // Real values, so every weight is resident as in a real run (zeros may stay unmapped).
-        for (_, v) in &vars {
-            v.set(&Tensor::randn(0f32, 0.02, v.as_tensor().dims(), dev)?)?;
-        }
-        (unet, vars)
-    };
-    let mut opt = adamw::AdamW::new(vars.clone(), adamw::AdamWConfig::default());
+    let (unet, vars) = trainable_unet(c, lora, dev)?;
+    let mut opt = ip2p::training::adamw::AdamW::new(vars.clone(), Default::default());
     let h = res / 8;
     let noisy = Tensor::randn(0f32, 1.0, (1, 4, h, h), dev)?;
     let image = Tensor::randn(0f32, 1.0, (1, 4, h, h), dev)?;
     let noise = Tensor::randn(0f32, 1.0, (1, 4, h, h), dev)?;
     let text = Tensor::randn(0f32, 1.0, (1, 77, c.cross_attention_dim.get(0)), dev)?;
+    let trace = std::env::var_os("IP2P_BENCH_TRACE_MEM").is_some();
     // No warm-up: one step is minutes, and the first one is as costly as the next
     // (apart from the optimizer allocating its moments).
     let mut times = Vec::new();
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
         let loss = ip2p::training::ip2p_loss(&unet, &noisy, &image, &[500], &text, &noise)?;
-        if std::env::var_os("IP2P_BENCH_TRACE_MEM").is_some() {
-            eprintln!(
-                "after forward: peak {:.2} GB",
-                peak_rss_bytes() as f64 / 1e9
-            );
-        }
+        trace_mem(trace, "after forward");
         let grads = loss.backward()?;
-        if std::env::var_os("IP2P_BENCH_TRACE_MEM").is_some() {
-            eprintln!(
-                "after backward: peak {:.2} GB",
-                peak_rss_bytes() as f64 / 1e9
-            );
-        }
+        trace_mem(trace, "after backward");
         // The graph (every activation) goes before the optimizer allocates its moments.
         drop(loss);
-        if std::env::var_os("IP2P_BENCH_TRACE_MEM").is_some() {
-            let ids: Vec<_> = grads.get_ids().copied().collect();
-            let total: usize = ids
-                .iter()
-                .filter_map(|i| grads.get_id(*i))
-                .map(|t| t.elem_count() * 4)
-                .sum();
-            let vars_b: usize = vars
-                .iter()
-                .map(|(_, v)| v.as_tensor().elem_count() * 4)
-                .sum();
-            eprintln!(
-                "grad store: {} entries, {:.2} GB; variables {} ({:.2} GB)",
-                ids.len(),
-                total as f64 / 1e9,
-                vars.len(),
-                vars_b as f64 / 1e9
-            );
+        if trace {
+            trace_grads(&grads, &vars);
         }
         let g: std::collections::HashMap<String, Tensor> = vars
             .iter()
             .filter_map(|(k, v)| grads.get(v.as_tensor()).map(|g| (k.clone(), g.clone())))
             .collect();
         drop(grads);
-        let trace = std::env::var_os("IP2P_BENCH_TRACE_MEM").is_some();
-        if trace {
-            eprintln!(
-                "before the optimizer: rss {:.2} GB",
-                rss_bytes() as f64 / 1e9
-            );
-        }
+        trace_mem(trace, "before the optimizer");
         opt.step(&g)?;
-        if trace {
-            eprintln!(
-                "after the optimizer: rss {:.2} GB, peak {:.2} GB",
-                rss_bytes() as f64 / 1e9,
-                peak_rss_bytes() as f64 / 1e9
-            );
-        }
+        trace_mem(trace, "after the optimizer");
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(times[times.len() / 2])
+}
+
+/// A UNet of config `c` to train: rank-4 LoRA adapters on frozen random weights, or the whole
+/// UNet as variables with real random values (so every weight is resident, as in a real run).
+fn trainable_unet(
+    c: &UNetConfig,
+    lora: bool,
+    dev: &Device,
+) -> Result<(UNet2DConditionModel, Vec<(String, candle_core::Var)>)> {
+    use ip2p::training::lora as lo;
+    if lora {
+        let mut unet = ip2p::models::nn::build_differentiable(|| {
+            UNet2DConditionModel::new(random_vb(DType::F32, dev), c)
+        })?;
+        let cfg = lo::LoraConfig {
+            rank: 4,
+            alpha: 4.0,
+        };
+        let vars = lo::attach(&mut unet, cfg, 0, dev, None)?;
+        return Ok((unet, vars));
+    }
+    let map = candle_nn::VarMap::new();
+    let unet = UNet2DConditionModel::new(VarBuilder::from_varmap(&map, DType::F32, dev), c)?;
+    let mut vars: Vec<(String, candle_core::Var)> =
+        ip2p::training::named_vars(&map)?.into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, v) in &vars {
+        v.set(&Tensor::randn(0f32, 0.02, v.as_tensor().dims(), dev)?)?;
+    }
+    Ok((unet, vars))
+}
+
+/// With `IP2P_BENCH_TRACE_MEM`: the resident and peak sizes at `when`.
+fn trace_mem(on: bool, when: &str) {
+    if on {
+        eprintln!(
+            "{when}: rss {:.2} GB, peak {:.2} GB",
+            rss_bytes() as f64 / 1e9,
+            peak_rss_bytes() as f64 / 1e9
+        );
+    }
+}
+
+/// The gradient store's size against the variables'.
+fn trace_grads(grads: &candle_core::backprop::GradStore, vars: &[(String, candle_core::Var)]) {
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    let total: usize = ids
+        .iter()
+        .filter_map(|i| grads.get_id(*i))
+        .map(|t| t.elem_count() * 4)
+        .sum();
+    let vars_b: usize = vars
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count() * 4)
+        .sum();
+    eprintln!(
+        "grad store: {} entries, {:.2} GB; variables {} ({:.2} GB)",
+        ids.len(),
+        total as f64 / 1e9,
+        vars.len(),
+        vars_b as f64 / 1e9
+    );
 }
 
 /// GFLOP/s of a square f32 matrix product: ours (packed at run time) and the gemm crate's.
@@ -627,7 +625,6 @@ fn write_random_model(
     dtype: DType,
     dev: &Device,
 ) -> Result<()> {
-    use rayon::prelude::*;
     let done = dir.join(".complete");
     if done.is_file() {
         return Ok(());
@@ -663,31 +660,50 @@ fn write_random_model(
         ),
     ];
     for (component, stem, build) in parts {
-        let params = parameters(build, dev)?;
-        let tensors = params
-            .par_iter()
-            .enumerate()
-            .map(|(pi, (name, shape))| {
-                let n: usize = shape.iter().product();
-                // Any values will do (cost does not depend on them), but not zeros, which the
-                // kernel could leave unmapped: a cheap hash in ±0.02.
-                let v: Vec<f32> = (0..n)
-                    .map(|i| {
-                        let h =
-                            ((i as u64) ^ ((pi as u64) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                        ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
-                    })
-                    .collect();
-                let t = Tensor::from_vec(v, shape.as_slice(), dev)?.to_dtype(dtype)?;
-                Ok((name.clone(), t))
-            })
-            .collect::<Result<std::collections::HashMap<String, Tensor>>>()?;
+        let tensors = random_tensors(parameters(build, dev)?, dtype, dev)?;
         let cdir = dir.join(component);
         std::fs::create_dir_all(&cdir).map_err(|e| ip2p::Error::io(&cdir, e))?;
         std::fs::copy(cfg(component), cdir.join("config.json"))
             .map_err(|e| ip2p::Error::io(&cdir, e))?;
         candle_core::safetensors::save(&tensors, cdir.join(format!("{stem}{suffix}.safetensors")))?;
     }
+    copy_support_files(o, dir)?;
+    std::fs::copy(
+        o.shapes.join("model_index.json"),
+        dir.join("model_index.json"),
+    )
+    .map_err(|e| ip2p::Error::io(dir, e))?;
+    std::fs::write(&done, b"").map_err(|e| ip2p::Error::io(&done, e))?;
+    Ok(())
+}
+
+/// Values for every parameter: any will do (cost does not depend on them), but not zeros,
+/// which the kernel could leave unmapped: a cheap hash in ±0.02.
+fn random_tensors(
+    params: Vec<(String, Vec<usize>)>,
+    dtype: DType,
+    dev: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    use rayon::prelude::*;
+    params
+        .par_iter()
+        .enumerate()
+        .map(|(pi, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|i| {
+                    let h = ((i as u64) ^ ((pi as u64) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+                })
+                .collect();
+            let t = Tensor::from_vec(v, shape.as_slice(), dev)?.to_dtype(dtype)?;
+            Ok((name.clone(), t))
+        })
+        .collect()
+}
+
+/// The scheduler config and the tokenizer files beside the random weights.
+fn copy_support_files(o: &BenchOptions, dir: &Path) -> Result<()> {
     for (sub, files) in [
         ("scheduler", vec!["scheduler_config.json"]),
         (
@@ -713,12 +729,6 @@ fn write_random_model(
             }
         }
     }
-    std::fs::copy(
-        o.shapes.join("model_index.json"),
-        dir.join("model_index.json"),
-    )
-    .map_err(|e| ip2p::Error::io(dir, e))?;
-    std::fs::write(&done, b"").map_err(|e| ip2p::Error::io(&done, e))?;
     Ok(())
 }
 

@@ -31,52 +31,10 @@ fn alpha_sigma(sigma: f32) -> (f32, f32) {
 
 impl DpmPp2m {
     pub fn new(c: &SchedulerConfig, steps: usize, force_karras: bool) -> Result<Self> {
-        match c.algorithm_type.as_deref() {
-            None | Some("dpmsolver++") | Some("deis") => {}
-            Some(o) => {
-                return Err(Error::Scheduler(format!(
-                    "algorithm_type `{o}` is not supported (dpmsolver++ only)"
-                )))
-            }
-        }
-        let order = c.solver_order.unwrap_or(2);
-        if !(1..=2).contains(&order) {
-            return Err(Error::Scheduler(format!(
-                "solver_order {order} is not supported (1 or 2)"
-            )));
-        }
-        let heun = match c.solver_type.as_deref() {
-            None | Some("midpoint") | Some("logrho") | Some("bh1") | Some("bh2") => false,
-            Some("heun") => true,
-            Some(o) => return Err(Error::Scheduler(format!("solver_type `{o}`"))),
-        };
+        let (order, heun) = solver(c)?;
         let ac = alphas_cumprod(c, "linear", 0.0001, 0.02)?;
         let n = ac.len();
-        // lambda_min_clipped defaults to -inf, so the last timestep is the full range.
-        let last = n;
-        let offset = c.steps_offset.unwrap_or(0) as i64;
-        let mut ts: Vec<f64> =
-            match Spacing::parse(c.timestep_spacing.as_deref(), Spacing::Linspace)? {
-                Spacing::Linspace => {
-                    let mut v: Vec<f64> = np_linspace(0.0, (last - 1) as f64, steps + 1)
-                        .into_iter()
-                        .map(np_round)
-                        .collect();
-                    v.reverse();
-                    v.pop();
-                    v
-                }
-                Spacing::Leading => {
-                    let ratio = last / (steps + 1);
-                    let mut v: Vec<f64> = (0..=steps).rev().map(|i| (i * ratio) as f64).collect();
-                    v.pop();
-                    v.into_iter().map(|t| t + offset as f64).collect()
-                }
-                Spacing::Trailing => np_arange_desc(last as f64, 0.0, n as f64 / steps as f64)
-                    .into_iter()
-                    .map(|x| np_round(x) - 1.0)
-                    .collect(),
-            };
+        let mut ts = spaced_timesteps(c, steps, n)?;
         let table: Vec<f64> = train_sigmas(&ac).into_iter().map(f64::from).collect();
         let log_sigmas: Vec<f64> = table.iter().map(|s| s.ln()).collect();
         let karras = force_karras || c.use_karras_sigmas.unwrap_or(false);
@@ -115,6 +73,59 @@ impl DpmPp2m {
             lower_order_nums: 0,
         })
     }
+}
+
+/// The solver's order and whether it is Heun's, from the config (dpmsolver++ only).
+fn solver(c: &SchedulerConfig) -> Result<(usize, bool)> {
+    match c.algorithm_type.as_deref() {
+        None | Some("dpmsolver++") | Some("deis") => {}
+        Some(o) => {
+            return Err(Error::Scheduler(format!(
+                "algorithm_type `{o}` is not supported (dpmsolver++ only)"
+            )))
+        }
+    }
+    let order = c.solver_order.unwrap_or(2);
+    if !(1..=2).contains(&order) {
+        return Err(Error::Scheduler(format!(
+            "solver_order {order} is not supported (1 or 2)"
+        )));
+    }
+    let heun = match c.solver_type.as_deref() {
+        None | Some("midpoint") | Some("logrho") | Some("bh1") | Some("bh2") => false,
+        Some("heun") => true,
+        Some(o) => return Err(Error::Scheduler(format!("solver_type `{o}`"))),
+    };
+    Ok((order, heun))
+}
+
+/// The timesteps of `steps` steps over `n` training steps, spaced as the config says.
+fn spaced_timesteps(c: &SchedulerConfig, steps: usize, n: usize) -> Result<Vec<f64>> {
+    // lambda_min_clipped defaults to -inf, so the last timestep is the full range.
+    let last = n;
+    let offset = c.steps_offset.unwrap_or(0) as i64;
+    let ts: Vec<f64> = match Spacing::parse(c.timestep_spacing.as_deref(), Spacing::Linspace)? {
+        Spacing::Linspace => {
+            let mut v: Vec<f64> = np_linspace(0.0, (last - 1) as f64, steps + 1)
+                .into_iter()
+                .map(np_round)
+                .collect();
+            v.reverse();
+            v.pop();
+            v
+        }
+        Spacing::Leading => {
+            let ratio = last / (steps + 1);
+            let mut v: Vec<f64> = (0..=steps).rev().map(|i| (i * ratio) as f64).collect();
+            v.pop();
+            v.into_iter().map(|t| t + offset as f64).collect()
+        }
+        Spacing::Trailing => np_arange_desc(last as f64, 0.0, n as f64 / steps as f64)
+            .into_iter()
+            .map(|x| np_round(x) - 1.0)
+            .collect(),
+    };
+    Ok(ts)
 }
 
 impl Scheduler for DpmPp2m {
