@@ -65,6 +65,29 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Makes every file under `dir` that only its owner may read (what safetensors' writer leaves,
+/// through a temporary file) readable by all as well, like the rest of a model folder.
+fn readable(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+            if meta.is_dir() {
+                readable(&path)?;
+            } else if meta.permissions().mode() & 0o044 == 0 {
+                let mode = meta.permissions().mode() | 0o044;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| Error::io(&path, e))?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 /// Makes the folder `dst` all or nothing: `build` fills a fresh temporary folder beside it
 /// (removed if `build` fails), which then replaces `dst`.
 pub fn commit_dir(dst: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -74,7 +97,7 @@ pub fn commit_dir(dst: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Result
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    if let Err(e) = build(&tmp) {
+    if let Err(e) = build(&tmp).and_then(|()| readable(&tmp)) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
