@@ -90,12 +90,12 @@ fn sum_sq_dev_f64_body(x: &[f32], mean: f64) -> f64 {
 
 simd_dispatch! {
     /// `Σ x` in f64 (16 partial sums: vectorised, and more accurate than one running sum).
-    pub fn sum_f64(x: &[f32]) -> f64 => sum_f64_body
+    pub(crate) fn sum_f64(x: &[f32]) -> f64 => sum_f64_body
 }
 
 simd_dispatch! {
     /// `Σ (x − mean)²` in f64, as [`sum_f64`].
-    pub fn sum_sq_dev_f64(x: &[f32], mean: f64) -> f64 => sum_sq_dev_f64_body
+    pub(crate) fn sum_sq_dev_f64(x: &[f32], mean: f64) -> f64 => sum_sq_dev_f64_body
 }
 
 /// How a [`FastConv`] computes a 3×3 convolution.
@@ -1247,7 +1247,7 @@ fn affine_silu_body(x: &[f32], out: &mut [f32], scale: f32, shift: f32) {
 
 simd_dispatch! {
     /// `out = SiLU(x·scale + shift)`, vectorised (GroupNorm's fused SiLU).
-    pub fn affine_silu(x: &[f32], out: &mut [f32], scale: f32, shift: f32) => affine_silu_body
+    pub(crate) fn affine_silu(x: &[f32], out: &mut [f32], scale: f32, shift: f32) => affine_silu_body
 }
 
 #[inline(always)]

@@ -32,7 +32,7 @@ pub fn scope(name: &'static str) -> Scope {
 }
 
 /// A scope that does `flops` floating-point operations (for GFLOP/s in the table).
-pub fn scope_flops(name: &'static str, flops: u64) -> Scope {
+pub(crate) fn scope_flops(name: &'static str, flops: u64) -> Scope {
     Scope {
         name,
         start: enabled().then(Instant::now),

@@ -229,7 +229,7 @@ mod x86 {
 
 /// A matrix operand read in place: element `(i, j)` is at `ptr[i·rs + j·cs]`.
 #[derive(Clone, Copy, Debug)]
-pub struct Strided {
+pub(crate) struct Strided {
     pub ptr: *const f32,
     pub rs: usize,
     pub cs: usize,
@@ -237,14 +237,14 @@ pub struct Strided {
 
 /// The left operand A `[m × k]`.
 #[derive(Clone, Copy)]
-pub enum A<'a> {
+pub(crate) enum A<'a> {
     Strided(Strided),
     Packed(&'a PackedA),
 }
 
 /// The right operand B `[k × n]`.
 #[derive(Clone, Copy)]
-pub enum B<'a> {
+pub(crate) enum B<'a> {
     Strided(Strided),
     /// Row `p` starts at `ptr + rows[p]` and is contiguous (an implicit im2col: a convolution's
     /// shifted input planes).
@@ -316,7 +316,7 @@ impl PackedA {
     }
 
     /// From row-major `[m, k]` elements as stored (a weight, widened as it is packed).
-    pub fn from_data(m: usize, k: usize, a: WeightData) -> Self {
+    pub(crate) fn from_data(m: usize, k: usize, a: WeightData) -> Self {
         assert_eq!(a.len(), m * k, "PackedA::from_data: shape");
         let [p] = Self::pack_rows(m, k, |i, p0, out: &mut [[f32; KC]; 1]| {
             let kc = KC.min(k - p0);
@@ -330,7 +330,7 @@ impl PackedA {
     /// to `out[ξ]` (Winograd's 16 transformed weights come from one 3×3 kernel each; N = 1
     /// packs a weight read from its stored form). Each packed matrix is written once, in
     /// parallel, with no intermediate copy.
-    pub fn pack_rows<const N: usize>(
+    pub(crate) fn pack_rows<const N: usize>(
         m: usize,
         k: usize,
         rows: impl Fn(usize, usize, &mut [[f32; KC]; N]) + Sync,
@@ -381,7 +381,7 @@ impl PackedB {
     }
 
     /// `Wᵀ` of a row-major weight `W [n, k]` as stored (widened as it is packed).
-    pub fn from_transposed_data(n: usize, k: usize, w: WeightData) -> Self {
+    pub(crate) fn from_transposed_data(n: usize, k: usize, w: WeightData) -> Self {
         assert_eq!(w.len(), n * k, "PackedB::from_transposed_data: shape");
         let nr = kernel().nr;
         // Column j of Wᵀ is row j of W, and a B panel [kc][nr] of Wᵀ is an A panel of W.
@@ -400,7 +400,7 @@ impl PackedB {
     }
 
     /// The row-major `W [n, k]` that [`PackedB::from_transposed`] was given.
-    pub fn to_transposed(&self) -> Vec<f32> {
+    pub(crate) fn to_transposed(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.n * self.k];
         for p0 in (0..self.k).step_by(KC) {
             let kc = KC.min(self.k - p0);
@@ -592,7 +592,7 @@ unsafe fn pack_b(b: B, p0: usize, kc: usize, j0: usize, nc: usize, nr: usize, ds
 
 /// What to do with the product besides storing it.
 #[derive(Clone, Copy, Debug)]
-pub struct Epilogue<'a> {
+pub(crate) struct Epilogue<'a> {
     pub alpha: f32,
     /// Add to C instead of overwriting it.
     pub accumulate: bool,
@@ -614,7 +614,7 @@ impl Default for Epilogue<'_> {
 }
 
 /// One product of a batch: operands and output of item `bi`.
-pub struct Problem<'a> {
+pub(crate) struct Problem<'a> {
     pub a: A<'a>,
     pub b: B<'a>,
     pub c: *mut f32,

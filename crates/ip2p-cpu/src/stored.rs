@@ -151,7 +151,7 @@ pub trait StoredWeights: Send + Sync {
 /// A packed operand's values: computed here, or mapped from a cache of packed weights
 /// ([`cached`]).
 #[derive(Clone)]
-pub enum Floats {
+pub(crate) enum Floats {
     Owned(Vec<f32>),
     Mapped {
         map: std::sync::Arc<memmap2::Mmap>,
