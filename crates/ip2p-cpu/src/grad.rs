@@ -174,7 +174,6 @@ pub fn conv2d_grad_weight(s: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), s.batch * s.in_c * s.h * s.w);
     assert_eq!(dy.len(), s.batch * s.out_c * l);
     let mut dw = vec![0f32; s.out_c * d];
-    let mut part = vec![0f32; s.out_c * d];
     let mut cols = vec![0f32; d * l];
     for b in 0..s.batch {
         im2col(
@@ -182,16 +181,37 @@ pub fn conv2d_grad_weight(s: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
             &x[b * s.in_c * s.h * s.w..(b + 1) * s.in_c * s.h * s.w],
             &mut cols,
         );
-        let cols_t = transpose(&cols, d, l);
-        sgemm::matmul(
-            s.out_c,
-            d,
-            l,
-            &dy[b * s.out_c * l..(b + 1) * s.out_c * l],
-            &cols_t,
-            &mut part,
-        );
-        dw.par_iter_mut().zip(&part).for_each(|(a, &p)| *a += p);
+        let dyb = &dy[b * s.out_c * l..(b + 1) * s.out_c * l];
+        // dW (+)= dy_b [Co × L] · colsᵀ [L × D]: colsᵀ read in place (row stride 1, column
+        // stride L), each image's product added to the sum so far.
+        let epi = sgemm::Epilogue {
+            accumulate: b > 0,
+            ..Default::default()
+        };
+        let a = sgemm::Strided {
+            ptr: dyb.as_ptr(),
+            rs: l,
+            cs: 1,
+        };
+        let bt = sgemm::Strided {
+            ptr: cols.as_ptr(),
+            rs: 1,
+            cs: l,
+        };
+        // SAFETY: `a` reads dy_b's Co × L elements and `bt` cols' L × D, both in bounds by the
+        // asserts above; `dw` holds Co × D elements (row stride D) and aliases neither.
+        unsafe {
+            sgemm::gemm(
+                s.out_c,
+                d,
+                l,
+                sgemm::A::Strided(a),
+                sgemm::B::Strided(bt),
+                dw.as_mut_ptr(),
+                d,
+                epi,
+            )
+        };
     }
     dw
 }
