@@ -89,9 +89,10 @@ fn readable(dir: &Path) -> Result<()> {
 }
 
 /// Makes the folder `dst` all or nothing: `build` fills a fresh temporary folder beside it
-/// (removed if `build` fails), which then replaces `dst`.
+/// (removed if `build` fails; one left by a crash is cleared first), which then replaces `dst`.
 pub fn commit_dir(dst: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let (parent, tmp) = beside(dst, &format!(".tmp-{}", std::process::id()));
+    // One fixed name, so what a crashed writer left (a whole model) is removed by the next one.
+    let (parent, tmp) = beside(dst, ".tmp");
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -144,6 +145,38 @@ mod tests {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 2, "no temporary left: {names:?}");
+        // What a crashed writer left is cleared by the next.
+        let left = d.path().join(".model.tmp");
+        std::fs::create_dir_all(&left).map_err(|e| Error::io(&left, e))?;
+        write_file(&left.join("half-written"), b"x")?;
+        commit_dir(&m, |t| write_file(&t.join("c"), b"3"))?;
+        assert!(!left.exists() && !m.join("half-written").exists() && m.join("c").is_file());
+        Ok(())
+    }
+
+    #[test]
+    fn weights_in_a_committed_folder_are_readable_by_all() -> Result<()> {
+        let d = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let m = d.path().join("model");
+        // safetensors writes through a temporary file, which is created owner-only.
+        commit_dir(&m, |t| {
+            let zeros =
+                candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+            let w = std::collections::HashMap::from([("w", zeros)]);
+            std::fs::create_dir_all(t.join("unet")).map_err(|e| Error::io(t, e))?;
+            candle_core::safetensors::save(&w, t.join("unet/w.safetensors"))?;
+            Ok(())
+        })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let p = m.join("unet/w.safetensors");
+            let mode = std::fs::metadata(&p)
+                .map_err(|e| Error::io(&p, e))?
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o044, 0o044, "{mode:o}");
+        }
         Ok(())
     }
 }

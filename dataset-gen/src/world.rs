@@ -975,7 +975,6 @@ mod tests {
 
     #[test]
     fn the_judge_accepts_the_truth_and_refuses_no_edit_or_a_wrong_one() {
-        let mut seen = 0;
         for index in 0..30 {
             let ex = example(held_out_seed(index));
             let (a, t) = (ex.scene.render(128, 96), ex.edited.render(128, 96));
@@ -989,9 +988,7 @@ mod tests {
                 image::Rgb(p.map(|v| v.saturating_add(20)))
             });
             assert!(!judge(&a, &t, &washed).correct);
-            seen += 1;
         }
-        assert_eq!(seen, 30);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use candle_core::Device;
-use common::{all_rows, fixtures, part_files, python, run_config, write};
+use common::{all_rows, fixtures, part_bytes, python, run_config, write};
 use dataset_gen::llm::LlmConfig;
 use dataset_gen::mock_llm::MockLlm;
 use dataset_gen::render::draw_samples;
@@ -132,19 +132,13 @@ async fn captions_become_a_filtered_parquet_dataset() {
 
     // A rerun finds everything done: no LLM call, no render, same files.
     let before = mock.requests().len();
-    let files: Vec<Vec<u8>> = part_files(&out)
-        .iter()
-        .map(|p| std::fs::read(p).expect("read"))
-        .collect();
+    let files: Vec<Vec<u8>> = part_bytes(&out);
     let s2 = run(cfg.clone()).await.expect("rerun");
     assert_eq!(mock.requests().len(), before);
     assert_eq!(s2.images.parts_written, 0);
     assert_eq!(s2.images.parts_already_done, 4);
     assert_eq!(s2.dataset_rows, 10);
-    let again: Vec<Vec<u8>> = part_files(&out)
-        .iter()
-        .map(|p| std::fs::read(p).expect("read"))
-        .collect();
+    let again: Vec<Vec<u8>> = part_bytes(&out);
     assert_eq!(files, again);
 
     // Other settings in the same folder are refused.

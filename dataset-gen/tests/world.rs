@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{all_rows, part_files, run_config};
+use common::{all_rows, part_bytes, run_config};
 use dataset_gen::run::{run, RunConfig};
 use dataset_gen::world::{example, example_seed, World};
 
@@ -43,19 +43,13 @@ async fn a_world_run_writes_exact_pairs_and_resumes_without_redoing_parts() {
         assert_eq!(b, ex.edited.render(64, 48));
         assert_ne!(a, b, "row {i}: the edit changes the picture");
     }
-    let files: Vec<Vec<u8>> = part_files(&out)
-        .iter()
-        .map(|p| std::fs::read(p).expect("read"))
-        .collect();
+    let files: Vec<Vec<u8>> = part_bytes(&out);
     let s2 = run(cfg.clone()).await.expect("rerun");
     assert_eq!(
         (s2.images.parts_already_done, s2.images.parts_written),
         (3, 0)
     );
-    let again: Vec<Vec<u8>> = part_files(&out)
-        .iter()
-        .map(|p| std::fs::read(p).expect("read"))
-        .collect();
+    let again: Vec<Vec<u8>> = part_bytes(&out);
     assert_eq!(files, again);
     // Another world size is another dataset: refused in the same folder.
     let mut other = cfg.clone();

@@ -352,6 +352,8 @@ pub struct GroupNorm {
     groups: usize,
     eps: f64,
     fused: Option<std::sync::Arc<FusedGroupNorm>>,
+    /// Built with the fused kernels allowed: training on CPU f32 takes [`TrainGroupNorm`].
+    train_fused: bool,
 }
 
 impl GroupNorm {
@@ -379,6 +381,7 @@ impl GroupNorm {
             groups,
             eps,
             fused,
+            train_fused: Ops::current().fused,
         })
     }
 
@@ -410,7 +413,7 @@ impl GroupNorm {
         let cpu_f32 = [x, w, b]
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
-        if !(trains && cpu_f32 && x.rank() >= 2) {
+        if !(self.train_fused && trains && cpu_f32 && x.rank() >= 2) {
             return Ok(None);
         }
         let op = TrainGroupNorm {
@@ -790,6 +793,8 @@ pub enum Conv2d {
     Candle {
         conv: candle_nn::Conv2d,
         pad_end: usize,
+        /// Built with the fused kernels allowed: training on CPU f32 takes `ip2p_cpu::grad`.
+        fused: bool,
     },
     Fast(std::sync::Arc<kernels::FastConv>),
 }
@@ -862,6 +867,7 @@ impl Conv2d {
         Ok(Self::Candle {
             conv: candle_nn::Conv2d::new(weight, Some(bias), cfg),
             pad_end: padding.1 - padding.0,
+            fused: Ops::current().fused,
         })
     }
 }
@@ -869,12 +875,19 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Candle { conv, pad_end: 0 } => train_conv(conv, x),
-            Self::Candle { conv, pad_end } => train_conv(
+            Self::Candle {
                 conv,
-                &x.pad_with_zeros(3, 0, *pad_end)?
-                    .pad_with_zeros(2, 0, *pad_end)?,
-            ),
+                pad_end,
+                fused,
+            } => {
+                let x = if *pad_end == 0 {
+                    x.clone()
+                } else {
+                    x.pad_with_zeros(3, 0, *pad_end)?
+                        .pad_with_zeros(2, 0, *pad_end)?
+                };
+                train_conv(conv, &x, *fused)
+            }
             Self::Fast(k) => {
                 if x.track_op() {
                     candle_core::bail!(
@@ -888,8 +901,9 @@ impl Module for Conv2d {
 }
 
 /// candle's convolution, except while training on CPU f32 (the input or the weight records
-/// gradients): then the forward and both gradients run on the GEMM ([`TrainConv`]).
-fn train_conv(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
+/// gradients) with the fused kernels allowed (`fused`): then the forward and both gradients run
+/// on the GEMM ([`TrainConv`]).
+fn train_conv(conv: &candle_nn::Conv2d, x: &Tensor, fused: bool) -> Result<Tensor> {
     let w = conv.weight();
     let c = conv.config();
     let square = w.rank() == 4 && w.dim(2)? == w.dim(3)?;
@@ -897,7 +911,8 @@ fn train_conv(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
     let cpu_f32 = [x, w]
         .iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
-    if !(trains && cpu_f32 && square && c.dilation == 1 && c.groups == 1 && x.rank() == 4) {
+    let fits = square && c.dilation == 1 && c.groups == 1 && x.rank() == 4;
+    if !(fused && trains && cpu_f32 && fits) {
         return conv.forward(x);
     }
     let op = TrainConv {
@@ -973,21 +988,20 @@ impl candle_core::CustomOp2 for TrainConv {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Only what records gradients needs one (frozen weights in LoRA training do not).
         let dy = dy.contiguous()?;
+        let grad = |of: ConvGradOf| -> Result<Option<Tensor>> {
+            let op = TrainConvGrad { op: *self, of };
+            Ok(Some(match of {
+                ConvGradOf::Input(_) => dy.apply_op2_no_bwd(w, &op)?,
+                ConvGradOf::Weight(_) => x.apply_op2_no_bwd(&dy, &op)?,
+            }))
+        };
         let dx = if x.track_op() {
-            let op = TrainConvGrad {
-                op: *self,
-                x_dims: x.dims4()?,
-            };
-            Some(dy.apply_op2_no_bwd(w, &op)?)
+            grad(ConvGradOf::Input(x.dims4()?))?
         } else {
             None
         };
         let dw = if w.track_op() {
-            let op = TrainConvWeightGrad {
-                op: *self,
-                w_dims: w.dims4()?,
-            };
-            Some(x.apply_op2_no_bwd(&dy, &op)?)
+            grad(ConvGradOf::Weight(w.dims4()?))?
         } else {
             None
         };
@@ -995,64 +1009,49 @@ impl candle_core::CustomOp2 for TrainConv {
     }
 }
 
-/// The input's gradient of a [`TrainConv`]: `(dy, w) → dx`.
+/// Which gradient of a [`TrainConv`], with the shape of what it is taken with respect to.
+#[derive(Debug, Clone, Copy)]
+enum ConvGradOf {
+    /// `(dy, w) → dx`, the input being `[B, Ci, H, W]`.
+    Input((usize, usize, usize, usize)),
+    /// `(x, dy) → dw`, the weight being `[Co, Ci, K, K]`.
+    Weight((usize, usize, usize, usize)),
+}
+
+/// A gradient of a [`TrainConv`].
 #[derive(Debug, Clone, Copy)]
 struct TrainConvGrad {
     op: TrainConv,
-    x_dims: (usize, usize, usize, usize),
+    of: ConvGradOf,
 }
 
 impl candle_core::CustomOp2 for TrainConvGrad {
     fn name(&self) -> &'static str {
-        "train-conv-grad-input"
+        "train-conv-grad"
     }
 
     fn cpu_fwd(
         &self,
-        dys: &candle_core::CpuStorage,
-        dyl: &candle_core::Layout,
-        ws: &candle_core::CpuStorage,
-        wl: &candle_core::Layout,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (b, c, h, w) = self.x_dims;
-        let s = self.op.shape(&[b, c, h, w], wl.dims())?;
-        let dy = contiguous_f32(dys, dyl, "train conv gradient")?;
-        let wt = contiguous_f32(ws, wl, "train conv gradient")?;
-        let dx = ip2p_cpu::grad::conv2d_grad_input(&s, dy, wt);
+        let first = contiguous_f32(s1, l1, "train conv gradient")?;
+        let second = contiguous_f32(s2, l2, "train conv gradient")?;
+        let (out, dims) = match self.of {
+            ConvGradOf::Input(d @ (b, c, h, w)) => {
+                let s = self.op.shape(&[b, c, h, w], l2.dims())?;
+                (ip2p_cpu::grad::conv2d_grad_input(&s, first, second), d)
+            }
+            ConvGradOf::Weight(d @ (o, c, k, k2)) => {
+                let s = self.op.shape(l1.dims(), &[o, c, k, k2])?;
+                (ip2p_cpu::grad::conv2d_grad_weight(&s, first, second), d)
+            }
+        };
         Ok((
-            candle_core::CpuStorage::F32(dx),
-            candle_core::Shape::from(self.x_dims),
-        ))
-    }
-}
-
-/// The weight's gradient of a [`TrainConv`]: `(x, dy) → dw`.
-#[derive(Debug, Clone, Copy)]
-struct TrainConvWeightGrad {
-    op: TrainConv,
-    w_dims: (usize, usize, usize, usize),
-}
-
-impl candle_core::CustomOp2 for TrainConvWeightGrad {
-    fn name(&self) -> &'static str {
-        "train-conv-grad-weight"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &candle_core::CpuStorage,
-        xl: &candle_core::Layout,
-        dys: &candle_core::CpuStorage,
-        dyl: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (o, c, k, k2) = self.w_dims;
-        let s = self.op.shape(xl.dims(), &[o, c, k, k2])?;
-        let x = contiguous_f32(xs, xl, "train conv gradient")?;
-        let dy = contiguous_f32(dys, dyl, "train conv gradient")?;
-        let dw = ip2p_cpu::grad::conv2d_grad_weight(&s, x, dy);
-        Ok((
-            candle_core::CpuStorage::F32(dw),
-            candle_core::Shape::from(self.w_dims),
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(dims),
         ))
     }
 }
@@ -1442,6 +1441,38 @@ pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn training_convolutions_take_the_gemm_unless_kernels_are_generic() -> Result<()> {
+        let dev = Device::Cpu;
+        let build = |kernels| -> Result<(Conv2d, candle_nn::VarMap)> {
+            let map = candle_nn::VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let conv = build_with_kernels(kernels, || Conv2d::new(vb, 3, 4, 3, 1, 1))?;
+            Ok((conv, map))
+        };
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 9, 7), &dev)?)?;
+        for kernels in [Kernels::Auto, Kernels::Generic] {
+            let (conv, map) = build(kernels)?;
+            for v in map.all_vars() {
+                v.set(&Tensor::randn(0f32, 0.5, v.dims(), &dev)?)?;
+            }
+            let Conv2d::Candle { conv: inner, .. } = &conv else {
+                candle_core::bail!("variables take candle's layer");
+            };
+            let ours = conv.forward(x.as_tensor())?;
+            let candle = inner.forward(x.as_tensor())?;
+            let d = (&ours - &candle)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            // The generic graph is candle's to the bit; the GEMM sums in another order.
+            match kernels {
+                Kernels::Generic => assert_eq!(d, 0.0),
+                Kernels::Auto => assert!(d > 0.0 && d < 1e-5, "{d}"),
+            }
+            let g = ours.sqr()?.sum_all()?.backward()?;
+            assert!(g.get(x.as_tensor()).is_some());
+        }
+        Ok(())
+    }
 
     struct One(Vec<usize>, Vec<f32>);
     impl stored::StoredWeights for One {

@@ -149,3 +149,43 @@ pub fn ip2p_loss(
     let pred = unet.forward(&x, &t, text)?;
     Ok((pred - noise)?.sqr()?.mean_all()?)
 }
+
+/// Scales the gradients so their global norm is at most `max` (0: off) and returns the norm
+/// before; a non-finite norm is an error naming the step.
+pub(crate) fn clip_grad_norm(g: &mut HashMap<String, Tensor>, max: f64, step: u64) -> Result<f64> {
+    let mut sq = 0f64;
+    for t in g.values() {
+        sq += f64::from(t.sqr()?.sum_all()?.to_scalar::<f32>()?);
+    }
+    let norm = sq.sqrt();
+    if !norm.is_finite() {
+        return Err(Error::invalid(
+            "training",
+            format!("the gradient norm is {norm} at step {step}; lower the learning rate"),
+        ));
+    }
+    let coef = max / (norm + 1e-6);
+    if max > 0.0 && coef < 1.0 {
+        for t in g.values_mut() {
+            *t = (&*t * coef)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// The newest complete checkpoint (`checkpoint-<step>` with its `training_state/state.json`)
+/// under `out`.
+pub(crate) fn latest_checkpoint(out: &std::path::Path) -> Option<(u64, PathBuf)> {
+    std::fs::read_dir(out)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let step: u64 = n.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path()
+                .join("training_state/state.json")
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+}

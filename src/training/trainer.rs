@@ -25,7 +25,9 @@ use super::adamw::{AdamW, AdamWConfig};
 use super::data::{augment, rng_for, unit, Columns, EpochOrder, PairDataset};
 use super::ema::Ema;
 use super::lora::{self, LoraConfig, LORA_FILE};
-use super::{ip2p_loss, load_vars, named_vars, var_builder, NoiseSchedule};
+use super::{
+    clip_grad_norm, ip2p_loss, latest_checkpoint, load_vars, named_vars, var_builder, NoiseSchedule,
+};
 use crate::loader::{self, HubOptions, ModelDir, Variant};
 use crate::models::{
     AutoencoderKL, ClipTextModel, ClipTokenizer, UNet2DConditionModel, UNetConfig,
@@ -284,21 +286,6 @@ fn snapshot(vars: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
         .collect()
 }
 
-/// The newest complete checkpoint under `out`.
-fn latest_checkpoint(out: &Path) -> Option<(u64, PathBuf)> {
-    let rd = std::fs::read_dir(out).ok()?;
-    rd.filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let step: u64 = n.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path()
-                .join("training_state/state.json")
-                .is_file()
-                .then(|| (step, e.path()))
-        })
-        .max_by_key(|(s, _)| *s)
-}
-
 fn validate(cfg: &TrainConfig) -> Result<()> {
     let bad = |f: &'static str, m: &str| Err(Error::invalid(f, m));
     if cfg.batch_size == 0 || cfg.grad_accum == 0 {
@@ -509,28 +496,12 @@ impl Run {
         micro: u64,
         step: u64,
     ) -> Result<f64> {
-        let mut sq = 0f64;
-        for g in acc.values_mut() {
-            if micro > 1 {
+        if micro > 1 {
+            for g in acc.values_mut() {
                 *g = (&*g * (1.0 / micro as f64))?;
             }
-            sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
         }
-        let norm = sq.sqrt();
-        if !norm.is_finite() {
-            return Err(Error::invalid(
-                "training",
-                format!("the gradient norm is {norm} at step {step}; lower the learning rate"),
-            ));
-        }
-        if cfg.max_grad_norm > 0.0 {
-            let coef = cfg.max_grad_norm / (norm + 1e-6);
-            if coef < 1.0 {
-                for g in acc.values_mut() {
-                    *g = (&*g * coef)?;
-                }
-            }
-        }
+        let norm = clip_grad_norm(&mut acc, cfg.max_grad_norm, step)?;
         self.opt.step(&acc)?;
         if let Some(e) = &mut self.ema {
             e.update(&self.vars, step)?;

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::data::{Columns, PairDataset};
-use super::{load_vars, named_vars, var_builder};
+use super::{clip_grad_norm, latest_checkpoint, load_vars, named_vars, var_builder};
 use crate::models::{AutoencoderKL, VaeConfig};
 use crate::pipeline::image::to_tensor;
 use crate::schedulers::noise::{rng_for, unit};
@@ -174,7 +174,7 @@ impl VaeRun {
             ));
         }
         std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
-        let resume = cfg.resume.then(|| latest(&cfg.out)).flatten();
+        let resume = cfg.resume.then(|| latest_checkpoint(&cfg.out)).flatten();
         let map = match &resume {
             Some((_, ck)) => load_vars(&[ck.join("vae/diffusion_pytorch_model.safetensors")], dev)?,
             None => VarMap::new(),
@@ -242,7 +242,7 @@ impl VaeRun {
             .iter()
             .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|t| (n.clone(), t.detach())))
             .collect();
-        clip(&mut g, cfg.max_grad_norm, step)?;
+        clip_grad_norm(&mut g, cfg.max_grad_norm, step)?;
         self.opt.step(&g)?;
         Ok(VaeStepLog {
             step,
@@ -290,29 +290,6 @@ fn check(cfg: &VaeTrainConfig) -> Result<()> {
     Ok(())
 }
 
-/// Scales the gradients so their global norm is at most `max` (0: off); a non-finite norm is an
-/// error naming the step.
-fn clip(g: &mut HashMap<String, Tensor>, max: f64, step: u64) -> Result<()> {
-    let mut sq = 0f64;
-    for t in g.values() {
-        sq += f64::from(t.sqr()?.sum_all()?.to_scalar::<f32>()?);
-    }
-    let norm = sq.sqrt();
-    if !norm.is_finite() {
-        return Err(Error::invalid(
-            "training",
-            format!("the gradient norm is {norm} at step {step}; lower the learning rate"),
-        ));
-    }
-    if max > 0.0 && norm > max {
-        let coef = max / (norm + 1e-6);
-        for t in g.values_mut() {
-            *t = (&*t * coef)?;
-        }
-    }
-    Ok(())
-}
-
 /// Writes a diffusers `vae/` folder (config and f32 weights), replaced whole.
 pub fn save_vae(c: &VaeConfig, vars: &[(String, Var)], dst: &Path) -> Result<()> {
     let weights: HashMap<String, Tensor> = vars
@@ -326,22 +303,6 @@ pub fn save_vae(c: &VaeConfig, vars: &[(String, Var)], dst: &Path) -> Result<()>
         candle_core::safetensors::save(&weights, tmp.join("diffusion_pytorch_model.safetensors"))?;
         Ok(())
     })
-}
-
-/// The newest complete checkpoint under `out`.
-fn latest(out: &Path) -> Option<(u64, PathBuf)> {
-    std::fs::read_dir(out)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let step: u64 = n.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path()
-                .join("training_state/state.json")
-                .is_file()
-                .then(|| (step, e.path()))
-        })
-        .max_by_key(|(s, _)| *s)
 }
 
 /// Mean PSNR (dB, 8-bit) of `vae`'s reconstructions (the latent's mean) of rows `rows` of

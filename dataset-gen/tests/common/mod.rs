@@ -70,6 +70,14 @@ pub fn part_files(out: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The bytes of every Parquet file under `out/data`, in name order.
+pub fn part_bytes(out: &Path) -> Vec<Vec<u8>> {
+    part_files(out)
+        .iter()
+        .map(|p| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .collect()
+}
+
 /// All rows of a dataset folder, file by file.
 pub fn all_rows(out: &Path) -> Vec<StoredRow> {
     part_files(out)
