@@ -195,3 +195,184 @@ async fn a_vae_trains_on_world_pictures_and_resumes_exactly() {
         ip2p::loader::read_json(&s.final_model.join("config.json")).expect("cfg");
     assert_eq!(vae_cfg.block_out_channels, vec![8, 16]);
 }
+
+/// A two-level 8-channel UNet small enough for a test.
+fn tiny_unet_config(path: &std::path::Path) {
+    let cfg = serde_json::json!({
+        "_class_name": "UNet2DConditionModel",
+        "attention_head_dim": 2,
+        "block_out_channels": [16, 32],
+        "cross_attention_dim": 32,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "in_channels": 8,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+    });
+    std::fs::write(path, serde_json::to_vec(&cfg).expect("json")).expect("write");
+}
+
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a.to_dtype(candle_core::DType::F32).expect("f32")
+        - b.to_dtype(candle_core::DType::F32).expect("f32"))
+    .and_then(|d| d.abs())
+    .and_then(|d| d.max_all())
+    .and_then(|d| d.to_scalar::<f32>())
+    .expect("diff")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_world_model_is_assembled_trained_on_cached_encodings_and_packaged() {
+    use ip2p::training::assemble::{assemble, package_half, AssembleConfig};
+    use ip2p::training::trainer::{train, TrainConfig};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut wc = world_config(&data, 10);
+    (wc.image.width, wc.image.height) = (32, 32);
+    run(wc).await.expect("world data");
+    let data = data.join("data");
+    let vae = dir.path().join("vae");
+    let vs =
+        ip2p::training::vae::train_vae(&tiny_vae_config(&data, &vae, 2), &mut |_| {}).expect("vae");
+
+    // Assemble: the fixture's text encoder, the VAE with a measured scale, a fresh UNet.
+    let unet_json = dir.path().join("unet.json");
+    tiny_unet_config(&unet_json);
+    let model = dir.path().join("model");
+    let acfg = AssembleConfig {
+        text_from: common::fixtures().join("tiny-ip2p"),
+        vae: vs.final_model.clone(),
+        unet_config: unet_json,
+        data: vec![data.clone()],
+        columns: Default::default(),
+        scale_rows: 10,
+        seed: 1,
+        out: model.clone(),
+    };
+    let scale = tokio::task::block_in_place(|| assemble(&acfg)).expect("assemble");
+    let md = ip2p::loader::ModelDir::from_dir(&model).expect("model dir");
+    let vae_cfg: ip2p::models::VaeConfig = md.config("vae", "config.json").expect("vae cfg");
+    assert_eq!(vae_cfg.scaling_factor, scale);
+    // The scale makes the latents of the measured pictures unit-variance.
+    let c = ip2p::loader::load(&md, &candle_core::Device::Cpu, &Default::default()).expect("load");
+    let ds =
+        ip2p::training::data::PairDataset::open(&[data.clone()], Default::default()).expect("data");
+    let mut all = Vec::new();
+    for row in 0..ds.len() {
+        let p = ds.get(row).expect("row");
+        for img in [&p.original, &p.edited] {
+            let x = ip2p::pipeline::image::to_tensor(img, &candle_core::Device::Cpu).expect("x");
+            let z = c.vae.encode(&x).expect("encode").mean;
+            all.extend(
+                z.flatten_all()
+                    .expect("flat")
+                    .to_vec1::<f32>()
+                    .expect("vec"),
+            );
+        }
+    }
+    let n = all.len() as f64;
+    let mean = all.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = all
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    assert!(
+        (var.sqrt() * scale - 1.0).abs() < 1e-3,
+        "std × scale = {}",
+        var.sqrt() * scale
+    );
+
+    // Training on cached encodings computes the loss the pixel path computes (whole pictures,
+    // no flip), and resumes exactly.
+    let tcfg = |out: &str, steps: u64, cache: bool| TrainConfig {
+        model: model.display().to_string(),
+        data: vec![data.clone()],
+        out: dir.path().join(out),
+        resolution: 32,
+        batch_size: 2,
+        steps,
+        ema: None,
+        checkpoint_every: 2,
+        seed: 9,
+        center_crop: true,
+        random_flip: false,
+        cache_encodings: cache,
+        resume: true,
+        ..Default::default()
+    };
+    let losses = |cfg: &TrainConfig| {
+        let mut l = Vec::new();
+        tokio::task::block_in_place(|| train(cfg, &mut |s| l.push(s.loss))).expect("train");
+        l
+    };
+    let pixels = losses(&tcfg("pixels", 1, false));
+    let cached = losses(&tcfg("cached", 4, true));
+    assert_eq!(cached.len(), 4);
+    assert!(
+        (pixels[0] - cached[0]).abs() <= 1e-5 * pixels[0],
+        "pixels {} cached {}",
+        pixels[0],
+        cached[0]
+    );
+    losses(&tcfg("resumed", 2, true));
+    let again = losses(&tcfg("resumed", 4, true));
+    assert_eq!(
+        again,
+        cached[2..].to_vec(),
+        "a resumed run continues the same losses"
+    );
+
+    // The package: every weight file in fp16, equal to the original within fp16 rounding, and
+    // a working model.
+    let final_dir = dir.path().join("cached/final");
+    let packed = dir.path().join("packed");
+    package_half(&final_dir, &packed).expect("package");
+    for part in ["unet", "vae", "text_encoder"] {
+        let files: Vec<_> = std::fs::read_dir(packed.join(part))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".safetensors"))
+            .collect();
+        assert_eq!(files.len(), 1, "{part}: {files:?}");
+        assert!(files[0].ends_with(".fp16.safetensors"), "{part}: {files:?}");
+        let stem = files[0].trim_end_matches(".fp16.safetensors");
+        let dev = candle_core::Device::Cpu;
+        let half =
+            candle_core::safetensors::load(packed.join(part).join(&files[0]), &dev).expect("half");
+        let full = candle_core::safetensors::load(
+            final_dir.join(part).join(format!("{stem}.safetensors")),
+            &dev,
+        )
+        .expect("full");
+        assert_eq!(half.len(), full.len());
+        for (k, t) in &full {
+            let want = if t.dtype().is_float() {
+                candle_core::DType::F16
+            } else {
+                t.dtype()
+            };
+            assert_eq!(half[k].dtype(), want, "{part}/{k}");
+            let bound = max_abs_diff(t, &t.zeros_like().expect("zeros")) * 1e-3;
+            assert!(max_abs_diff(t, &half[k]) <= bound.max(1e-7), "{part}/{k}");
+        }
+    }
+    let md = ip2p::loader::ModelDir::from_dir(&packed).expect("packed dir");
+    let c = ip2p::loader::load(&md, &candle_core::Device::Cpu, &Default::default()).expect("load");
+    let pipe = ip2p::pipeline::EditPipeline::new(c).expect("pipeline");
+    let input = ip2p::pipeline::InputImage::from_dynamic(
+        dataset_gen::world::Scene::random(3).render(64, 64).into(),
+    );
+    let params = ip2p::pipeline::EditParams {
+        instruction: "make it night".into(),
+        steps: 2,
+        resolution: 64,
+        ..Default::default()
+    };
+    let out = pipe
+        .edit(&input, &params, &mut ip2p::pipeline::NoProgress)
+        .expect("edit");
+    assert_eq!((out.image.width(), out.image.height()), (64, 64));
+}

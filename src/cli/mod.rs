@@ -2,6 +2,7 @@
 //! subcommand does with the library. Argument structs convert into the library's own
 //! configuration types here; nothing below this module does tensor math.
 
+mod assemble;
 mod bench;
 mod edit;
 mod model;
@@ -42,6 +43,10 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Train a VAE of any widths on a dataset's pictures (diffusers `vae/` folder out).
     TrainVae(train::TrainVaeArgs),
+    /// A new model folder: another's tokenizer and text encoder, a trained VAE, a fresh UNet.
+    Assemble(assemble::AssembleArgs),
+    /// A shippable copy of a model folder with fp16 weights.
+    Package(assemble::PackageArgs),
 }
 
 impl Cli {
@@ -63,5 +68,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Extend(a) => train::extend(a),
         Command::Train(a) => train::run(a),
         Command::TrainVae(a) => train::run_vae(a),
+        Command::Assemble(a) => assemble::run(a),
+        Command::Package(a) => assemble::package(a),
     }
 }

@@ -11,8 +11,9 @@ use ip2p::pipeline::EditPipeline;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A diffusers folder or a Hugging Face hub id (e.g. timbrooks/instruct-pix2pix).
-    #[arg(long, env = "IP2P_MODEL", default_value = "timbrooks/instruct-pix2pix")]
+    /// A diffusers folder or a Hugging Face hub id (e.g. timbrooks/instruct-pix2pix). Without
+    /// it: flowers-ip2p, the small flower-world model shipped in the repository's models/.
+    #[arg(long, env = "IP2P_MODEL", default_value = ip2p::loader::BUILTIN_MODEL)]
     pub model: String,
     /// Weight files to use: auto (full precision if present, else fp16), fp32, fp16.
     #[arg(long, env = "IP2P_VARIANT", default_value = "auto")]

@@ -62,6 +62,10 @@ pub struct TrainArgs {
     /// No horizontal flips.
     #[arg(long, env = "IP2P_TRAIN_NO_FLIP")]
     pub no_flip: bool,
+    /// Encode every row's pictures (whole, at their own size: one size for all) and every
+    /// instruction once, then train on those encodings (no crops; --resolution unused).
+    #[arg(long, env = "IP2P_TRAIN_CACHE_ENCODINGS")]
+    pub cache_encodings: bool,
     /// p of the conditioning dropout (text dropped below 2p, image between p and 3p).
     #[arg(long, env = "IP2P_TRAIN_CONDITIONING_DROPOUT", default_value_t = 0.05)]
     pub conditioning_dropout: f64,
@@ -158,6 +162,7 @@ impl TryFrom<TrainArgs> for TrainConfig {
             random_flip: !a.no_flip,
             conditioning_dropout: a.conditioning_dropout,
             prefetch: 2,
+            cache_encodings: a.cache_encodings,
             resume: a.resume,
             lora: a.lora_rank.map(|rank| ip2p::training::lora::LoraConfig {
                 rank,

@@ -47,6 +47,31 @@ impl std::str::FromStr for Variant {
     }
 }
 
+/// The model used when none is named: the flower-world model trained by this project
+/// (`tools/flowers/make.sh`), shipped in the repository's `models/` folder.
+pub const BUILTIN_MODEL: &str = "flowers-ip2p";
+
+/// Where [`BUILTIN_MODEL`] is looked for, in order: `models/` of the working directory, of the
+/// folders above the running binary (`target/release/ip2p` of a checkout), and of the source
+/// tree this library was built from.
+fn builtin_candidates() -> Vec<PathBuf> {
+    let mut out = vec![Path::new("models").join(BUILTIN_MODEL)];
+    if let Ok(exe) = std::env::current_exe() {
+        out.extend(
+            exe.ancestors()
+                .skip(1)
+                .take(4)
+                .map(|d| d.join("models").join(BUILTIN_MODEL)),
+        );
+    }
+    out.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(BUILTIN_MODEL),
+    );
+    out
+}
+
 /// A diffusers pipeline folder on disk.
 #[derive(Debug, Clone)]
 pub struct ModelDir {
@@ -68,6 +93,20 @@ impl ModelDir {
         if hub::looks_like_hub_id(spec) {
             let root = resolve_hub(spec, hub)?;
             return Self::from_dir(&root);
+        }
+        if spec == BUILTIN_MODEL {
+            let looked = builtin_candidates();
+            return match looked.iter().find(|c| c.join("model_index.json").is_file()) {
+                Some(dir) => Self::from_dir(dir),
+                None => Err(Error::ModelNotFound(format!(
+                    "the built-in model {BUILTIN_MODEL} ships in the repository's models/ folder; not found in {}: pass --model",
+                    looked
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            };
         }
         Err(Error::ModelNotFound(format!(
             "{spec}: no such folder, and not a hub id of the form owner/name"

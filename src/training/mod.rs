@@ -7,8 +7,10 @@
 //! inference keeps its fast paths.
 
 pub mod adamw;
+pub mod assemble;
 pub mod data;
 pub mod ema;
+pub mod encodings;
 pub mod extend;
 pub mod lora;
 pub mod trainer;
@@ -20,6 +22,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
+use crate::schedulers::noise::{rng_for, unit};
 use crate::schedulers::{alphas_cumprod, SchedulerConfig};
 use crate::{Error, Result};
 
@@ -48,6 +51,34 @@ pub(crate) fn copy_model_except_unet(
         Ok(())
     }
     tree(src, dst, link, true)
+}
+
+/// Fresh weights: PyTorch's default bound `1/√fan_in` (uniform) for convolution and linear
+/// weights, norms' scales 1, every bias 0; drawn in name order from `seed` and `stream`.
+pub(crate) fn init_default(map: &VarMap, seed: u64, stream: &[u8; 8]) -> Result<()> {
+    let vars = named_vars(map)?;
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for (k, name) in names.into_iter().enumerate() {
+        let var = &vars[name];
+        let dims = var.dims().to_vec();
+        let t = if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+            let mut rng = rng_for(seed, stream, k as u64);
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| ((2.0 * unit(&mut rng) - 1.0) * bound) as f32)
+                .collect();
+            Tensor::from_vec(v, dims.as_slice(), var.device())?
+        } else if name.ends_with(".weight") {
+            Tensor::ones(dims.as_slice(), DType::F32, var.device())?
+        } else {
+            Tensor::zeros(dims.as_slice(), DType::F32, var.device())?
+        };
+        var.set(&t)?;
+    }
+    Ok(())
 }
 
 /// Loads safetensors files as trainable variables (f32), keyed by their names.

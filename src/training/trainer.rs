@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::adamw::{AdamW, AdamWConfig};
 use super::data::{augment, rng_for, unit, Columns, EpochOrder, PairDataset};
 use super::ema::Ema;
+use super::encodings::{CachedBatch, EncodingCache};
 use super::lora::{self, LoraConfig, LORA_FILE};
 use super::{
     clip_grad_norm, ip2p_loss, latest_checkpoint, load_vars, named_vars, var_builder, NoiseSchedule,
@@ -63,6 +64,10 @@ pub struct TrainConfig {
     pub conditioning_dropout: f64,
     /// Micro-batches decoded ahead.
     pub prefetch: usize,
+    /// Encode every row's pictures (whole, at their own size) and every instruction once, and
+    /// train on those encodings (see [`super::encodings`]); `resolution` and `center_crop` are
+    /// then unused.
+    pub cache_encodings: bool,
     pub resume: bool,
     /// Train LoRA adapters of this shape instead of the whole UNet.
     pub lora: Option<LoraConfig>,
@@ -92,6 +97,7 @@ impl Default for TrainConfig {
             random_flip: true,
             conditioning_dropout: 0.05,
             prefetch: 2,
+            cache_encodings: false,
             resume: false,
             lora: None,
             samples: None,
@@ -140,6 +146,8 @@ struct State {
     grad_accum: usize,
     resolution: u32,
     dataset_rows: usize,
+    #[serde(default)]
+    cache_encodings: bool,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -180,6 +188,16 @@ impl Frozen {
         let ids = Tensor::from_vec(ids, (prompts.len(), t), dev)?;
         Ok(self.text.forward(&ids)?)
     }
+}
+
+/// A micro-batch: decoded pictures, or rows of the encoding cache.
+enum Micro {
+    Pixels(Batch),
+    Cached {
+        /// Global position of the first sample.
+        first: u64,
+        batch: CachedBatch,
+    },
 }
 
 /// A decoded micro-batch.
@@ -327,6 +345,7 @@ struct Run {
     schedule: NoiseSchedule,
     frozen: Frozen,
     data: PairDataset,
+    cache: Option<EncodingCache>,
     unet: UNet2DConditionModel,
     vars: Vec<(String, Var)>,
     opt: AdamW,
@@ -360,6 +379,10 @@ impl Run {
         };
         let checkpoint = resume.as_ref().map(|r| r.1.as_path());
         let (unet, vars) = trainable_unet(cfg, &dir, &ucfg, checkpoint)?;
+        let cache = cfg
+            .cache_encodings
+            .then(|| EncodingCache::build(&data, &frozen.vae, &|p| frozen.encode(p, dev), dev))
+            .transpose()?;
         let mut run = Self {
             opt: AdamW::new(vars.clone(), cfg.adam),
             ema: cfg.ema.map(|d| Ema::new(&vars, d)).transpose()?,
@@ -370,6 +393,7 @@ impl Run {
             schedule,
             frozen,
             data,
+            cache,
             unet,
             vars,
         };
@@ -384,16 +408,18 @@ impl Run {
         let st: State = loader::read_json(&ck.join("training_state/state.json"))?;
         if (st.seed, st.batch_size, st.grad_accum, st.resolution)
             != (cfg.seed, cfg.batch_size, cfg.grad_accum, cfg.resolution)
+            || st.cache_encodings != cfg.cache_encodings
         {
             return Err(Error::invalid(
                 "resume",
                 format!(
-                    "{} was made with seed {}, batch {}, accumulation {}, resolution {}; resume with the same",
+                    "{} was made with seed {}, batch {}, accumulation {}, resolution {}, cached encodings {}; resume with the same",
                     ck.display(),
                     st.seed,
                     st.batch_size,
                     st.grad_accum,
-                    st.resolution
+                    st.resolution,
+                    st.cache_encodings
                 ),
             ));
         }
@@ -424,20 +450,13 @@ impl Run {
     fn micro_step(
         &self,
         cfg: &TrainConfig,
-        batch: Batch,
+        micro: Micro,
         acc: &mut HashMap<String, Tensor>,
     ) -> Result<f64> {
         let dev = &cfg.device;
-        let n_t = self.schedule.num_train_timesteps() as u64;
-        let d = Draws::new(cfg, &batch, n_t)?;
-        let vae = &self.frozen.vae;
-        let target = (vae
-            .encode(&batch.edited.to_device(dev)?)?
-            .sample_with(&d.eps)?
-            * vae.config().scaling_factor)?;
-        let image_lat = vae.encode(&batch.original.to_device(dev)?)?.mean;
+        let (target, image_lat, prompts, d) = self.encodings(cfg, micro)?;
         let image_lat = image_lat.broadcast_mul(&d.image_mask)?;
-        let text = self.conditioning_text(&batch.prompts, &d.drop_text, dev)?;
+        let text = self.conditioning_text(&prompts, &d.drop_text, dev)?;
         let noisy = self.schedule.add_noise(&target, &d.noise, &d.timesteps)?;
         let loss = ip2p_loss(
             &self.unet,
@@ -461,6 +480,59 @@ impl Run {
         Ok(f64::from(loss.to_scalar::<f32>()?))
     }
 
+    /// A micro-batch's random draws, its target latents (a scaled VAE sample of the edited
+    /// pictures), its image latents (the input pictures' modes, unscaled) and its prompts.
+    fn encodings(
+        &self,
+        cfg: &TrainConfig,
+        micro: Micro,
+    ) -> Result<(Tensor, Tensor, Vec<String>, Draws)> {
+        let dev = &cfg.device;
+        let n_t = self.schedule.num_train_timesteps() as u64;
+        let vae = &self.frozen.vae;
+        let (c, sf) = (vae.config().latent_channels, vae.config().scaling_factor);
+        match micro {
+            Micro::Pixels(batch) => {
+                let side = cfg.resolution as usize / vae.scale_factor();
+                let b = batch.prompts.len();
+                let d = Draws::new(cfg, batch.first, b, [c, side, side], n_t)?;
+                let target = (vae
+                    .encode(&batch.edited.to_device(dev)?)?
+                    .sample_with(&d.eps)?
+                    * sf)?;
+                let image = vae.encode(&batch.original.to_device(dev)?)?.mean;
+                Ok((target, image, batch.prompts, d))
+            }
+            Micro::Cached { first, batch } => {
+                let (h, w) = batch.mean.dims4().map(|(_, _, h, w)| (h, w))?;
+                let d = Draws::new(cfg, first, batch.prompts.len(), [c, h, w], n_t)?;
+                let target = ((&batch.mean + batch.std.mul(&d.eps)?)? * sf)?;
+                Ok((target, batch.image, batch.prompts, d))
+            }
+        }
+    }
+
+    /// Micro-batch `index` of the encoding cache: its rows in epoch order, flipped where the
+    /// sample's draw says.
+    fn cached_micro(
+        &self,
+        cfg: &TrainConfig,
+        cache: &EncodingCache,
+        order: &mut EpochOrder,
+        index: u64,
+    ) -> Result<Micro> {
+        let first = index * cfg.batch_size as u64;
+        let globals = first..first + cfg.batch_size as u64;
+        let rows: Vec<usize> = globals.clone().map(|g| order.row(g)).collect();
+        let flips: Vec<bool> = globals
+            .map(|g| cfg.random_flip && unit(&mut rng_for(cfg.seed, b"flip____", g)) < 0.5)
+            .collect();
+        Ok(Micro::Cached {
+            first,
+            batch: cache.batch(&rows, &flips)?,
+        })
+    }
+
     /// The prompts' encodings, the empty prompt's where `drop_text` says.
     fn conditioning_text(
         &self,
@@ -469,7 +541,14 @@ impl Run {
         dev: &Device,
     ) -> Result<Tensor> {
         let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        let text = self.frozen.encode(&prompts, dev)?;
+        let cached = self.cache.as_ref().and_then(|c| {
+            let rows: Option<Vec<Tensor>> = prompts.iter().map(|p| c.text(p).cloned()).collect();
+            rows.map(|r| Tensor::cat(&r, 0))
+        });
+        let text = match cached {
+            Some(t) => t?,
+            None => self.frozen.encode(&prompts, dev)?,
+        };
         if !drop_text.iter().any(|&d| d) {
             return Ok(text);
         }
@@ -595,6 +674,7 @@ impl Run {
             grad_accum: cfg.grad_accum,
             resolution: cfg.resolution,
             dataset_rows: self.data.len(),
+            cache_encodings: cfg.cache_encodings,
         };
         // Written last: a checkpoint without it is incomplete and ignored by --resume.
         let json = serde_json::to_vec_pretty(&st)
@@ -652,13 +732,13 @@ struct Draws {
 }
 
 impl Draws {
+    /// Draws for `b` samples from global position `first`, latents of shape `[c, h, w]`.
     /// Conditioning dropout as the paper: r < 2p drops the text, p ≤ r < 3p the image.
-    fn new(cfg: &TrainConfig, batch: &Batch, n_t: u64) -> Result<Self> {
+    fn new(cfg: &TrainConfig, first: u64, b: usize, chw: [usize; 3], n_t: u64) -> Result<Self> {
         use crate::schedulers::{NoiseSource, SeededNoise};
         use rand_core::RngCore;
         let (dev, p) = (&cfg.device, cfg.conditioning_dropout);
-        let b = batch.prompts.len();
-        let side = (cfg.resolution / 8) as usize;
+        let shape = [1, chw[0], chw[1], chw[2]];
         let mut d = (
             Vec::with_capacity(b),
             Vec::new(),
@@ -667,12 +747,12 @@ impl Draws {
             Vec::new(),
         );
         for j in 0..b {
-            let mut rng = rng_for(cfg.seed, b"sample__", batch.first + j as u64);
+            let mut rng = rng_for(cfg.seed, b"sample__", first + j as u64);
             let r = unit(&mut rng);
             d.0.push((rng.next_u64() % n_t) as u32);
             let mut ns = SeededNoise::new(rng.next_u64());
-            d.1.push(ns.randn(&[1, 4, side, side], dev)?);
-            d.2.push(ns.randn(&[1, 4, side, side], dev)?);
+            d.1.push(ns.randn(&shape, dev)?);
+            d.2.push(ns.randn(&shape, dev)?);
             d.3.push(r < 2.0 * p);
             d.4.push(if (p..3.0 * p).contains(&r) { 0f32 } else { 1.0 });
         }
@@ -714,7 +794,11 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
     let start_step = run.start_step;
     let (mut log, log_path) = open_log(&cfg.out, start_step)?;
     let micro = cfg.grad_accum as u64;
-    let rx = spawn_loader(run.data.clone(), cfg, start_step * micro, cfg.steps * micro);
+    let rx = run
+        .cache
+        .is_none()
+        .then(|| spawn_loader(run.data.clone(), cfg, start_step * micro, cfg.steps * micro));
+    let mut order = EpochOrder::new(cfg.seed, run.data.len());
     let mut summary = TrainSummary {
         start_step,
         end_step: start_step,
@@ -724,10 +808,15 @@ pub fn train(cfg: &TrainConfig, on_step: &mut dyn FnMut(&StepLog)) -> Result<Tra
         let t0 = Instant::now();
         let mut acc = HashMap::new();
         let mut loss_sum = 0f64;
-        for _ in 0..micro {
-            let batch = rx
-                .recv()
-                .map_err(|_| Error::invalid("data", "the data loader stopped"))??;
+        for k in 0..micro {
+            let batch = match (&rx, &run.cache) {
+                (Some(rx), _) => Micro::Pixels(
+                    rx.recv()
+                        .map_err(|_| Error::invalid("data", "the data loader stopped"))??,
+                ),
+                (None, Some(c)) => run.cached_micro(cfg, c, &mut order, (step - 1) * micro + k)?,
+                (None, None) => return Err(Error::Internal("no data source".into())),
+            };
             loss_sum += run.micro_step(cfg, batch, &mut acc)?;
         }
         let grad_norm = run.clip_and_step(cfg, acc, micro, step)?;

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use image::RgbImage;
 use rand_core::RngCore;
@@ -19,10 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::data::{Columns, PairDataset};
-use super::{clip_grad_norm, latest_checkpoint, load_vars, named_vars, var_builder};
+use super::{clip_grad_norm, init_default, latest_checkpoint, load_vars, named_vars, var_builder};
 use crate::models::{AutoencoderKL, VaeConfig};
 use crate::pipeline::image::to_tensor;
-use crate::schedulers::noise::{rng_for, unit};
+use crate::schedulers::noise::rng_for;
 use crate::schedulers::{NoiseSource, SeededNoise};
 use crate::{Error, Result};
 
@@ -103,34 +103,6 @@ pub fn diffusers_config(c: &VaeConfig) -> serde_json::Value {
     })
 }
 
-/// Fresh weights: PyTorch's default bound `1/√fan_in` (uniform) for convolution and linear
-/// weights, norms' scales 1, every bias 0; drawn in name order from `seed`.
-fn initialise(map: &VarMap, seed: u64) -> Result<()> {
-    let vars = named_vars(map)?;
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    for (k, name) in names.into_iter().enumerate() {
-        let var = &vars[name];
-        let dims = var.dims().to_vec();
-        let t = if dims.len() >= 2 {
-            let fan_in: usize = dims[1..].iter().product();
-            let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-            let mut rng = rng_for(seed, b"vae_init", k as u64);
-            let n: usize = dims.iter().product();
-            let v: Vec<f32> = (0..n)
-                .map(|_| ((2.0 * unit(&mut rng) - 1.0) * bound) as f32)
-                .collect();
-            Tensor::from_vec(v, dims.as_slice(), var.device())?
-        } else if name.ends_with(".weight") {
-            Tensor::ones(dims.as_slice(), DType::F32, var.device())?
-        } else {
-            Tensor::zeros(dims.as_slice(), DType::F32, var.device())?
-        };
-        var.set(&t)?;
-    }
-    Ok(())
-}
-
 /// A square `crop` of one of the pair's pictures at a seeded place, flipped half the time.
 fn crop_sample(data: &PairDataset, rows: usize, cfg: &VaeTrainConfig, g: u64) -> Result<RgbImage> {
     let mut rng = rng_for(cfg.seed, b"vaebatch", g);
@@ -182,7 +154,7 @@ impl VaeRun {
         let vae = AutoencoderKL::new(var_builder(&map, dev), &cfg.vae)
             .map_err(|e| Error::IncompatibleModel(format!("vae: {e}")))?;
         if resume.is_none() {
-            initialise(&map, cfg.seed)?;
+            init_default(&map, cfg.seed, b"vae_init")?;
         }
         let mut vars: Vec<(String, Var)> = named_vars(&map)?.into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));

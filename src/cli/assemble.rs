@@ -1,0 +1,72 @@
+//! `ip2p assemble` and `ip2p package`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use ip2p::training::assemble::{assemble, package_half, AssembleConfig};
+
+#[derive(Args, Debug)]
+pub struct AssembleArgs {
+    /// The folder whose tokenizer, text encoder, scheduler and model_index.json are taken.
+    #[arg(long, env = "IP2P_ASSEMBLE_TEXT_FROM")]
+    pub text_from: PathBuf,
+    /// A trained diffusers `vae/` folder (e.g. `ip2p train-vae`'s `final/vae`).
+    #[arg(long, env = "IP2P_ASSEMBLE_VAE")]
+    pub vae: PathBuf,
+    /// The UNet's diffusers config.json (8 input channels); its weights are drawn fresh.
+    #[arg(long, env = "IP2P_ASSEMBLE_UNET_CONFIG")]
+    pub unet_config: PathBuf,
+    /// Parquet files or folders whose pictures set the VAE's scaling factor.
+    #[arg(
+        long,
+        env = "IP2P_ASSEMBLE_DATA",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub data: Vec<PathBuf>,
+    /// Rows measured for the scaling factor (both pictures of each).
+    #[arg(long, env = "IP2P_ASSEMBLE_SCALE_ROWS", default_value_t = 64)]
+    pub scale_rows: usize,
+    #[arg(long, env = "IP2P_ASSEMBLE_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// The new model folder.
+    #[arg(long, env = "IP2P_ASSEMBLE_OUT")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PackageArgs {
+    /// A model folder (e.g. `ip2p train`'s `final`).
+    #[arg(env = "IP2P_PACKAGE_FROM")]
+    pub from: PathBuf,
+    /// The copy, every weight file as its fp16 variant.
+    #[arg(env = "IP2P_PACKAGE_OUT")]
+    pub out: PathBuf,
+}
+
+/// `ip2p assemble`.
+pub fn run(a: AssembleArgs) -> Result<()> {
+    let scale = assemble(&AssembleConfig {
+        text_from: a.text_from,
+        vae: a.vae,
+        unet_config: a.unet_config,
+        data: a.data,
+        columns: Default::default(),
+        scale_rows: a.scale_rows,
+        seed: a.seed,
+        out: a.out.clone(),
+    })?;
+    println!(
+        "{}: fresh UNet, VAE scaling factor {scale:.5}",
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// `ip2p package`.
+pub fn package(a: PackageArgs) -> Result<()> {
+    package_half(&a.from, &a.out)?;
+    println!("{}: fp16 copy of {}", a.out.display(), a.from.display());
+    Ok(())
+}
