@@ -234,10 +234,24 @@ fn spawn_server_logged(
     String,
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) {
+    let model = fixtures().join("tiny-ip2p");
+    let mut args = vec!["--model", model.to_str().expect("utf-8 path")];
+    args.extend(extra);
+    spawn_serve(&args)
+}
+
+/// `ip2p serve` with `args` on a free port.
+fn spawn_serve(
+    args: &[&str],
+) -> (
+    std::process::Child,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
     use std::io::BufRead;
+    let extra = args;
     let mut child = ip2p()
-        .args(["serve", "--model"])
-        .arg(fixtures().join("tiny-ip2p"))
+        .arg("serve")
         .args(["--addr", "127.0.0.1:0", "--no-warmup"])
         .args(extra)
         .env_remove("NO_COLOR")
@@ -450,4 +464,47 @@ fn serve_drains_in_flight_edits_on_sigterm() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     assert!(status.success(), "serve exited with {status}");
+}
+
+/// A plain HTTP/1.1 GET; the response body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut r = String::new();
+    c.read_to_string(&mut r).expect("read");
+    r.split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default()
+}
+
+/// Without --model, `edit` and `serve` use the shipped flower-world model, and the server's
+/// info names it.
+#[test]
+fn without_a_model_flag_edit_and_serve_use_the_shipped_flower_model() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let asset = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sunflowers.png");
+    let out = tmp.path().join("out.png");
+    let o = ip2p()
+        .arg("edit")
+        .arg(&asset)
+        .arg("make it night")
+        .arg("-o")
+        .arg(&out)
+        .args(["--steps", "2"])
+        .output()
+        .expect("edit");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&out).expect("output").to_rgb8();
+    assert_eq!(img.dimensions(), (256, 192));
+    let (mut child, addr, _) = spawn_serve(&[]);
+    let body = http_get(&addr, "/v1/info");
+    let _ = child.kill();
+    let _ = child.wait();
+    let info: serde_json::Value = serde_json::from_str(&body).expect("info json");
+    assert_eq!(info["model"], "flowers-ip2p", "{body}");
 }

@@ -782,6 +782,28 @@ pub fn judge(input: &RgbImage, truth: &RgbImage, output: &RgbImage) -> Verdict {
     }
 }
 
+/// One row per edit type of `report`'s first examples: input, true edit, the model's edit,
+/// 4-pixel white gaps.
+pub fn grid(report: &Report) -> RgbImage {
+    let Some((a, _, _, _)) = report.firsts.values().next() else {
+        return RgbImage::new(0, 0);
+    };
+    let (w, h, gap) = (a.width(), a.height(), 4);
+    let rows = report.firsts.len() as u32;
+    let mut out = RgbImage::from_pixel(
+        3 * w + 2 * gap,
+        rows * h + (rows - 1) * gap,
+        image::Rgb([255; 3]),
+    );
+    for (r, (input, truth, output, _)) in report.firsts.values().enumerate() {
+        for (c, img) in [input, truth, output].into_iter().enumerate() {
+            let (x, y) = (c as u32 * (w + gap), r as u32 * (h + gap));
+            image::imageops::replace(&mut out, img, i64::from(x), i64::from(y));
+        }
+    }
+    out
+}
+
 /// The seed of held-out example `index`: a stream no training run draws from.
 pub fn held_out_seed(index: usize) -> u64 {
     rng_for(0x5eed_e7a1, b"heldout_", index as u64).next_u64()
@@ -828,6 +850,9 @@ impl Tally {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
     pub by_type: std::collections::BTreeMap<String, Tally>,
+    /// The first example of each type: input, true edit, the model's edit, instruction.
+    #[serde(skip)]
+    pub firsts: std::collections::BTreeMap<String, (RgbImage, RgbImage, RgbImage, String)>,
     pub overall: Tally,
 }
 
@@ -851,12 +876,14 @@ pub fn evaluate(pipe: &ip2p::pipeline::EditPipeline, opts: &EvalOptions) -> ip2p
         };
         let image = ip2p::pipeline::InputImage::from_dynamic(input.clone().into());
         let out = pipe.edit(&image, &params, &mut ip2p::pipeline::NoProgress)?;
-        let v = judge(&input, &truth, &out.image.to_rgb8());
+        let output = out.image.to_rgb8();
+        let v = judge(&input, &truth, &output);
+        let ty = ex.edit.kind_name().to_owned();
+        report.by_type.entry(ty.clone()).or_default().add(&v);
         report
-            .by_type
-            .entry(ex.edit.kind_name().to_owned())
-            .or_default()
-            .add(&v);
+            .firsts
+            .entry(ty)
+            .or_insert((input, truth, output, ex.instruction));
         report.overall.add(&v);
     }
     Ok(report)

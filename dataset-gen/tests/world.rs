@@ -135,6 +135,7 @@ fn tiny_vae_config(
         seed: 5,
         checkpoint_every: 4,
         resume: true,
+        new_phase: false,
         holdout: 2,
         device: candle_core::Device::Cpu,
     }
@@ -257,7 +258,8 @@ async fn a_world_model_is_assembled_trained_on_cached_encodings_and_packaged() {
     // The scale makes the latents of the measured pictures unit-variance.
     let c = ip2p::loader::load(&md, &candle_core::Device::Cpu, &Default::default()).expect("load");
     let ds =
-        ip2p::training::data::PairDataset::open(&[data.clone()], Default::default()).expect("data");
+        ip2p::training::data::PairDataset::open(std::slice::from_ref(&data), Default::default())
+            .expect("data");
     let mut all = Vec::new();
     for row in 0..ds.len() {
         let p = ds.get(row).expect("row");

@@ -248,6 +248,10 @@ pub struct TrainVaeArgs {
     /// Continue from the newest checkpoint in --out.
     #[arg(long, env = "IP2P_VAE_RESUME")]
     pub resume: bool,
+    /// With --resume: continue a checkpoint made with another --crop or --batch-size (the next
+    /// phase of a schedule; weights and optimizer moments carry over).
+    #[arg(long, env = "IP2P_VAE_NEW_PHASE", requires = "resume")]
+    pub new_phase: bool,
     /// Rows at the end of the data held out for the reconstruction PSNR.
     #[arg(long, env = "IP2P_VAE_HOLDOUT", default_value_t = 16)]
     pub holdout: usize,
@@ -294,6 +298,7 @@ impl TryFrom<TrainVaeArgs> for VaeTrainConfig {
             seed: a.seed,
             checkpoint_every: a.checkpoint_every,
             resume: a.resume,
+            new_phase: a.new_phase,
             holdout: a.holdout,
             device: ip2p::device::open(a.device)?,
         })

@@ -45,6 +45,9 @@ pub struct VaeTrainConfig {
     pub seed: u64,
     pub checkpoint_every: u64,
     pub resume: bool,
+    /// On resume, accept a checkpoint made with another crop or batch size (a schedule's next
+    /// phase: the weights and optimizer moments carry over; the seed must stay).
+    pub new_phase: bool,
     /// Rows at the end of the dataset kept out of training, for the PSNR.
     pub holdout: usize,
     pub device: Device,
@@ -161,7 +164,8 @@ impl VaeRun {
         let mut opt = AdamW::new(vars.clone(), cfg.adam);
         if let Some((step, ck)) = &resume {
             let st: VaeState = crate::loader::read_json(&ck.join("training_state/state.json"))?;
-            if (st.seed, st.batch_size, st.crop) != (cfg.seed, cfg.batch_size, cfg.crop) {
+            let same = (st.batch_size, st.crop) == (cfg.batch_size, cfg.crop);
+            if st.seed != cfg.seed || !(same || cfg.new_phase) {
                 return Err(Error::invalid(
                     "resume",
                     format!(

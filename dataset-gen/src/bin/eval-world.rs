@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use dataset_gen::world::{evaluate, EvalOptions};
+use dataset_gen::world::{evaluate, grid, EvalOptions};
 use ip2p::device::DeviceChoice;
 use ip2p::loader::{self, LoadOptions, ModelDir};
 use ip2p::pipeline::edit::{DEFAULT_IMAGE_GUIDANCE, DEFAULT_TEXT_GUIDANCE};
@@ -20,9 +20,9 @@ use ip2p::pipeline::EditPipeline;
     about = "Judge a model's edits of the flower world"
 )]
 struct Args {
-    /// The model: a diffusers folder or hub id.
-    #[arg(long, env = "EVAL_WORLD_MODEL")]
-    model: PathBuf,
+    /// The model: a diffusers folder, a hub id, or flowers-ip2p (the shipped one).
+    #[arg(long, env = "EVAL_WORLD_MODEL", default_value = ip2p::loader::BUILTIN_MODEL)]
+    model: String,
     /// Held-out examples to edit.
     #[arg(long, env = "EVAL_WORLD_EXAMPLES", default_value_t = 200)]
     examples: usize,
@@ -42,6 +42,10 @@ struct Args {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, env = "EVAL_WORLD_DEVICE", default_value = "auto")]
     device: DeviceChoice,
+    /// Also write a PNG grid: one row per edit type (its first example), input | true edit |
+    /// the model's edit, and the rows' instructions beside it (`<grid>.txt`).
+    #[arg(long, env = "EVAL_WORLD_GRID")]
+    grid: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     ip2p::logging::init(ip2p::logging::LogFormat::Text, "warn");
     let dev = ip2p::device::open(a.device)?;
-    let dir = ModelDir::from_dir(&a.model).context("opening the model")?;
+    let dir = ModelDir::open(&a.model, &Default::default()).context("opening the model")?;
     let pipe = EditPipeline::new(loader::load(&dir, &dev, &LoadOptions::default())?)?;
     let opts = EvalOptions {
         examples: a.examples,
@@ -87,5 +91,14 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!("{}", serde_json::to_string(&report)?);
+    if let Some(path) = &a.grid {
+        grid(&report).save(path).context("writing the grid")?;
+        let lines: Vec<String> = report
+            .firsts
+            .iter()
+            .map(|(ty, f)| format!("{ty}: {}", f.3))
+            .collect();
+        std::fs::write(path.with_extension("txt"), lines.join("\n") + "\n")?;
+    }
     Ok(())
 }
