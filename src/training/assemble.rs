@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
 use super::data::{Columns, PairDataset};
-use super::{init_default, named_vars, var_builder};
+use super::{copy_tree, init_default, named_vars, var_builder};
 use crate::loader::{self, ModelDir};
 use crate::models::{UNet2DConditionModel, UNetConfig};
 use crate::pipeline::image::to_tensor;
@@ -50,11 +50,11 @@ pub fn assemble(cfg: &AssembleConfig) -> Result<f64> {
     let scale = latent_scale(cfg)?;
     crate::fsutil::commit_dir(&cfg.out, |tmp| {
         for part in ["tokenizer", "text_encoder", "scheduler"] {
-            copy_tree(&cfg.text_from.join(part), &tmp.join(part))?;
+            copy_tree(&cfg.text_from.join(part), &tmp.join(part), false, &[])?;
         }
         let index = cfg.text_from.join("model_index.json");
         std::fs::copy(&index, tmp.join("model_index.json")).map_err(|e| Error::io(&index, e))?;
-        copy_tree(&cfg.vae, &tmp.join("vae"))?;
+        copy_tree(&cfg.vae, &tmp.join("vae"), false, &[])?;
         let vae_cfg = tmp.join("vae/config.json");
         let mut json: serde_json::Value = loader::read_json(&vae_cfg)?;
         json["scaling_factor"] = serde_json::json!(scale);
@@ -151,23 +151,6 @@ fn half_tree(src: &Path, dst: &Path) -> Result<()> {
             _ => {
                 std::fs::copy(&from, dst.join(&name)).map_err(|e| Error::io(&from, e))?;
             }
-        }
-    }
-    Ok(())
-}
-
-fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
-    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
-    for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
-        let from = entry.map_err(|e| Error::io(src, e))?.path();
-        let Some(name) = from.file_name() else {
-            continue;
-        };
-        let to = dst.join(name);
-        if from.is_dir() {
-            copy_tree(&from, &to)?;
-        } else {
-            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
         }
     }
     Ok(())

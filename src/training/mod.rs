@@ -33,24 +33,32 @@ pub(crate) fn copy_model_except_unet(
     dst: &std::path::Path,
     link: bool,
 ) -> Result<()> {
-    fn tree(src: &std::path::Path, dst: &std::path::Path, link: bool, top: bool) -> Result<()> {
-        std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
-        for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
-            let entry = entry.map_err(|e| Error::io(src, e))?;
-            let (from, name) = (entry.path(), entry.file_name());
-            if top && name == "unet" {
-                continue;
-            }
-            let to = dst.join(&name);
-            if from.is_dir() {
-                tree(&from, &to, link, false)?;
-            } else if !(link && std::fs::hard_link(&from, &to).is_ok()) {
-                std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
-            }
+    copy_tree(src, dst, link, &["unet"])
+}
+
+/// Copies the folder `src` into `dst` (made if missing), leaving out the entries of `src` itself
+/// named in `skip`; hard-links files where the file system allows (`link`), copies otherwise.
+pub(crate) fn copy_tree(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    link: bool,
+    skip: &[&str],
+) -> Result<()> {
+    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+    for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+        let entry = entry.map_err(|e| Error::io(src, e))?;
+        let (from, name) = (entry.path(), entry.file_name());
+        if skip.iter().any(|s| name == *s) {
+            continue;
         }
-        Ok(())
+        let to = dst.join(&name);
+        if from.is_dir() {
+            copy_tree(&from, &to, link, &[])?;
+        } else if !(link && std::fs::hard_link(&from, &to).is_ok()) {
+            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+        }
     }
-    tree(src, dst, link, true)
+    Ok(())
 }
 
 /// Fresh weights: PyTorch's default bound `1/√fan_in` (uniform) for convolution and linear
