@@ -177,10 +177,29 @@ async fn a_vae_trains_on_world_pictures_and_resumes_exactly() {
     assert_eq!(cfg["down_block_types"].as_array().map(Vec::len), Some(2));
     let b = dir.path().join("b");
     train_vae(&tiny_vae_config(&data.join("data"), &b, 6), &mut |_| {}).expect("first part");
+    // A crash after step 6's checkpoint leaves a logged step 7 that the resumed run redoes.
+    let log = b.join("train_log.jsonl");
+    let mut text = std::fs::read_to_string(&log).expect("log");
+    text.push_str("{\"step\":7,\"loss\":1.0,\"mse\":1.0,\"kl\":0.0,\"seconds\":0.1}\n");
+    std::fs::write(&log, text).expect("write log");
     let s2 = train_vae(&tiny_vae_config(&data.join("data"), &b, 40), &mut |_| {}).expect("resumed");
     assert_eq!(
         s2.start_step, 6,
         "from the newest checkpoint: the first run's last step"
+    );
+    let steps: Vec<u64> = std::fs::read_to_string(&log)
+        .expect("log")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["step"]
+                .as_u64()
+                .expect("step")
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=40).collect::<Vec<u64>>(),
+        "one line per step, none twice"
     );
     let (wa, wb) = (weights(&s.final_model), weights(&s2.final_model));
     assert_eq!(wa.len(), wb.len());

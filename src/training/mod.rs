@@ -61,6 +61,31 @@ pub(crate) fn copy_tree(
     Ok(())
 }
 
+/// `<out>/train_log.jsonl` (one JSON object per step, with its `step`), keeping the lines up to
+/// `start_step` of an earlier run and dropping the rest (steps a resumed run redoes), open for
+/// appending.
+pub(crate) fn open_log(out: &std::path::Path, start_step: u64) -> Result<(std::fs::File, PathBuf)> {
+    let path = out.join("train_log.jsonl");
+    let mut kept = String::new();
+    if let Ok(old) = std::fs::read_to_string(&path) {
+        for line in old.lines() {
+            let step = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64());
+            if step.is_some_and(|s| s <= start_step) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+    }
+    std::fs::write(&path, kept).map_err(|e| Error::io(&path, e))?;
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    Ok((log, path))
+}
+
 /// Fresh weights: PyTorch's default bound `1/√fan_in` (uniform) for convolution and linear
 /// weights, norms' scales 1, every bias 0; drawn in name order from `seed` and `stream`.
 pub(crate) fn init_default(map: &VarMap, seed: u64, stream: &[u8; 8]) -> Result<()> {

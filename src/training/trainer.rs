@@ -27,7 +27,8 @@ use super::ema::Ema;
 use super::encodings::{CachedBatch, EncodingCache};
 use super::lora::{self, LoraConfig, LORA_FILE};
 use super::{
-    clip_grad_norm, ip2p_loss, latest_checkpoint, load_vars, named_vars, var_builder, NoiseSchedule,
+    clip_grad_norm, ip2p_loss, latest_checkpoint, load_vars, named_vars, open_log, var_builder,
+    NoiseSchedule,
 };
 use crate::loader::{self, HubOptions, ModelDir, Variant};
 use crate::models::{
@@ -764,28 +765,6 @@ impl Draws {
             image_mask: Tensor::from_vec(d.4, (b, 1, 1, 1), dev)?,
         })
     }
-}
-
-/// The loss log, keeping the lines up to `start_step` of an earlier run, open for appending.
-fn open_log(out: &Path, start_step: u64) -> Result<(std::fs::File, PathBuf)> {
-    let path = out.join("train_log.jsonl");
-    let mut kept = String::new();
-    if let Ok(old) = std::fs::read_to_string(&path) {
-        for line in old.lines() {
-            if let Ok(l) = serde_json::from_str::<StepLog>(line) {
-                if l.step <= start_step {
-                    kept.push_str(line);
-                    kept.push('\n');
-                }
-            }
-        }
-    }
-    std::fs::write(&path, kept).map_err(io(&path))?;
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .map_err(io(&path))?;
-    Ok((log, path))
 }
 
 /// Runs (or resumes) training. `on_step` sees every optimisation step.

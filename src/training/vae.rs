@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::data::{Columns, PairDataset};
-use super::{clip_grad_norm, init_default, latest_checkpoint, load_vars, named_vars, var_builder};
+use super::{
+    clip_grad_norm, init_default, latest_checkpoint, load_vars, named_vars, open_log, var_builder,
+};
 use crate::models::{AutoencoderKL, VaeConfig};
 use crate::pipeline::image::to_tensor;
 use crate::schedulers::noise::rng_for;
@@ -315,12 +317,7 @@ pub fn psnr(
 /// Runs (or resumes) VAE training. `on_step` sees every step.
 pub fn train_vae(cfg: &VaeTrainConfig, on_step: &mut dyn FnMut(&VaeStepLog)) -> Result<VaeSummary> {
     let mut run = VaeRun::open(cfg)?;
-    let log_path = cfg.out.join("train_log.jsonl");
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| Error::io(&log_path, e))?;
+    let (mut log, log_path) = open_log(&cfg.out, run.start_step)?;
     let mut summary = VaeSummary {
         start_step: run.start_step,
         end_step: run.start_step,
