@@ -345,6 +345,34 @@ async fn a_world_model_is_assembled_trained_on_cached_encodings_and_packaged() {
         cached[2..].to_vec(),
         "a resumed run continues the same losses"
     );
+    // The resumed run read the encodings its first part kept: with their targets zeroed on
+    // disk, a run that reuses them sees another loss.
+    let kept = dir.path().join("resumed/encodings");
+    let files: Vec<_> = std::fs::read_dir(&kept)
+        .expect("kept encodings")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let st = files
+        .iter()
+        .find(|f| f.extension().is_some_and(|e| e == "safetensors"))
+        .expect("tensors");
+    let mut ts = candle_core::safetensors::load(st, &candle_core::Device::Cpu).expect("load");
+    for name in ["mean", "std"] {
+        let z = ts[name].zeros_like().expect("zeros");
+        ts.insert(name.to_owned(), z);
+    }
+    candle_core::safetensors::save(&ts, st).expect("save");
+    let zeroed = losses(&TrainConfig {
+        encodings_dir: Some(kept),
+        ..tcfg("zeroed", 1, true)
+    });
+    assert!(
+        (zeroed[0] - cached[0]).abs() > 1e-3 * cached[0],
+        "zeroed {} cached {}",
+        zeroed[0],
+        cached[0]
+    );
 
     // The package: every weight file in fp16, equal to the original within fp16 rounding, and
     // a working model.

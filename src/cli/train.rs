@@ -66,6 +66,10 @@ pub struct TrainArgs {
     /// instruction once, then train on those encodings (no crops; --resolution unused).
     #[arg(long, env = "IP2P_TRAIN_CACHE_ENCODINGS")]
     pub cache_encodings: bool,
+    /// Where --cache-encodings keeps the encodings for later runs (default: <out>/encodings);
+    /// they are reused only while the data and the model's VAE and text encoder are unchanged.
+    #[arg(long, env = "IP2P_TRAIN_ENCODINGS_DIR")]
+    pub encodings_dir: Option<PathBuf>,
     /// p of the conditioning dropout (text dropped below 2p, image between p and 3p).
     #[arg(long, env = "IP2P_TRAIN_CONDITIONING_DROPOUT", default_value_t = 0.05)]
     pub conditioning_dropout: f64,
@@ -163,6 +167,7 @@ impl TryFrom<TrainArgs> for TrainConfig {
             conditioning_dropout: a.conditioning_dropout,
             prefetch: 2,
             cache_encodings: a.cache_encodings,
+            encodings_dir: a.encodings_dir,
             resume: a.resume,
             lora: a.lora_rank.map(|rank| ip2p::training::lora::LoraConfig {
                 rank,

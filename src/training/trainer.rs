@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::adamw::{AdamW, AdamWConfig};
 use super::data::{augment, rng_for, unit, Columns, EpochOrder, PairDataset};
 use super::ema::Ema;
-use super::encodings::{CachedBatch, EncodingCache};
+use super::encodings::{CacheStore, CachedBatch, EncodingCache};
 use super::lora::{self, LoraConfig, LORA_FILE};
 use super::{
     clip_grad_norm, ip2p_loss, latest_checkpoint, load_vars, named_vars, open_log, var_builder,
@@ -69,6 +69,9 @@ pub struct TrainConfig {
     /// train on those encodings (see [`super::encodings`]); `resolution` and `center_crop` are
     /// then unused.
     pub cache_encodings: bool,
+    /// Where cached encodings are kept between runs (`None`: `<out>/encodings`); see
+    /// [`super::encodings::CacheStore`].
+    pub encodings_dir: Option<PathBuf>,
     pub resume: bool,
     /// Train LoRA adapters of this shape instead of the whole UNet.
     pub lora: Option<LoraConfig>,
@@ -99,6 +102,7 @@ impl Default for TrainConfig {
             conditioning_dropout: 0.05,
             prefetch: 2,
             cache_encodings: false,
+            encodings_dir: None,
             resume: false,
             lora: None,
             samples: None,
@@ -380,10 +384,23 @@ impl Run {
         };
         let checkpoint = resume.as_ref().map(|r| r.1.as_path());
         let (unet, vars) = trainable_unet(cfg, &dir, &ucfg, checkpoint)?;
-        let cache = cfg
-            .cache_encodings
-            .then(|| EncodingCache::build(&data, &frozen.vae, &|p| frozen.encode(p, dev), dev))
-            .transpose()?;
+        let cache = if cfg.cache_encodings {
+            let at = cfg
+                .encodings_dir
+                .clone()
+                .unwrap_or_else(|| cfg.out.join("encodings"));
+            let store = CacheStore::new(&at, &cfg.data, &cfg.columns, dir.root())?;
+            let encode = |p: &[&str]| frozen.encode(p, dev);
+            Some(EncodingCache::load_or_build(
+                &store,
+                &data,
+                &frozen.vae,
+                &encode,
+                dev,
+            )?)
+        } else {
+            None
+        };
         let mut run = Self {
             opt: AdamW::new(vars.clone(), cfg.adam),
             ema: cfg.ema.map(|d| Ema::new(&vars, d)).transpose()?,
