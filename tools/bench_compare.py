@@ -51,6 +51,12 @@ def main():
                 "--res", *a.res, "--reps", a.reps, "--only", a.only])
     theirs = run([a.python, os.path.join(a.shared, "bench/bench_diffusers.py"),
                   "--res", *map(str, a.res), "--reps", a.reps, "--only", a.only])
+    host = [r for r in ours if r["component"] == "host"]
+    if host:
+        h = host[0]
+        print(f"host: {h['cpu']} ({h['vendor']} family {h['family']} model {h['model']}), "
+              f"{h['cpus']} CPUs, L2 {h['l2'] >> 10} KiB, features {' '.join(h['features'])}; "
+              f"sgemm {h['sgemm_kernel']} {h['sgemm_blocks']}")
     t = {key(r): r["s"] for r in theirs if "s" in r}
     print(f"{'figure':28} {'res':>5} {'ours s':>9} {'diffusers s':>12} {'ours/theirs':>12}")
     for r in ours:
@@ -59,6 +65,14 @@ def main():
         k = key(r)
         if k in t:
             print(f"{k[0]:28} {str(k[1] or ''):>5} {r['s']:9.3f} {t[k]:12.3f} {r['s'] / t[k]:12.2f}")
+    if "gemm" in a.only.split(","):
+        g = run([a.ip2p, "bench", "--only", "gemm", "--reps", a.reps])
+        mkl = run([a.python, os.path.join(ROOT, "tools/bench_mkl_gemm.py"), "--reps", a.reps])
+        mkl = {r["n"]: r["gflops"] for r in mkl if r["m"] == r["n"] == r["k"]}
+        for r in g:
+            if r["component"] in ("sgemm", "sgemm_prepacked") and r["n"] in mkl:
+                print(f"{r['component'] + ' GFLOP/s':28} {r['n']:>5} {r['gflops']:9.1f} "
+                      f"{mkl[r['n']]:12.1f} {r['gflops'] / mkl[r['n']]:12.2f}  (MKL via torch)")
     rss = [r for r in ours if r["component"] == "peak_rss"]
     if rss:
         print(f"peak RSS (ours, whole run): {rss[0]['bytes'] / 2**30:.2f} GiB")

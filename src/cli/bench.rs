@@ -145,8 +145,26 @@ fn emit(v: serde_json::Value) {
     emit_with(v, &serde_json::Value::Null);
 }
 
-/// `v` with the fields of `extra` (an object) added.
+/// The line that opens every set: the CPU, its SIMD features and caches, and the matrix
+/// product's kernel and blocks chosen for it.
+fn host_line() -> serde_json::Value {
+    let h = ip2p_cpu::host::host();
+    let b = ip2p_cpu::sgemm::blocks();
+    serde_json::json!({
+        "component": "host", "vendor": h.vendor, "family": h.family, "model": h.model,
+        "cpus": h.cpus, "l1d": h.l1d, "l2": h.l2, "l3": h.l3, "features": h.features,
+        "sgemm_kernel": ip2p_cpu::sgemm::kernel_name(),
+        "sgemm_blocks": {"mc": b.mc, "nc": b.nc, "kc": b.kc},
+    })
+}
+
+/// `v` with the fields of `extra` (an object) added, and the CPU it was measured on.
 fn emit_with(mut v: serde_json::Value, extra: &serde_json::Value) {
+    if let Some(o) = v.as_object_mut() {
+        let h = ip2p_cpu::host::host();
+        o.insert("cpu".into(), h.model_name.clone().into());
+        o.insert("cpu_family".into(), h.family_name().into());
+    }
     if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
         for (k, x) in e {
             o.insert(k.clone(), x.clone());
@@ -168,6 +186,7 @@ pub fn run(o: &BenchOptions) -> Result<()> {
     let want = |k: &str| o.only.is_empty() || o.only.iter().any(|x| x == k);
     // Training steps are opt-in (minutes and ~20 GB for the full UNet).
     let asked = |k: &str| o.only.iter().any(|x| x == k);
+    emit(host_line());
     if want("text") {
         text_figure(o)?;
     }

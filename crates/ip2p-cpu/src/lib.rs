@@ -10,9 +10,11 @@
 //! * [`rows`]: LayerNorm, GroupNorm (+SiLU) and the batched transpose.
 //! * [`grad`]: convolution for training (forward and both gradients on the GEMM).
 //! * [`stored`]: weights read straight from a checkpoint's bytes, and the packed-weight cache.
+//! * [`host`]: the CPU (vendor, model, SIMD features, caches), read once.
 //! * [`profile`]: per-kernel time and FLOP counters (`IP2P_PROFILE`).
 
 pub mod grad;
+pub mod host;
 pub mod kernels;
 pub mod profile;
 pub mod rows;

@@ -99,6 +99,23 @@ fn kernel() -> Kernel {
     })
 }
 
+/// The block sizes of a product: rows and columns of C per task, depth of one packed block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocks {
+    pub mc: usize,
+    pub nc: usize,
+    pub kc: usize,
+}
+
+/// The blocks this process uses (for benchmark reports).
+pub fn blocks() -> Blocks {
+    Blocks {
+        mc: MC,
+        nc: NC,
+        kc: KC,
+    }
+}
+
 /// The micro-kernel this process uses (for benchmark reports).
 pub fn kernel_name() -> &'static str {
     kernel().name
