@@ -207,8 +207,86 @@ fn timesteps_check(checks: &mut Checks, case: &Case, got: &[f64]) -> R<()> {
 }
 
 fn ip2p(case: &Case, models: &mut Models) -> R<Checks> {
-    let mut checks = models.mode.checks();
+    let checks = models.mode.checks();
     let c = models.get(&model_for(case, "tiny-ip2p"))?.clone();
+    edit_case(case, c, checks)
+}
+
+/// A file a `personal` case names: beside its folder (`personal/parity/…` → `personal/…`),
+/// in it, or in the shared `personal/` fixtures.
+fn personal_file(case_path: &Path, name: &str) -> R<PathBuf> {
+    let dir = case_path.parent().unwrap_or(Path::new("."));
+    let candidates = [
+        dir.parent().map(|p| p.join(name)),
+        Some(dir.join(name)),
+        Some(fixtures().join("personal").join(name)),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+        .ok_or_else(|| format!("{name}: not found beside {}", case_path.display()))
+}
+
+/// An edit with Textual Inversion embeddings and a LoRA (at its scale) loaded as diffusers'
+/// `load_textual_inversion` / `load_lora_weights` + `set_adapters` do: the prompt's ids, the
+/// text encoder's output and the edit.
+fn personal(path: &Path, case: &Case, mode: &Mode) -> R<Checks> {
+    let mut checks = mode.checks();
+    let list = |key: &str| -> Vec<String> {
+        case.meta
+            .get(key)
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (files, tokens) = (list("textual_inversion"), list("textual_inversion_tokens"));
+    let embeddings = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            Ok(loader::embeddings::EmbeddingSpec {
+                path: personal_file(path, f)?,
+                token: tokens.get(i).cloned(),
+            })
+        })
+        .collect::<R<Vec<_>>>()?;
+    let loras = match case.meta_str("lora").unwrap_or_default() {
+        f if f.is_empty() => Vec::new(),
+        f => vec![loader::lora::LoraSpec {
+            path: personal_file(path, &f)?,
+            scale: case.meta_f64("lora_scale").unwrap_or(1.0),
+        }],
+    };
+    let dir = ModelDir::from_dir(&fixtures().join(model_for(case, "tiny-ip2p"))).map_err(e)?;
+    let opts = LoadOptions {
+        dtype: Some(mode.dtype),
+        kernels: mode.kernels,
+        loras,
+        embeddings,
+        ..LoadOptions::default()
+    };
+    let c = loader::load(&dir, &mode.device, &opts).map_err(e)?;
+    let prompt = case.meta_str("prompt").unwrap_or_default();
+    let ids = c.tokenizer.encode(&prompt).map_err(e)?.ids;
+    let want = case.t("input_ids")?.to_dtype(DType::F32).map_err(e)?;
+    let got = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.reshape(want.dims()))
+        .map_err(e)?;
+    checks.bound("input_ids", &got, &want, 0.0)?;
+    let ids = case.t("input_ids")?.to_device(&c.device).map_err(e)?;
+    let hidden = c.text_encoder.forward(&ids).map_err(e)?;
+    checks.within(case, "text_hidden", &hidden)?;
+    edit_case(case, c, checks)
+}
+
+/// The edit of an `ip2p`-like case with components `c`, checked into `checks`.
+fn edit_case(case: &Case, c: Components, mut checks: Checks) -> R<Checks> {
     let pipe = EditPipeline::new(c).map_err(e)?;
     let (kind, cfg) = scheduler_of(case)?;
     let steps = case.meta_f64("steps").ok_or("no steps")? as usize;
@@ -477,6 +555,7 @@ fn run_case(path: &Path, case: Option<&Case>, models: &mut Models) -> R<Checks> 
         "txt2img_pair" => txt2img_pair(case, models),
         "clip" => clip(case, &models.mode),
         "train_step" => train_step(case),
+        "personal" => personal(path, case, &models.mode),
         other => Err(format!("unknown case kind `{other}`")),
     }
 }
@@ -567,7 +646,11 @@ fn main() {
     } else {
         PathBuf::from("tests/fixtures/parity")
     };
-    let mut dirs = vec![fixtures().join("parity"), own];
+    let mut dirs = vec![
+        fixtures().join("parity"),
+        fixtures().join("personal/parity"),
+        own,
+    ];
     if let Ok(extra) = std::env::var("IP2P_PARITY_DIR") {
         if !extra.is_empty() {
             dirs.push(PathBuf::from(extra));

@@ -32,9 +32,15 @@ pub struct ModelArgs {
     /// Use only the local Hugging Face cache (also HF_HUB_OFFLINE=1).
     #[arg(long, env = "IP2P_OFFLINE")]
     pub offline: bool,
-    /// LoRA weights (diffusers/PEFT `pytorch_lora_weights.safetensors`) folded into the UNet.
-    #[arg(long, env = "IP2P_LORA")]
-    pub lora: Option<PathBuf>,
+    /// A LoRA file and its scale, FILE[:SCALE] (diffusers/PEFT or kohya/A1111; repeatable,
+    /// comma-separated in the variable): added to the UNet's and text encoder's weights at load.
+    #[arg(long, env = "IP2P_LORA", value_delimiter = ',')]
+    pub lora: Vec<ip2p::loader::lora::LoraSpec>,
+    /// A Textual Inversion embedding, FILE[:TOKEN] (A1111 .pt/.safetensors or diffusers;
+    /// repeatable, comma-separated in the variable): its trigger word (the file's own unless
+    /// given) can then be used in instructions.
+    #[arg(long, env = "IP2P_EMBEDDING", value_delimiter = ',')]
+    pub embedding: Vec<ip2p::loader::embeddings::EmbeddingSpec>,
     /// A folder for caches of packed weights (CPU): the first start writes them (about 5 GB
     /// for SD 1.5), later starts map them instead of packing. Off when not given.
     #[arg(long, env = "IP2P_PACKED_CACHE")]
@@ -65,7 +71,8 @@ impl ModelArgs {
             packed_cache: self.packed_cache.clone(),
             dtype: self.dtype.0,
             kernels: self.kernels,
-            loras: self.lora.iter().cloned().collect(),
+            loras: self.lora.clone(),
+            embeddings: self.embedding.clone(),
             ..Default::default()
         };
         Ok(EditPipeline::new(loader::load(&dir, &dev, &opts)?)?)

@@ -1,7 +1,14 @@
-//! LoRA files folded into a loaded UNet ([`super::LoadOptions::loras`]): the diffusers/PEFT
-//! format (`unet.<module>.lora_A.weight` / `lora_B.weight`, scale `alpha / r` from the
-//! metadata) and the older diffusers names (`lora.down` / `lora.up`). Folding happens once at
-//! load, so inference costs nothing extra.
+//! LoRA files: the diffusers/PEFT format (`unet.<module>.lora_A.weight` / `lora_B.weight`,
+//! `text_encoder.<module>…`, scale `alpha / r` from the metadata), the older diffusers names
+//! (`lora.down` / `lora.up`), and the kohya/A1111 format (`lora_unet_<module>` /
+//! `lora_te_<module>` with the module path's dots as underscores, `lora_down` / `lora_up`,
+//! a per-module `alpha`; LoCon adapters on convolutions too).
+//!
+//! [`plan`] turns any number of files, each with its own scale, into one weight delta per
+//! changed tensor (`scale · alpha / r · up · down`), which the loader adds as it reads the
+//! weights — before they are packed, so a LoRA costs nothing at inference. A kohya module
+//! name is matched against the model's own tensor names (an underscore name is ambiguous
+//! otherwise), and an adapter that matches no layer is an error that says how many did.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -120,4 +127,267 @@ pub fn merge_file(unet: &mut UNet2DConditionModel, path: &Path) -> Result<usize>
         )));
     }
     Ok(n)
+}
+
+/// `FILE[:SCALE]` as the command line takes it (scale 1 when absent).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub path: std::path::PathBuf,
+    pub scale: f64,
+}
+
+impl std::str::FromStr for LoraSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err("a LoRA file is needed".into());
+        }
+        if let Some((p, x)) = s.rsplit_once(':') {
+            if let Ok(scale) = x.parse::<f64>() {
+                if !scale.is_finite() {
+                    return Err(format!("LoRA scale {x} is not a finite number"));
+                }
+                return Ok(Self {
+                    path: p.into(),
+                    scale,
+                });
+            }
+        }
+        Ok(Self {
+            path: s.into(),
+            scale: 1.0,
+        })
+    }
+}
+
+/// Which network an adapter changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Net {
+    Unet,
+    TextEncoder,
+}
+
+/// A module as a file names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Name {
+    /// diffusers/PEFT: the module path with dots.
+    Dotted(String),
+    /// kohya: the module path with dots as underscores.
+    Underscored(String),
+}
+
+/// One adapter: `W += s · up · down`, `s = alpha / rank` (or the file's PEFT scale).
+#[derive(Debug, Default)]
+struct Parts {
+    down: Option<Tensor>,
+    up: Option<Tensor>,
+    alpha: Option<f64>,
+}
+
+/// Every adapter of a file, by network and module, and the scale of those without an alpha.
+fn read_any(path: &Path) -> Result<(HashMap<(Net, Name), Parts>, f64)> {
+    let bad = |m: String| Error::IncompatibleModel(format!("LoRA {}: {m}", path.display()));
+    let (_, peft_scale) = read_meta(path)?;
+    let tensors =
+        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| bad(e.to_string()))?;
+    let mut out: HashMap<(Net, Name), Parts> = HashMap::new();
+    for (k, t) in tensors {
+        let Some((net, name, part)) = classify(&k) else {
+            continue;
+        };
+        let e = out.entry((net, name)).or_default();
+        match part {
+            Part::Down => e.down = Some(t),
+            Part::Up => e.up = Some(t),
+            Part::Alpha => {
+                e.alpha = Some(
+                    t.to_dtype(DType::F64)?
+                        .flatten_all()?
+                        .to_vec1::<f64>()?
+                        .first()
+                        .copied()
+                        .unwrap_or(0.0),
+                )
+            }
+            Part::Mid => {
+                return Err(bad(format!(
+                    "{k}: LoCon's Tucker `lora_mid` is not supported"
+                )))
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(bad(
+            "no LoRA tensors (PEFT `lora_A`/`lora_B`, kohya `lora_down`/`lora_up`)".into(),
+        ));
+    }
+    Ok((out, peft_scale))
+}
+
+enum Part {
+    Down,
+    Up,
+    Alpha,
+    Mid,
+}
+
+/// Network, module and part of a tensor name in any of the formats (`None`: not an adapter).
+fn classify(k: &str) -> Option<(Net, Name, Part)> {
+    for (prefix, net) in [("lora_unet_", Net::Unet), ("lora_te_", Net::TextEncoder)] {
+        if let Some(rest) = k.strip_prefix(prefix) {
+            let (module, part) = rest.split_once('.')?;
+            let part = match part {
+                "lora_down.weight" => Part::Down,
+                "lora_up.weight" => Part::Up,
+                "alpha" => Part::Alpha,
+                "lora_mid.weight" => Part::Mid,
+                _ => return None,
+            };
+            return Some((net, Name::Underscored(module.to_owned()), part));
+        }
+    }
+    let (net, k) = if let Some(r) = k.strip_prefix("text_encoder.") {
+        (Net::TextEncoder, r)
+    } else {
+        (Net::Unet, k.strip_prefix("unet.").unwrap_or(k))
+    };
+    let old = |m: &str| {
+        m.replace(".processor", "")
+            .replace("to_out_lora", "to_out.0")
+    };
+    let old = |m: &str| old(m).replace("_lora", "");
+    let (module, part) = if let Some(m) = k.strip_suffix(".lora_A.weight") {
+        (m.to_owned(), Part::Down)
+    } else if let Some(m) = k.strip_suffix(".lora_B.weight") {
+        (m.to_owned(), Part::Up)
+    } else if let Some(m) = k.strip_suffix(".lora.down.weight") {
+        (old(m), Part::Down)
+    } else if let Some(m) = k.strip_suffix(".lora.up.weight") {
+        (old(m), Part::Up)
+    } else {
+        return None;
+    };
+    Some((net, Name::Dotted(module), part))
+}
+
+/// The PEFT scale (`alpha / r` of `lora_adapter_metadata`, else 1) of a file.
+fn read_meta(path: &Path) -> Result<((), f64)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut head = [0u8; 8];
+    std::io::Read::read_exact(&mut &file, &mut head).map_err(|e| Error::io(path, e))?;
+    let n = u64::from_le_bytes(head) as usize;
+    if n > 100 << 20 {
+        return Err(Error::IncompatibleModel(format!(
+            "LoRA {}: not a safetensors file",
+            path.display()
+        )));
+    }
+    let mut buf = vec![0u8; n];
+    std::io::Read::read_exact(&mut &file, &mut buf).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&buf)
+        .map_err(|e| Error::IncompatibleModel(format!("LoRA {}: {e}", path.display())))?;
+    let meta = &v["__metadata__"]["lora_adapter_metadata"];
+    let scale = meta
+        .as_str()
+        .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+        .and_then(|m| {
+            Some(m["unet.lora_alpha"].as_f64()? / m["unet.r"].as_f64().filter(|r| *r > 0.0)?)
+        })
+        .unwrap_or(1.0);
+    Ok(((), scale))
+}
+
+/// The weight deltas of `loras` for the networks whose tensor names are given: by weight
+/// tensor name, `Σ scale · s · up · down` in the weight's shape (f32, CPU).
+pub fn plan(
+    loras: &[LoraSpec],
+    names: &HashMap<Net, Vec<String>>,
+) -> Result<HashMap<Net, HashMap<String, Tensor>>> {
+    let index: HashMap<Net, HashMap<Name, &str>> = names
+        .iter()
+        .map(|(net, ns)| (*net, module_index(ns)))
+        .collect();
+    let mut deltas: HashMap<Net, HashMap<String, Tensor>> = HashMap::new();
+    for spec in loras {
+        let (adapters, peft_scale) = read_any(&spec.path)?;
+        let total = adapters.len();
+        let mut unmatched = Vec::new();
+        for ((net, name), parts) in adapters {
+            let Some(weight) = index.get(&net).and_then(|i| i.get(&name)) else {
+                unmatched.push(name);
+                continue;
+            };
+            let d = delta(&spec.path, &name, parts, peft_scale * spec.scale)?;
+            let slot = deltas.entry(net).or_default();
+            let d = match slot.remove(*weight) {
+                Some(prev) => (prev + d)?,
+                None => d,
+            };
+            slot.insert((*weight).to_owned(), d);
+        }
+        if let Some(first) = unmatched.first() {
+            let first = match first {
+                Name::Dotted(m) | Name::Underscored(m) => m,
+            };
+            return Err(Error::IncompatibleModel(format!(
+                "LoRA {}: {} of its {total} adapters match no layer of the model (e.g. `{first}`); {} matched",
+                spec.path.display(),
+                unmatched.len(),
+                total - unmatched.len()
+            )));
+        }
+    }
+    Ok(deltas)
+}
+
+/// Each weight tensor (`….weight`) by the names a LoRA may give its module: the dotted path and
+/// the kohya underscore form, each with and without the text encoder's `text_model.` prefix.
+fn module_index(names: &[String]) -> HashMap<Name, &str> {
+    let mut idx = HashMap::new();
+    for n in names {
+        let Some(m) = n.strip_suffix(".weight") else {
+            continue;
+        };
+        let mut forms = vec![m.to_owned()];
+        match m.strip_prefix("text_model.") {
+            Some(bare) => forms.push(bare.to_owned()),
+            None => forms.push(format!("text_model.{m}")),
+        }
+        for f in forms {
+            idx.insert(Name::Underscored(f.replace('.', "_")), n.as_str());
+            idx.insert(Name::Dotted(f), n.as_str());
+        }
+    }
+    idx
+}
+
+/// `scale · s · up · down` shaped as the weight (`[out, in]` or `[out, in, kh, kw]`).
+fn delta(path: &Path, name: &Name, p: Parts, scale: f64) -> Result<Tensor> {
+    let label = match name {
+        Name::Dotted(m) | Name::Underscored(m) => m.as_str(),
+    };
+    let bad =
+        |m: String| Error::IncompatibleModel(format!("LoRA {}: {label}: {m}", path.display()));
+    let (Some(down), Some(up)) = (p.down, p.up) else {
+        return Err(bad("has only half of its adapter".into()));
+    };
+    let down = down.to_dtype(DType::F32)?;
+    let up = up.to_dtype(DType::F32)?;
+    let rank = down.dim(0)?;
+    let out = up.dim(0)?;
+    if up.elem_count() != out * rank {
+        return Err(bad(format!(
+            "up {:?} does not fit down {:?} (rank {rank})",
+            up.dims(),
+            down.dims()
+        )));
+    }
+    let s = p.alpha.map_or(scale, |a| scale * a / rank as f64);
+    let inner: Vec<usize> = down.dims()[1..].to_vec();
+    let d = up
+        .reshape((out, rank))?
+        .matmul(&down.reshape((rank, inner.iter().product::<usize>()))?)?;
+    let mut shape = vec![out];
+    shape.extend(inner);
+    Ok((d.reshape(shape)? * s)?)
 }

@@ -2,9 +2,11 @@
 //! to the compute dtype), legacy key names (handled by the models), and hub ids through the
 //! Hugging Face cache.
 
+pub mod embeddings;
 pub(crate) mod hub;
 pub mod lora;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -298,7 +300,7 @@ pub fn var_builder(
 ) -> Result<VarBuilder<'static>> {
     let st = map(files)?;
     Ok(VarBuilder::from_backend(
-        Box::new(Widening(st)),
+        Box::new(Widening(st, Deltas::default())),
         dtype,
         device.clone(),
     ))
@@ -331,7 +333,15 @@ pub fn build_from_files<T>(
     build: impl Fn(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<std::result::Result<T, candle_core::Error>> {
     let kernels = crate::models::nn::Kernels::current();
-    build_cached(files, dtype, device, kernels, None, build)
+    build_cached(
+        files,
+        dtype,
+        device,
+        kernels,
+        None,
+        &Deltas::default(),
+        build,
+    )
 }
 
 /// As [`build_from_files`], with the packed weights kept in `cache = (dir, name)`: replayed
@@ -346,14 +356,19 @@ fn build_cached<T>(
     device: &Device,
     kernels: Kernels,
     cache: Option<(&Path, &str)>,
+    deltas: &Deltas,
     build: impl Fn(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<std::result::Result<T, candle_core::Error>> {
     use crate::models::nn::BuildMode;
     use ip2p_cpu::stored::PackCache;
     let st = map(files)?;
     let run = |cache: Option<Arc<PackCache>>| {
-        let vb = VarBuilder::from_backend(Box::new(Widening(st.clone())), dtype, device.clone());
-        let stored: Arc<dyn StoredWeights> = Arc::new(Mapped(st.clone()));
+        let vb = VarBuilder::from_backend(
+            Box::new(Widening(st.clone(), deltas.clone())),
+            dtype,
+            device.clone(),
+        );
+        let stored: Arc<dyn StoredWeights> = Arc::new(Mapped(st.clone(), deltas.clone()));
         // A whole mode, not the current one changed: the loaders run at once on rayon's
         // threads, and one may start on a thread that waits inside another's UNet level built
         // for large maps.
@@ -372,7 +387,10 @@ fn build_cached<T>(
             "the packed-weight cache holds the CPU's f32 fused kernels' weights only: not used here"
         );
     }
-    let Some((dir, name)) = cache.filter(|_| packs) else {
+    if cache.is_some() && packs && !deltas.is_empty() {
+        tracing::info!("a LoRA changes the weights: the packed-weight cache is not used");
+    }
+    let Some((dir, name)) = cache.filter(|_| packs && deltas.is_empty()) else {
         return Ok(run(None));
     };
     let (which, key) = match cache_key(files) {
@@ -527,10 +545,14 @@ fn remove_orphans(dir: &Path, stem: &str) {
 }
 
 /// Mapped safetensors as [`StoredWeights`]: f32, f16 and bf16 tensors, read in place.
-struct Mapped(Arc<MmapedSafetensors>);
+struct Mapped(Arc<MmapedSafetensors>, Deltas);
 
 impl StoredWeights for Mapped {
     fn tensor(&self, name: &str) -> Option<StoredTensor<'_>> {
+        if self.1.contains_key(name) {
+            // Changed by a LoRA: read (and patched) through the VarBuilder instead.
+            return None;
+        }
         let view = self.0.get(name).ok()?;
         let dtype = match DType::try_from(view.dtype()).ok()? {
             DType::F32 => StoredDType::F32,
@@ -548,30 +570,14 @@ impl StoredWeights for Mapped {
 /// Memory-mapped safetensors that widen half-precision weights to f32 on the CPU straight from
 /// the mapped bytes, in parallel (candle's own path copies, then widens on one core); every
 /// other case goes through candle.
-struct Widening(Arc<MmapedSafetensors>);
+struct Widening(Arc<MmapedSafetensors>, Deltas);
 
-impl candle_nn::var_builder::SimpleBackend for Widening {
-    fn get(
-        &self,
-        s: candle_core::Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(t)
-    }
+/// Weight deltas (LoRA) added to tensors as they are read, by tensor name.
+type Deltas = Arc<HashMap<String, candle_core::Tensor>>;
 
-    fn get_unchecked(
+impl Widening {
+    /// `name` from the files: half-precision widened in parallel on the CPU.
+    fn read(
         &self,
         name: &str,
         dtype: DType,
@@ -602,6 +608,59 @@ impl candle_nn::var_builder::SimpleBackend for Widening {
             return candle_core::Tensor::from_vec(out, view.shape(), dev);
         }
         self.0.load(name, dev)?.to_dtype(dtype)
+    }
+
+    /// `name` as read, plus its delta if it has one (added in f32, then cast to `dtype`).
+    fn patched(
+        &self,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let Some(d) = self.1.get(name) else {
+            return self.read(name, dtype, dev);
+        };
+        let t = self.read(name, DType::F32, dev)?;
+        if d.elem_count() != t.elem_count() {
+            candle_core::bail!(
+                "LoRA delta for `{name}` has shape {:?}; the weight has {:?}",
+                d.dims(),
+                t.dims()
+            );
+        }
+        let d = d.reshape(t.shape())?.to_device(dev)?;
+        (t + d)?.to_dtype(dtype)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for Widening {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.patched(name, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -638,8 +697,11 @@ pub struct LoadOptions {
     /// The fused CPU kernels where they apply, or candle's generic ops only (the graph a GPU
     /// runs).
     pub kernels: Kernels,
-    /// LoRA files (diffusers/PEFT) folded into the UNet's weights once loaded, in order.
-    pub loras: Vec<PathBuf>,
+    /// LoRA files (diffusers/PEFT or kohya), each with its scale, added to the UNet's and the
+    /// text encoder's weights as they load.
+    pub loras: Vec<lora::LoraSpec>,
+    /// Textual Inversion embeddings bound to their trigger words, in order.
+    pub embeddings: Vec<embeddings::EmbeddingSpec>,
 }
 
 fn with_context<T>(r: candle_core::Result<T>, what: &str, dir: &Path) -> Result<T> {
@@ -654,6 +716,8 @@ struct Target<'a> {
     device: &'a Device,
     kernels: Kernels,
     cache: Option<&'a Path>,
+    /// LoRA deltas by network.
+    deltas: Option<&'a HashMap<lora::Net, Deltas>>,
 }
 
 impl<'a> Target<'a> {
@@ -664,6 +728,7 @@ impl<'a> Target<'a> {
             device,
             kernels: Kernels::current(),
             cache: None,
+            deltas: None,
         }
     }
 }
@@ -712,12 +777,22 @@ fn load_part<T>(
     target: Target,
     build: impl Fn(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<T> {
+    let net = match component {
+        "unet" => Some(lora::Net::Unet),
+        "text_encoder" => Some(lora::Net::TextEncoder),
+        _ => None,
+    };
+    let none = Deltas::default();
+    let deltas = net
+        .and_then(|n| target.deltas.and_then(|d| d.get(&n)))
+        .unwrap_or(&none);
     let built = build_cached(
         &dir.weights(component, stem, variant)?,
         target.dtype,
         target.device,
         target.kernels,
         target.cache.map(|c| (c, component)),
+        deltas,
         build,
     )?;
     with_context(built, component, dir.root())
@@ -729,12 +804,14 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
         .dtype
         .unwrap_or_else(|| crate::device::compute_dtype(device));
     let root = dir.root();
-    let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+    let mut tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+    let deltas = lora_deltas(dir, opts)?;
     let target = Target {
         dtype,
         device,
         kernels: opts.kernels,
         cache: opts.packed_cache.as_deref(),
+        deltas: Some(&deltas),
     };
     // The three networks load at once (reading, widening and packing their weights).
     let (unet, (text_encoder, vae)) = rayon::join(
@@ -746,10 +823,10 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
             )
         },
     );
-    let (mut unet, text_encoder, vae) = (unet?, text_encoder?, vae?);
-    for file in &opts.loras {
-        let projections = lora::merge_file(&mut unet, file)?;
-        tracing::info!(lora = %file.display(), projections, "LoRA folded into the UNet");
+    let (unet, mut text_encoder, vae) = (unet?, text_encoder?, vae?);
+    for spec in &opts.embeddings {
+        let emb = embeddings::read(spec)?;
+        add_embedding(&mut tokenizer, &mut text_encoder, &emb)?;
     }
 
     let scheduler: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
@@ -762,6 +839,63 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
         device: device.clone(),
         dtype,
     })
+}
+
+/// The weight deltas of `opts.loras` for the UNet and the text encoder, matched against the
+/// tensor names of their weight files.
+fn lora_deltas(dir: &ModelDir, opts: &LoadOptions) -> Result<HashMap<lora::Net, Deltas>> {
+    if opts.loras.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let names = |component: &str, stem: &str, v: Variant| -> Result<Vec<String>> {
+        let st = map(&dir.weights(component, stem, v)?)?;
+        Ok(st.tensors().into_iter().map(|(n, _)| n).collect())
+    };
+    let unet_variant = opts.unet_variant.unwrap_or(opts.variant);
+    let all = HashMap::from([
+        (
+            lora::Net::Unet,
+            names("unet", "diffusion_pytorch_model", unet_variant)?,
+        ),
+        (
+            lora::Net::TextEncoder,
+            names("text_encoder", "model", opts.variant)?,
+        ),
+    ]);
+    let plan = lora::plan(&opts.loras, &all)?;
+    for spec in &opts.loras {
+        tracing::info!(lora = %spec.path.display(), scale = spec.scale, "LoRA applied");
+    }
+    Ok(plan.into_iter().map(|(n, d)| (n, Arc::new(d))).collect())
+}
+
+/// Binds a Textual Inversion embedding: its tokens added to the tokenizer, its vectors to the
+/// text encoder's table at their ids.
+pub fn add_embedding(
+    tokenizer: &mut ClipTokenizer,
+    text_encoder: &mut ClipTextModel,
+    emb: &embeddings::Embedding,
+) -> Result<()> {
+    let width = emb.vectors.dim(1)?;
+    let hidden = text_encoder.config().hidden_size;
+    if width != hidden {
+        return Err(Error::IncompatibleModel(format!(
+            "embedding {}: vectors of width {width}, but this text encoder's is {hidden} (made for another model)",
+            emb.path.display()
+        )));
+    }
+    let first = tokenizer.vocab_len();
+    let tokens = emb.tokens()?;
+    let ids = tokenizer.add_embedding_tokens(&tokens)?;
+    if ids.first().map(|&i| i as usize) != Some(first) {
+        return Err(Error::Tokenizer(format!(
+            "embedding {}: its tokens got ids {ids:?}, not {first}…",
+            emb.path.display()
+        )));
+    }
+    text_encoder.add_token_embeddings(first, &emb.vectors)?;
+    tracing::info!(embedding = %emb.path.display(), tokens = ?tokens, "Textual Inversion embedding bound");
+    Ok(())
 }
 
 fn load_unet(dir: &ModelDir, opts: &LoadOptions, target: Target) -> Result<UNet2DConditionModel> {

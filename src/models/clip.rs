@@ -233,6 +233,34 @@ impl ClipTextModel {
         self.token_embedding.embeddings()
     }
 
+    /// Gives ids `first..first + n` the rows of `vectors` `[n, hidden]` (a Textual Inversion
+    /// embedding; `first` is the tokenizer's length before the tokens were added): the table
+    /// is cut or zero-padded to `first` rows first, as transformers' `resize_token_embeddings`
+    /// to the tokenizer's length does.
+    pub fn add_token_embeddings(&mut self, first: usize, vectors: &Tensor) -> Result<()> {
+        let (n, dim) = vectors.dims2()?;
+        let hidden = self.config.hidden_size;
+        if dim != hidden {
+            candle_core::bail!("vectors of width {dim}; this text encoder's is {hidden}");
+        }
+        let table = self.token_embedding.embeddings();
+        let rows = table.dim(0)?;
+        let kept = table.narrow(0, 0, rows.min(first))?;
+        let mut parts = vec![kept];
+        if first > rows {
+            parts.push(Tensor::zeros(
+                (first - rows, hidden),
+                table.dtype(),
+                table.device(),
+            )?);
+        }
+        parts.push(vectors.to_device(table.device())?.to_dtype(table.dtype())?);
+        let table = Tensor::cat(&parts, 0)?;
+        self.config.vocab_size = first + n;
+        self.token_embedding = Embedding::new(table, hidden);
+        Ok(())
+    }
+
     /// `input_ids: [B, T]` (u32 or i64) → last hidden state `[B, T, hidden]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;

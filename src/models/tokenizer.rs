@@ -32,6 +32,8 @@ pub struct ClipTokenizer {
     eos: u32,
     pad: u32,
     max_len: usize,
+    /// Multi-vector Textual Inversion triggers and the tokens each expands to.
+    expansions: Vec<(String, u32, String)>,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -172,7 +174,64 @@ impl ClipTokenizer {
             eos,
             pad: eos,
             max_len: MAX_LEN,
+            expansions: Vec::new(),
         }
+    }
+
+    /// Adds the tokens of a Textual Inversion embedding (`token`, `token_1`, …), as
+    /// transformers' `add_tokens` does: matched before BPE, ids after everything the tokenizer
+    /// has. Returns their ids. A token the tokenizer already has is an error (diffusers refuses
+    /// it too).
+    pub fn add_embedding_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>> {
+        let Some(first) = tokens.first() else {
+            return Ok(Vec::new());
+        };
+        for t in tokens {
+            if self.inner.token_to_id(t).is_some() {
+                return Err(Error::Tokenizer(format!(
+                    "the token `{t}` is already in the tokenizer; bind the embedding to another word (FILE:TOKEN)"
+                )));
+            }
+        }
+        let added: Vec<tokenizers::AddedToken> = tokens
+            .iter()
+            .map(|t| tokenizers::AddedToken::from(t.clone(), false))
+            .collect();
+        self.inner.add_tokens(&added);
+        let ids = tokens
+            .iter()
+            .map(|t| {
+                self.inner
+                    .token_to_id(t)
+                    .ok_or_else(|| Error::Tokenizer(format!("`{t}` was not added")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if tokens.len() > 1 {
+            self.expansions
+                .push((first.clone(), ids[0], tokens.join(" ")));
+        }
+        Ok(ids)
+    }
+
+    /// Every id the tokenizer can produce is below this.
+    pub fn vocab_len(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// diffusers' `maybe_convert_prompt`: each multi-vector trigger the prompt's tokens hold is
+    /// replaced, as text, by all of its tokens.
+    fn expand(&self, text: &str) -> Result<String> {
+        if self.expansions.is_empty() {
+            return Ok(text.to_owned());
+        }
+        let ids = self.raw_ids(text)?;
+        let mut out = text.to_owned();
+        for (trigger, id, all) in &self.expansions {
+            if ids.contains(id) {
+                out = out.replace(trigger.as_str(), all);
+            }
+        }
+        Ok(out)
     }
 
     /// The context length (77 for CLIP).
@@ -185,12 +244,17 @@ impl ClipTokenizer {
         Ok(self.bpe(text)?.len())
     }
 
-    fn bpe(&self, text: &str) -> Result<Vec<u32>> {
+    fn raw_ids(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text's tokens without BOS/EOS, multi-vector triggers expanded.
+    fn bpe(&self, text: &str) -> Result<Vec<u32>> {
+        self.raw_ids(&self.expand(text)?)
     }
 
     /// `[BOS, text…, EOS, pad…]`, exactly `max_len` ids; longer text is truncated (and reported).
