@@ -1095,3 +1095,56 @@ async fn two_workers_run_two_edits_at_once_with_one_workers_results() {
     }
     one.shutdown().await;
 }
+
+/// Embeddings preloaded with the model (`ip2p serve --embedding`) are named by `GetInfo` (gRPC
+/// and HTTP), and an instruction using a trigger word edits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preloaded_embeddings_are_listed_and_usable() {
+    let _g = SERIAL.lock().await;
+    let dir = ModelDir::from_dir(&fixtures().join("tiny-ip2p")).expect("fixture");
+    let opts = LoadOptions {
+        embeddings: vec![
+            ip2p::loader::embeddings::EmbeddingSpec {
+                path: fixtures().join("personal/cat-toy.pt"),
+                token: Some("<cat-toy>".into()),
+            },
+            ip2p::loader::embeddings::EmbeddingSpec {
+                path: fixtures().join("personal/watercolor-style.safetensors"),
+                token: None,
+            },
+        ],
+        ..Default::default()
+    };
+    let pipe = EditPipeline::new(loader::load(&dir, &Device::Cpu, &opts).expect("load"))
+        .expect("pipeline");
+    let h = server::start(config(), pipe, "tiny-ip2p".into())
+        .await
+        .expect("server starts");
+    tokio::time::timeout(Duration::from_secs(60), h.ready())
+        .await
+        .expect("ready in time");
+    let mut c = client(&h).await;
+    let info = c
+        .get_info(proto::GetInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(info.embedding_triggers, ["<cat-toy>", "<watercolor-style>"]);
+    let json: serde_json::Value = http_client()
+        .get(format!("http://{}/v1/info", h.addr))
+        .send()
+        .await
+        .expect("http info")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        json["embedding_triggers"],
+        serde_json::json!(["<cat-toy>", "<watercolor-style>"])
+    );
+    let mut req = request(1, 3);
+    req.instruction = "turn <cat-toy> into <watercolor-style>".into();
+    let r = c.edit(req).await.expect("edit").into_inner();
+    assert_eq!(r.images.len(), 1);
+    h.shutdown().await;
+}

@@ -100,6 +100,13 @@ struct Args {
         default_value = "runwayml/stable-diffusion-v1-5"
     )]
     model: String,
+    /// A LoRA for the Stable Diffusion model, FILE[:SCALE] (PEFT or kohya; repeatable).
+    #[arg(long, env = "DATASET_GEN_LORA", value_delimiter = ',')]
+    lora: Vec<ip2p::loader::lora::LoraSpec>,
+    /// A Textual Inversion embedding, FILE[:TOKEN] (A1111 or diffusers; repeatable): its
+    /// trigger word may then appear in captions and edited captions.
+    #[arg(long, env = "DATASET_GEN_EMBEDDING", value_delimiter = ',')]
+    embedding: Vec<ip2p::loader::embeddings::EmbeddingSpec>,
     /// CLIP folder or hub id.
     #[arg(
         long,
@@ -213,6 +220,8 @@ impl TryFrom<Args> for RunConfig {
             llm: Some(llm),
             llm_concurrency: a.llm_concurrency,
             model: a.model,
+            loras: a.lora,
+            embeddings: a.embedding,
             clip: a.clip,
             hub: HubOptions {
                 offline: a.offline,

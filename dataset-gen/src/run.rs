@@ -43,6 +43,10 @@ pub struct RunConfig {
     pub llm_concurrency: usize,
     /// A Stable Diffusion 1.x folder or hub id.
     pub model: String,
+    /// LoRA files with their scales and Textual Inversion embeddings for the Stable Diffusion
+    /// model (a style or subject the renders should have).
+    pub loras: Vec<ip2p::loader::lora::LoraSpec>,
+    pub embeddings: Vec<ip2p::loader::embeddings::EmbeddingSpec>,
     /// A CLIP folder or hub id.
     pub clip: String,
     pub hub: HubOptions,
@@ -68,6 +72,9 @@ struct Identity {
     num_shards: usize,
     items_per_part: usize,
     model: String,
+    /// The LoRAs (`file:scale`) and embeddings (`file:token`) the renders used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    personal: Vec<String>,
     clip: String,
     image: ImageConfig,
 }
@@ -210,7 +217,12 @@ pub fn load_generator(cfg: &RunConfig) -> Result<Generator> {
 
 fn load_diffusion(cfg: &RunConfig) -> Result<PairGenerator> {
     let dir = ModelDir::open(&cfg.model, &cfg.hub)?;
-    let c = loader::load(&dir, &cfg.device, &LoadOptions::default())?;
+    let opts = LoadOptions {
+        loras: cfg.loras.clone(),
+        embeddings: cfg.embeddings.clone(),
+        ..Default::default()
+    };
+    let c = loader::load(&dir, &cfg.device, &opts)?;
     let pipe = Txt2ImgPipeline::new(c)?;
     let clip = ClipScorer::open(&cfg.clip, &cfg.hub, &cfg.device)?;
     Ok(PairGenerator::new(pipe, clip, cfg.image.clone()))
@@ -250,6 +262,18 @@ fn check_identity(cfg: &RunConfig, path: &Path) -> Result<()> {
         num_shards: cfg.num_shards,
         items_per_part: cfg.items_per_part,
         model: cfg.model.clone(),
+        personal: cfg
+            .loras
+            .iter()
+            .map(|l| format!("lora {}:{}", l.path.display(), l.scale))
+            .chain(cfg.embeddings.iter().map(|e| {
+                format!(
+                    "embedding {}:{}",
+                    e.path.display(),
+                    e.token.clone().unwrap_or_default()
+                )
+            }))
+            .collect(),
         clip: cfg.clip.clone(),
         image: cfg.image.clone(),
     };

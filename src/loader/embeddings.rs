@@ -255,6 +255,92 @@ pub(crate) fn check_globals(path: &Path, o: &Object) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A PyTorch zip file whose `data.pkl` is `pickle`.
+    fn torch_zip(path: &Path, pickle: &[u8]) {
+        use std::io::Write;
+        let f = std::fs::File::create(path).expect("create");
+        let mut z = zip::ZipWriter::new(f);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        z.start_file("emb/data.pkl", opts).expect("entry");
+        z.write_all(pickle).expect("write");
+        z.finish().expect("finish");
+    }
+
+    #[test]
+    fn a_pickle_naming_anything_but_tensors_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("evil.pt");
+        // {"name": os.system} — Python's unpickler would import os; ours refuses the file.
+        let mut pk = b"\x80\x02}X\x04\x00\x00\x00name".to_vec();
+        pk.extend(b"cos\nsystem\ns.");
+        torch_zip(&p, &pk);
+        let err = read(&EmbeddingSpec {
+            path: p.clone(),
+            token: None,
+        })
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            err.contains("os.system") && err.contains("refused"),
+            "{err}"
+        );
+        // A plain dictionary without tensors is read, and found not to be an embedding.
+        let p = dir.path().join("plain.pt");
+        torch_zip(&p, b"\x80\x02}X\x04\x00\x00\x00nameX\x01\x00\x00\x00xs.");
+        let err = read(&EmbeddingSpec {
+            path: p,
+            token: None,
+        })
+        .expect_err("not an embedding")
+        .to_string();
+        assert!(err.contains("`name` is not a tensor"), "{err}");
+    }
+
+    #[test]
+    fn the_three_formats_read_with_their_own_or_a_given_token() {
+        let fx =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/personal");
+        if !fx.is_dir() {
+            return;
+        }
+        let e = read(&EmbeddingSpec {
+            path: fx.join("cat-toy.pt"),
+            token: None,
+        })
+        .expect("a1111 pt");
+        assert_eq!(e.token, "cat-toy", "the file's `name`");
+        assert_eq!(e.vectors.dims(), &[2, 32]);
+        assert_eq!(e.tokens().expect("tokens"), ["cat-toy", "cat-toy_1"]);
+        let e = read(&EmbeddingSpec {
+            path: fx.join("watercolor-style.safetensors"),
+            token: Some("<wc>".into()),
+        })
+        .expect("diffusers");
+        assert_eq!(
+            (e.token.as_str(), e.vectors.dims()),
+            ("<wc>", &[1usize, 32][..])
+        );
+        // A1111 safetensors: `emb_params`, the trigger from the file name.
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("my-style.safetensors");
+        let t = Tensor::ones((3, 32), DType::F32, &Device::Cpu).expect("t");
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("emb_params".to_owned(), t)]),
+            &p,
+        )
+        .expect("save");
+        let e = read(&EmbeddingSpec {
+            path: p,
+            token: None,
+        })
+        .expect("a1111 st");
+        assert_eq!(
+            (e.token.as_str(), e.vectors.dims()),
+            ("my-style", &[3usize, 32][..])
+        );
+    }
+
     #[test]
     fn specs_parse_with_and_without_a_token() {
         let s: EmbeddingSpec = "a/b.pt:<cat>".parse().expect("spec");

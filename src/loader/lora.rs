@@ -391,3 +391,141 @@ fn delta(path: &Path, name: &Name, p: Parts, scale: f64) -> Result<Tensor> {
     shape.extend(inner);
     Ok((d.reshape(shape)? * s)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn save(path: &Path, ts: &[(&str, Tensor)]) {
+        let m: HashMap<String, Tensor> = ts
+            .iter()
+            .map(|(k, t)| ((*k).to_owned(), t.clone()))
+            .collect();
+        candle_core::safetensors::save(&m, path).expect("save");
+    }
+
+    fn names() -> HashMap<Net, Vec<String>> {
+        HashMap::from([
+            (
+                Net::Unet,
+                vec![
+                    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight".to_owned(),
+                    "down_blocks.0.resnets.0.conv1.weight".to_owned(),
+                ],
+            ),
+            (
+                Net::TextEncoder,
+                vec!["text_model.encoder.layers.0.self_attn.q_proj.weight".to_owned()],
+            ),
+        ])
+    }
+
+    #[test]
+    fn kohya_adapters_fold_with_alpha_over_rank_times_the_scale() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("k.safetensors");
+        let dev = Device::Cpu;
+        let down = Tensor::new(&[[1f32, 2.0], [0.0, 1.0]], &dev).expect("down"); // [r=2, in=2]
+        let up = Tensor::new(&[[1f32, 0.0], [0.0, 3.0]], &dev).expect("up"); // [out=2, r=2]
+        let conv_down = Tensor::ones((2, 3, 3, 3), DType::F32, &dev).expect("cd");
+        let conv_up = Tensor::ones((4, 2, 1, 1), DType::F32, &dev).expect("cu");
+        let k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+        let c = "lora_unet_down_blocks_0_resnets_0_conv1";
+        let t = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
+        save(
+            &p,
+            &[
+                (&format!("{k}.lora_down.weight"), down.clone()),
+                (&format!("{k}.lora_up.weight"), up.clone()),
+                (&format!("{k}.alpha"), Tensor::new(1f32, &dev).expect("a")),
+                (&format!("{c}.lora_down.weight"), conv_down),
+                (&format!("{c}.lora_up.weight"), conv_up),
+                (&format!("{t}.lora_down.weight"), down),
+                (&format!("{t}.lora_up.weight"), up),
+            ],
+        );
+        let spec = LoraSpec {
+            path: p,
+            scale: 0.5,
+        };
+        let d = plan(&[spec.clone(), spec], &names()).expect("plan");
+        // Two files at 0.5 each, alpha 1 over rank 2: 0.5 · (up · down) in all.
+        let q = &d[&Net::Unet]["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"];
+        assert_eq!(q.to_vec2::<f32>().expect("v"), [[0.5, 1.0], [0.0, 1.5]]);
+        // LoCon on a 3×3 convolution, no alpha (= rank): the delta has the kernel's shape.
+        let conv = &d[&Net::Unet]["down_blocks.0.resnets.0.conv1.weight"];
+        assert_eq!(conv.dims(), &[4, 3, 3, 3]);
+        let v = conv
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("v");
+        assert!(
+            v.iter().all(|&x| (x - 2.0).abs() < 1e-6),
+            "2 · 0.5 · 2 = 2: {v:?}"
+        );
+        let te = &d[&Net::TextEncoder]["text_model.encoder.layers.0.self_attn.q_proj.weight"];
+        assert_eq!(te.to_vec2::<f32>().expect("v"), [[1.0, 2.0], [0.0, 3.0]]);
+    }
+
+    #[test]
+    fn adapters_that_match_no_layer_are_counted_and_named() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("other.safetensors");
+        let dev = Device::Cpu;
+        let z = |s: (usize, usize)| Tensor::zeros(s, DType::F32, &dev).expect("z");
+        let k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+        save(
+            &p,
+            &[
+                (&format!("{k}.lora_down.weight"), z((2, 2))),
+                (&format!("{k}.lora_up.weight"), z((2, 2))),
+                (
+                    "lora_unet_input_blocks_1_1_proj_in.lora_down.weight",
+                    z((2, 2)),
+                ),
+                (
+                    "lora_unet_input_blocks_1_1_proj_in.lora_up.weight",
+                    z((2, 2)),
+                ),
+            ],
+        );
+        let err = plan(
+            &[LoraSpec {
+                path: p,
+                scale: 1.0,
+            }],
+            &names(),
+        )
+        .expect_err("no match")
+        .to_string();
+        assert!(
+            err.contains("1 of its 2 adapters match no layer")
+                && err.contains("input_blocks_1_1_proj_in")
+                && err.contains("1 matched"),
+            "{err}"
+        );
+        let bad = dir.path().join("empty.safetensors");
+        save(&bad, &[("something", z((1, 1)))]);
+        let err = plan(
+            &[LoraSpec {
+                path: bad,
+                scale: 1.0,
+            }],
+            &names(),
+        )
+        .expect_err("not a lora")
+        .to_string();
+        assert!(err.contains("no LoRA tensors"), "{err}");
+    }
+
+    #[test]
+    fn specs_parse_a_scale_after_the_last_colon() {
+        let s: LoraSpec = "a/b.safetensors:0.8".parse().expect("spec");
+        assert_eq!((s.path.to_str(), s.scale), (Some("a/b.safetensors"), 0.8));
+        let s: LoraSpec = "a/b.safetensors".parse().expect("spec");
+        assert_eq!(s.scale, 1.0);
+        let s: LoraSpec = r"C:\l.safetensors".parse().expect("spec");
+        assert_eq!((s.path.to_str(), s.scale), (Some(r"C:\l.safetensors"), 1.0));
+        assert!("x:NaN".parse::<LoraSpec>().is_err());
+    }
+}

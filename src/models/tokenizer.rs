@@ -34,6 +34,8 @@ pub struct ClipTokenizer {
     max_len: usize,
     /// Multi-vector Textual Inversion triggers and the tokens each expands to.
     expansions: Vec<(String, u32, String)>,
+    /// Every Textual Inversion trigger word added, in order.
+    triggers: Vec<String>,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -175,6 +177,7 @@ impl ClipTokenizer {
             pad: eos,
             max_len: MAX_LEN,
             expansions: Vec::new(),
+            triggers: Vec::new(),
         }
     }
 
@@ -206,11 +209,17 @@ impl ClipTokenizer {
                     .ok_or_else(|| Error::Tokenizer(format!("`{t}` was not added")))
             })
             .collect::<Result<Vec<_>>>()?;
+        self.triggers.push(first.clone());
         if tokens.len() > 1 {
             self.expansions
                 .push((first.clone(), ids[0], tokens.join(" ")));
         }
         Ok(ids)
+    }
+
+    /// The trigger words of the Textual Inversion embeddings bound so far.
+    pub fn embedding_triggers(&self) -> &[String] {
+        &self.triggers
     }
 
     /// Every id the tokenizer can produce is below this.

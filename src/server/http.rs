@@ -434,6 +434,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
         "model": i.model,
         "version": i.version,
         "schedulers": i.schedulers,
+        "embedding_triggers": i.embedding_triggers,
         "defaults": {
             "steps": d.steps, "text_guidance": d.text_guidance, "image_guidance": d.image_guidance,
             "scheduler": d.scheduler, "resolution": d.resolution, "resize": "paper",

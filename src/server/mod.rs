@@ -44,6 +44,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub model: String,
     pub default_scheduler: SchedulerKind,
+    /// The preloaded Textual Inversion trigger words.
+    pub embedding_triggers: Vec<String>,
     ready: AtomicBool,
 }
 
@@ -79,6 +81,7 @@ impl AppState {
                 max_resolution: c.max_resolution,
             }),
             version: env!("CARGO_PKG_VERSION").into(),
+            embedding_triggers: self.embedding_triggers.clone(),
         }
     }
 }
@@ -177,6 +180,7 @@ pub async fn start_many(
         .scheduler
         .kind()
         .unwrap_or(SchedulerKind::EulerAncestral);
+    let embedding_triggers = first.components().tokenizer.embedding_triggers().to_vec();
     let pipelines: Vec<Arc<EditPipeline>> = pipelines.into_iter().map(Arc::new).collect();
     let workers = pipelines
         .iter()
@@ -197,6 +201,7 @@ pub async fn start_many(
         metrics,
         model,
         default_scheduler,
+        embedding_triggers,
         ready: AtomicBool::new(false),
     });
 

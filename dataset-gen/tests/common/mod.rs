@@ -48,6 +48,8 @@ pub fn run_config(inputs: Vec<PathBuf>, out: &Path) -> RunConfig {
         llm: None,
         llm_concurrency: 4,
         model: fixtures().join("tiny-sd").display().to_string(),
+        loras: Vec::new(),
+        embeddings: Vec::new(),
         clip: fixtures().join("tiny-clip").display().to_string(),
         hub: HubOptions {
             offline: true,
