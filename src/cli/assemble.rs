@@ -70,3 +70,39 @@ pub fn package(a: PackageArgs) -> Result<()> {
     println!("{}: fp16 copy of {}", a.out.display(), a.from.display());
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The single file: LDM `.ckpt` or `.safetensors` (UNet, VAE and CLIP text encoder).
+    #[arg(env = "IP2P_CONVERT_FROM")]
+    pub file: PathBuf,
+    /// The diffusers folder to write.
+    #[arg(env = "IP2P_CONVERT_OUT")]
+    pub out: PathBuf,
+    /// A diffusers folder or hub id whose configurations, tokenizer and scheduler to use
+    /// (default: inferred from the shapes, SD 1.x defaults; the tokenizer of
+    /// openai/clip-vit-large-patch14 from the hub cache).
+    #[arg(long, env = "IP2P_CONVERT_CONFIG_FROM")]
+    pub config_from: Option<String>,
+    /// Use only the local Hugging Face cache.
+    #[arg(long, env = "IP2P_OFFLINE")]
+    pub offline: bool,
+}
+
+/// `ip2p convert`.
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    let opts = ip2p::loader::single_file::ConvertOptions {
+        config_from: a.config_from,
+        hub: ip2p::loader::HubOptions {
+            offline: a.offline,
+            ..Default::default()
+        },
+    };
+    ip2p::loader::single_file::convert(&a.file, &a.out, &opts)?;
+    println!(
+        "{}: diffusers folder of {}",
+        a.out.display(),
+        a.file.display()
+    );
+    Ok(())
+}

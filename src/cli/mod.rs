@@ -47,6 +47,9 @@ pub enum Command {
     Assemble(assemble::AssembleArgs),
     /// A shippable copy of a model folder with fp16 weights.
     Package(assemble::PackageArgs),
+    /// A single-file checkpoint (LDM `.ckpt` / `.safetensors`, A1111/ComfyUI) as a diffusers
+    /// folder: `ip2p convert instruct-pix2pix-00-22000.ckpt ip2p-folder`.
+    Convert(assemble::ConvertArgs),
 }
 
 impl Cli {
@@ -70,5 +73,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TrainVae(a) => train::run_vae(a),
         Command::Assemble(a) => assemble::run(a),
         Command::Package(a) => assemble::package(a),
+        Command::Convert(a) => assemble::convert(a),
     }
 }

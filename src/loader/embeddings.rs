@@ -175,7 +175,7 @@ fn read_pickle(path: &Path) -> Result<(Option<String>, Tensor)> {
 }
 
 /// The object a PyTorch zip file's `data.pkl` holds.
-fn pickle_root(path: &Path) -> Result<Object> {
+pub(crate) fn pickle_root(path: &Path) -> Result<Object> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| bad(path, format!("not a PyTorch zip file: {e}")))?;

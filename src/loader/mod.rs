@@ -5,6 +5,7 @@
 pub mod embeddings;
 pub(crate) mod hub;
 pub mod lora;
+pub mod single_file;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -87,9 +88,12 @@ impl ModelDir {
         if p.is_dir() {
             return Self::from_dir(p);
         }
+        if single_file::is_single_file(p) {
+            return Self::from_single_file(p, hub);
+        }
         if p.exists() {
             return Err(Error::ModelNotFound(format!(
-                "{spec} is a file; a diffusers model folder or a hub id is expected"
+                "{spec} is a file but not a checkpoint (.ckpt, .safetensors); a diffusers model folder, a single-file checkpoint or a hub id is expected"
             )));
         }
         if hub::looks_like_hub_id(spec) {
@@ -113,6 +117,37 @@ impl ModelDir {
         Err(Error::ModelNotFound(format!(
             "{spec}: no such folder, and not a hub id of the form owner/name"
         )))
+    }
+
+    /// A single-file checkpoint, converted once into a diffusers folder kept in the cache
+    /// (`$IP2P_CACHE_DIR`, else `$XDG_CACHE_HOME/ip2p` or `~/.cache/ip2p`), keyed by the file's
+    /// path, size and modification time.
+    pub fn from_single_file(file: &Path, hub: &HubOptions) -> Result<Self> {
+        use std::hash::{Hash, Hasher};
+        let meta = std::fs::metadata(file).map_err(|e| Error::io(file, e))?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::fs::canonicalize(file)
+            .map_err(|e| Error::io(file, e))?
+            .hash(&mut h);
+        meta.len().hash(&mut h);
+        meta.modified().ok().hash(&mut h);
+        let stem = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = cache_dir()
+            .join("single-file")
+            .join(format!("{stem}-{:016x}", h.finish()));
+        if !dir.join("model_index.json").is_file() {
+            let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+            let opts = single_file::ConvertOptions {
+                config_from: None,
+                hub: hub.clone(),
+            };
+            single_file::convert(file, &tmp, &opts)?;
+            std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Self::from_dir(&dir)
     }
 
     /// A local diffusers folder (must hold `model_index.json`).
@@ -290,6 +325,19 @@ mod tests {
         assert_eq!(v["d"], 1);
         assert!(parse_json_lenient::<serde_json::Value>("{bad").is_err());
     }
+}
+
+/// Where ip2p keeps what it derives from models (converted single files).
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("IP2P_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("ip2p");
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/ip2p"))
+        .unwrap_or_else(|| std::env::temp_dir().join("ip2p-cache"))
 }
 
 /// Memory-maps safetensors files into a `VarBuilder` producing `dtype` tensors on `device`.
