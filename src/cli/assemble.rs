@@ -106,3 +106,76 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// `--mode` of `ip2p merge`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum MergeModeArg {
+    /// A·(1 − α) + B·α.
+    WeightedSum,
+    /// A + α·(B − C).
+    AddDifference,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Model A (a diffusers folder, hub id or single file): the result keeps its configs.
+    #[arg(env = "IP2P_MERGE_A")]
+    pub a: String,
+    /// Model B.
+    #[arg(env = "IP2P_MERGE_B")]
+    pub b: String,
+    /// Model C (add-difference only), e.g. the base B was fine-tuned from.
+    #[arg(env = "IP2P_MERGE_C")]
+    pub c: Option<String>,
+    /// Where the merged diffusers folder goes.
+    #[arg(long, short, env = "IP2P_MERGE_OUT")]
+    pub out: PathBuf,
+    #[arg(
+        long,
+        value_enum,
+        env = "IP2P_MERGE_MODE",
+        default_value = "weighted-sum"
+    )]
+    pub mode: MergeModeArg,
+    /// α: B's weight (weighted sum) or the difference's (add difference).
+    #[arg(long, env = "IP2P_MERGE_ALPHA", default_value_t = 0.5)]
+    pub alpha: f64,
+    /// Write fp16 weights.
+    #[arg(long, env = "IP2P_MERGE_HALF")]
+    pub half: bool,
+    /// Use only the local Hugging Face cache.
+    #[arg(long, env = "IP2P_OFFLINE")]
+    pub offline: bool,
+}
+
+/// `ip2p merge`.
+pub fn merge(a: MergeArgs) -> Result<()> {
+    use ip2p::training::merge::{merge, MergeMode, MergeOptions};
+    let hub = ip2p::loader::HubOptions {
+        offline: a.offline,
+        ..Default::default()
+    };
+    let open = |s: &str| ip2p::loader::ModelDir::open(s, &hub);
+    let c = a.c.as_deref().map(open).transpose()?;
+    let opts = MergeOptions {
+        mode: match a.mode {
+            MergeModeArg::WeightedSum => MergeMode::WeightedSum,
+            MergeModeArg::AddDifference => MergeMode::AddDifference,
+        },
+        alpha: a.alpha,
+        half: a.half,
+    };
+    let r = merge(&open(&a.a)?, &open(&a.b)?, c.as_ref(), opts, &a.out)?;
+    println!(
+        "{}: {} tensors merged, {} kept from A{}",
+        a.out.display(),
+        r.merged,
+        r.kept_from_a,
+        if r.partial_conv_in {
+            " (conv_in: its first 4 input channels; the image channels are A's)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}

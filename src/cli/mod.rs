@@ -50,6 +50,9 @@ pub enum Command {
     /// A single-file checkpoint (LDM `.ckpt` / `.safetensors`, A1111/ComfyUI) as a diffusers
     /// folder: `ip2p convert instruct-pix2pix-00-22000.ckpt ip2p-folder`.
     Convert(assemble::ConvertArgs),
+    /// Merge checkpoints as A1111's merger: weighted sum or add difference
+    /// (`ip2p merge ip2p-folder dreambooth-folder sd15-folder --mode add-difference --alpha 1 -o out`).
+    Merge(assemble::MergeArgs),
 }
 
 impl Cli {
@@ -74,5 +77,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Assemble(a) => assemble::run(a),
         Command::Package(a) => assemble::package(a),
         Command::Convert(a) => assemble::convert(a),
+        Command::Merge(a) => assemble::merge(a),
     }
 }

@@ -13,6 +13,7 @@ pub mod ema;
 pub mod encodings;
 pub mod extend;
 pub mod lora;
+pub mod merge;
 pub mod trainer;
 pub mod vae;
 
