@@ -34,11 +34,6 @@ fn scaled(dir: &Path, k: f64, four: bool) -> ModelDir {
         std::fs::copy(src.join(f), dir.join(f)).expect("copy");
     }
     for (part, file) in PARTS {
-        std::fs::copy(
-            src.join(part).join("config.json"),
-            dir.join(part).join("config.json"),
-        )
-        .ok();
         std::fs::create_dir_all(dir.join(part)).expect("mkdir");
         std::fs::copy(
             src.join(part).join("config.json"),
