@@ -41,6 +41,9 @@ pub struct ModelArgs {
     /// given) can then be used in instructions.
     #[arg(long, env = "IP2P_EMBEDDING", value_delimiter = ',')]
     pub embedding: Vec<ip2p::loader::embeddings::EmbeddingSpec>,
+    /// An A1111 hypernetwork, FILE[:STRENGTH], applied to the UNet's attention layers.
+    #[arg(long, env = "IP2P_HYPERNETWORK")]
+    pub hypernetwork: Option<ip2p::loader::hypernetwork::HypernetworkSpec>,
     /// A folder for caches of packed weights (CPU): the first start writes them (about 5 GB
     /// for SD 1.5), later starts map them instead of packing. Off when not given.
     #[arg(long, env = "IP2P_PACKED_CACHE")]
@@ -73,6 +76,7 @@ impl ModelArgs {
             kernels: self.kernels,
             loras: self.lora.clone(),
             embeddings: self.embedding.clone(),
+            hypernetwork: self.hypernetwork.clone(),
             ..Default::default()
         };
         Ok(EditPipeline::new(loader::load(&dir, &dev, &opts)?)?)

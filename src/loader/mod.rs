@@ -4,6 +4,7 @@
 
 pub mod embeddings;
 pub(crate) mod hub;
+pub mod hypernetwork;
 pub mod lora;
 pub mod single_file;
 
@@ -750,6 +751,8 @@ pub struct LoadOptions {
     pub loras: Vec<lora::LoraSpec>,
     /// Textual Inversion embeddings bound to their trigger words, in order.
     pub embeddings: Vec<embeddings::EmbeddingSpec>,
+    /// An A1111 hypernetwork and its strength, applied to the UNet's attention layers.
+    pub hypernetwork: Option<hypernetwork::HypernetworkSpec>,
 }
 
 fn with_context<T>(r: candle_core::Result<T>, what: &str, dir: &Path) -> Result<T> {
@@ -871,7 +874,12 @@ pub fn load(dir: &ModelDir, device: &Device, opts: &LoadOptions) -> Result<Compo
             )
         },
     );
-    let (unet, mut text_encoder, vae) = (unet?, text_encoder?, vae?);
+    let (mut unet, mut text_encoder, vae) = (unet?, text_encoder?, vae?);
+    if let Some(spec) = &opts.hypernetwork {
+        let h = hypernetwork::read(spec)?;
+        tracing::info!(hypernetwork = %spec.path.display(), widths = ?h.widths(), strength = spec.strength, "hypernetwork applied");
+        unet.set_hypernetwork(Some(h.to_device(device)?));
+    }
     for spec in &opts.embeddings {
         let emb = embeddings::read(spec)?;
         add_embedding(&mut tokenizer, &mut text_encoder, &emb)?;

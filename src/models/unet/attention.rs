@@ -1,7 +1,7 @@
 //! `Transformer2DModel` and its `BasicTransformerBlock`: self-attention, cross-attention to the
 //! text, and a GEGLU feed-forward.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::models::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear, LogitControl};
@@ -34,6 +34,8 @@ pub struct Attention {
     to_out: Linear,
     heads: usize,
     ops: nn::Ops,
+    /// An A1111 hypernetwork rewriting the context of the keys and values.
+    hyper: Option<std::sync::Arc<crate::loader::hypernetwork::Hypernetwork>>,
 }
 
 impl Attention {
@@ -52,7 +54,17 @@ impl Attention {
             to_out: Linear::new(vb.pp("to_out.0"), inner, query_dim, true)?,
             heads,
             ops: nn::Ops::current(),
+            hyper: None,
         })
+    }
+
+    /// Applies (or removes) a hypernetwork: where it has modules for this layer's context
+    /// width, the keys and values are computed from the contexts they rewrite.
+    pub fn set_hypernetwork(
+        &mut self,
+        h: Option<std::sync::Arc<crate::loader::hypernetwork::Hypernetwork>>,
+    ) {
+        self.hyper = h;
     }
 
     /// Every projection (`to_q`, `to_k`, `to_v`, `to_out.0`) with its path under `prefix`.
@@ -72,8 +84,17 @@ impl Attention {
     ) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
-        let k = self.to_k.forward(ctx)?;
-        let v = self.to_v.forward(ctx)?;
+        let pair = match &self.hyper {
+            Some(h) => h.for_width(ctx.dim(D::Minus1)?),
+            None => None,
+        };
+        let (k, v) = match pair {
+            Some((hk, hv)) => (
+                self.to_k.forward(&hk.forward(ctx)?)?,
+                self.to_v.forward(&hv.forward(ctx)?)?,
+            ),
+            None => (self.to_k.forward(ctx)?, self.to_v.forward(ctx)?),
+        };
         let o = self.ops.attention_with(&q, &k, &v, self.heads, ctl)?;
         self.to_out.forward(&o)
     }
@@ -222,12 +243,12 @@ impl Transformer2D {
         })
     }
 
-    /// The attention projections of every transformer block, with their paths under `prefix`.
-    pub fn visit_projections(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+    /// Both attention layers of every transformer block, with their paths under `prefix`.
+    pub fn visit_attentions(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Attention)) {
         for (i, blk) in self.blocks.iter_mut().enumerate() {
             let p = format!("{prefix}.transformer_blocks.{i}");
-            blk.attn1.visit_projections(&format!("{p}.attn1"), f);
-            blk.attn2.visit_projections(&format!("{p}.attn2"), f);
+            f(&format!("{p}.attn1"), &mut blk.attn1);
+            f(&format!("{p}.attn2"), &mut blk.attn2);
         }
     }
 

@@ -3,8 +3,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{Cond, Transformer2D, TransformerSpec};
-use crate::models::nn::{self, upsample_nearest, Conv2d, Linear};
+use super::attention::{Attention, Cond, Transformer2D, TransformerSpec};
+use crate::models::nn::{self, upsample_nearest, Conv2d};
 use crate::models::resnet::ResnetBlock2D;
 
 /// Shared settings for the ResNets of one UNet.
@@ -24,10 +24,10 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
-    /// The attention projections of this block, with their paths under `prefix`.
-    pub fn visit_projections(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+    /// The attention layers of this block, with their paths under `prefix`.
+    pub fn visit_attentions(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Attention)) {
         for (j, a) in self.attentions.iter_mut().enumerate() {
-            a.visit_projections(&format!("{prefix}.attentions.{j}"), f);
+            a.visit_attentions(&format!("{prefix}.attentions.{j}"), f);
         }
     }
 
@@ -109,10 +109,10 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    /// The attention projections of this block, with their paths under `prefix`.
-    pub fn visit_projections(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+    /// The attention layers of this block, with their paths under `prefix`.
+    pub fn visit_attentions(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Attention)) {
         for (j, a) in self.attentions.iter_mut().enumerate() {
-            a.visit_projections(&format!("{prefix}.attentions.{j}"), f);
+            a.visit_attentions(&format!("{prefix}.attentions.{j}"), f);
         }
     }
 
@@ -152,10 +152,10 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
-    /// The attention projections of this block, with their paths under `prefix`.
-    pub fn visit_projections(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+    /// The attention layers of this block, with their paths under `prefix`.
+    pub fn visit_attentions(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Attention)) {
         for (j, a) in self.attentions.iter_mut().enumerate() {
-            a.visit_projections(&format!("{prefix}.attentions.{j}"), f);
+            a.visit_attentions(&format!("{prefix}.attentions.{j}"), f);
         }
     }
 

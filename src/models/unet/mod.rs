@@ -279,13 +279,26 @@ impl UNet2DConditionModel {
     /// Every attention projection (`…attn1.to_q`, …, `…attn2.to_out.0`) with its parameter path,
     /// for LoRA adapters.
     pub fn visit_attention_projections(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+        self.visit_attentions(&mut |p, a| a.visit_projections(p, f));
+    }
+
+    /// Every attention layer (`…attn1`, `…attn2`) with its path.
+    pub fn visit_attentions(&mut self, f: &mut dyn FnMut(&str, &mut attention::Attention)) {
         for (i, d) in self.down.iter_mut().enumerate() {
-            d.visit_projections(&format!("down_blocks.{i}"), f);
+            d.visit_attentions(&format!("down_blocks.{i}"), f);
         }
-        self.mid.visit_projections("mid_block", f);
+        self.mid.visit_attentions("mid_block", f);
         for (i, u) in self.up.iter_mut().enumerate() {
-            u.visit_projections(&format!("up_blocks.{i}"), f);
+            u.visit_attentions(&format!("up_blocks.{i}"), f);
         }
+    }
+
+    /// Applies an A1111 hypernetwork to every attention layer (`None` removes it).
+    pub fn set_hypernetwork(
+        &mut self,
+        h: Option<std::sync::Arc<crate::loader::hypernetwork::Hypernetwork>>,
+    ) {
+        self.visit_attentions(&mut |_, a| a.set_hypernetwork(h.clone()));
     }
 
     /// `sample: [B, in_channels, h, w]`, `timestep`: a scalar or one per sample `[B]`,
