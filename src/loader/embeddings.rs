@@ -220,18 +220,16 @@ pub(crate) fn check_globals(path: &Path, o: &Object) -> Result<()> {
             Object::Class {
                 module_name,
                 class_name,
-            } => {
-                if !ALLOWED
-                    .iter()
-                    .any(|(m, c)| m == module_name && c == class_name)
-                {
-                    return Err(bad(
-                        path,
-                        format!(
-                            "the pickle references `{module_name}.{class_name}`; only tensors and plain containers are read (refused, nothing was run)"
-                        ),
-                    ));
-                }
+            } if !ALLOWED
+                .iter()
+                .any(|(m, c)| m == module_name && c == class_name) =>
+            {
+                return Err(bad(
+                    path,
+                    format!(
+                        "the pickle references `{module_name}.{class_name}`; only tensors and plain containers are read (refused, nothing was run)"
+                    ),
+                ));
             }
             Object::Reduce { callable, args } | Object::Build { callable, args } => {
                 stack.push(callable);

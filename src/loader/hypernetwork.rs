@@ -87,11 +87,13 @@ impl Act {
     }
 }
 
+/// `(weight [out, in], bias [out], the LayerNorm (weight, bias) after it)` of each linear layer.
+type Linears = Vec<(Tensor, Tensor, Option<(Tensor, Tensor)>)>;
+
 /// One `h(x) = x + strength · MLP(x)`.
 #[derive(Debug, Clone)]
 pub struct HyperModule {
-    /// `(weight [out, in], bias [out], LayerNorm (weight, bias) after it)`.
-    linears: Vec<(Tensor, Tensor, Option<(Tensor, Tensor)>)>,
+    linears: Linears,
     act: Option<Act>,
     activate_output: bool,
     strength: f64,
@@ -228,8 +230,6 @@ pub fn read(spec: &HypernetworkSpec) -> Result<Hypernetwork> {
     });
     Ok(Hypernetwork { name, by_width })
 }
-
-type Linears = Vec<(Tensor, Tensor, Option<(Tensor, Tensor)>)>;
 
 /// A module's state dict (`linear.{i}.weight`/`bias`): rank-2 weights are linear layers, rank-1
 /// ones the LayerNorm that follows the linear layer before them.

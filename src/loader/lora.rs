@@ -184,8 +184,11 @@ struct Parts {
     alpha: Option<f64>,
 }
 
+/// A file's adapters by network and module.
+type FileAdapters = HashMap<(Net, Name), Parts>;
+
 /// Every adapter of a file, by network and module, and the scale of those without an alpha.
-fn read_any(path: &Path) -> Result<(HashMap<(Net, Name), Parts>, f64)> {
+fn read_any(path: &Path) -> Result<(FileAdapters, f64)> {
     let bad = |m: String| Error::IncompatibleModel(format!("LoRA {}: {m}", path.display()));
     let (_, peft_scale) = read_meta(path)?;
     let tensors =
