@@ -544,6 +544,45 @@ async fn bad_inputs_get_clear_statuses_and_the_server_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_page_is_served_without_the_token_and_the_api_still_needs_it() {
+    let _serial = SERIAL.lock().await;
+    let h = start(ServerConfig {
+        token: Some("s3cret".into()),
+        ..config()
+    })
+    .await;
+    let http = http_client();
+    let get = |p: &str| http.get(format!("http://{}{p}", h.addr)).send();
+    let page = get("/").await.expect("page");
+    assert_eq!(page.status(), 200);
+    let ct = page.headers()["content-type"]
+        .to_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(ct.starts_with("text/html"), "{ct}");
+    let html = page.text().await.expect("html");
+    assert!(html.contains("/ui/app.js") && html.contains("id=\"instruction\""));
+    for (asset, needle) in [
+        ("/ui/app.js", "startEdit"),
+        ("/ui/shared/transport.js", "export function startEdit"),
+        ("/ui/shared/sse.js", "export class SseParser"),
+        ("/ui/style.css", ".grid"),
+    ] {
+        let r = get(asset).await.expect("asset");
+        assert_eq!(r.status(), 200, "{asset}");
+        let ct = r.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(ct.starts_with("text/"), "{asset}: {ct}");
+        assert!(r.text().await.expect("body").contains(needle), "{asset}");
+    }
+    assert_eq!(get("/ui/nothing.js").await.expect("404").status(), 404);
+    assert_eq!(get("/v1/info").await.expect("info").status(), 401);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_guard_every_door_but_health() {
     let _serial = SERIAL.lock().await;
     let h = start(ServerConfig {
@@ -642,6 +681,19 @@ async fn a_browser_origin_passes_preflight_and_completes_a_grpc_web_call() {
         .expect("preflight");
     assert!(pre.status().is_success(), "{}", pre.status());
     assert!(pre.headers().contains_key("access-control-allow-origin"));
+    // `Authorization` must be named: the Fetch standard's `*` does not cover it.
+    let allowed = pre
+        .headers()
+        .get("access-control-allow-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    for h in ["authorization", "content-type", "x-grpc-web"] {
+        assert!(
+            allowed.split(',').any(|a| a.trim() == h),
+            "{h} not in `{allowed}`"
+        );
+    }
     let r = http
         .post(&url)
         .header("origin", origin)

@@ -43,6 +43,9 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Train a VAE of any widths on a dataset's pictures (diffusers `vae/` folder out).
     TrainVae(train::TrainVaeArgs),
+    /// Learn a Textual Inversion word from a few pictures, the model frozen
+    /// (`ip2p train-embedding --model sd15 --images cat-toy/ --token "<cat-toy>" --initializer toy -o out`).
+    TrainEmbedding(train::TrainEmbeddingArgs),
     /// A new model folder: another's tokenizer and text encoder, a trained VAE, a fresh UNet.
     Assemble(assemble::AssembleArgs),
     /// A shippable copy of a model folder with fp16 weights.
@@ -60,7 +63,10 @@ impl Cli {
     pub fn long_running(&self) -> bool {
         matches!(
             self.command,
-            Command::Serve(_) | Command::Train(_) | Command::TrainVae(_)
+            Command::Serve(_)
+                | Command::Train(_)
+                | Command::TrainVae(_)
+                | Command::TrainEmbedding(_)
         )
     }
 }
@@ -74,6 +80,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Extend(a) => train::extend(a),
         Command::Train(a) => train::run(a),
         Command::TrainVae(a) => train::run_vae(a),
+        Command::TrainEmbedding(a) => train::run_embedding(a),
         Command::Assemble(a) => assemble::run(a),
         Command::Package(a) => assemble::package(a),
         Command::Convert(a) => assemble::convert(a),

@@ -342,3 +342,108 @@ pub fn run_vae(a: TrainVaeArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct TrainEmbeddingArgs {
+    /// The model the word is learned for (a diffusers folder or hub id, SD or InstructPix2Pix).
+    #[arg(long, env = "IP2P_MODEL")]
+    pub model: String,
+    /// A folder of 3–5 (or more) pictures of the subject or style.
+    #[arg(long, env = "IP2P_TI_IMAGES")]
+    pub images: PathBuf,
+    /// The new word, e.g. `<cat-toy>`.
+    #[arg(long, env = "IP2P_TI_TOKEN")]
+    pub token: String,
+    /// A word the tokenizer holds as one token, close to the subject (e.g. `toy`); the new
+    /// vectors start from it.
+    #[arg(long, env = "IP2P_TI_INITIALIZER")]
+    pub initializer: String,
+    /// Vectors per word (more: more capacity, more of the 75-token prompt used).
+    #[arg(long, env = "IP2P_TI_VECTORS", default_value_t = 1)]
+    pub vectors: usize,
+    /// object (templates "a photo of a {}") or style ("a painting in the style of {}").
+    #[arg(long, env = "IP2P_TI_PROPERTY", default_value = "object")]
+    pub property: ip2p::training::embedding::Property,
+    /// Side of the square the pictures are resized to (512 for SD 1.5).
+    #[arg(long, env = "IP2P_TI_RESOLUTION", default_value_t = 512)]
+    pub resolution: u32,
+    #[arg(long, env = "IP2P_TI_STEPS", default_value_t = 3000)]
+    pub steps: u64,
+    #[arg(long, env = "IP2P_TI_BATCH_SIZE", default_value_t = 1)]
+    pub batch_size: usize,
+    /// diffusers' README example: 5e-4 × batch 1 × accumulation 4 (scaled).
+    #[arg(long, env = "IP2P_TI_LR", default_value_t = 2e-3)]
+    pub lr: f64,
+    #[arg(long, env = "IP2P_TI_WEIGHT_DECAY", default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    /// Do not flip pictures horizontally (text, asymmetric subjects).
+    #[arg(long, env = "IP2P_TI_NO_FLIP")]
+    pub no_flip: bool,
+    #[arg(long, env = "IP2P_TI_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Also write `step-<n>/` every this many steps (0: only the end).
+    #[arg(long, env = "IP2P_TI_SAVE_EVERY", default_value_t = 500)]
+    pub save_every: u64,
+    /// `learned_embeds.safetensors` (diffusers) and `<token>.safetensors` (A1111) go here.
+    #[arg(short, long, env = "IP2P_TI_OUT")]
+    pub out: PathBuf,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "IP2P_DEVICE", default_value = "auto")]
+    pub device: ip2p::device::DeviceChoice,
+}
+
+/// `ip2p train-embedding`.
+pub fn run_embedding(a: TrainEmbeddingArgs) -> Result<()> {
+    use ip2p::training::embedding::{a1111_name, train_embedding, EmbeddingTrainConfig};
+    let cfg = EmbeddingTrainConfig {
+        model: a.model,
+        images: a.images,
+        token: a.token,
+        initializer: a.initializer,
+        vectors: a.vectors,
+        property: a.property,
+        resolution: a.resolution,
+        steps: a.steps,
+        batch_size: a.batch_size,
+        optimizer: ip2p::training::adamw::AdamWConfig {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        flip: !a.no_flip,
+        seed: a.seed,
+        out: a.out,
+        save_every: a.save_every,
+        device: ip2p::device::open(a.device)?,
+    };
+    let bar = progress::bar(cfg.steps, progress::TRAINING);
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let losses = train_embedding(&cfg, &mut |s| {
+        bar.set_position(s.step);
+        bar.set_message(format!("loss {:.5}", s.loss));
+        if bar.is_hidden() && (s.step % 10 == 0 || s.step == 1) {
+            tracing::info!(
+                step = s.step,
+                loss = s.loss,
+                secs = s.secs,
+                "train-embedding"
+            );
+        }
+    })?;
+    bar.finish();
+    let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len().max(1) as f64;
+    let k = losses.len().min(50);
+    println!(
+        "{} steps: mean loss {:.5} (first {k}) -> {:.5} (last {k}); {} and {}",
+        losses.len(),
+        mean(&losses[..k]),
+        mean(&losses[losses.len() - k..]),
+        cfg.out.join("learned_embeds.safetensors").display(),
+        cfg.out
+            .join(format!("{}.safetensors", a1111_name(&cfg.token)))
+            .display(),
+    );
+    Ok(())
+}

@@ -253,7 +253,9 @@ impl ClipTokenizer {
         Ok(self.bpe(text)?.len())
     }
 
-    fn raw_ids(&self, text: &str) -> Result<Vec<u32>> {
+    /// The text's ids without BOS/EOS and without expanding triggers (`tokenizer.encode(text,
+    /// add_special_tokens=False)`).
+    pub fn raw_ids(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, false)

@@ -1,4 +1,5 @@
-//! Optional bearer-token check on all three doors (health checks and CORS preflights exempt),
+//! Optional bearer-token check on all three doors (health checks, CORS preflights and the web
+//! page's static files exempt),
 //! compared in constant time.
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ fn exempt(req: &Request) -> bool {
     let p = req.uri().path();
     req.method() == http::Method::OPTIONS
         || p == "/healthz"
+        || super::page::is_page(req.method(), p)
         || p.starts_with("/grpc.health.v1.Health/")
 }
 

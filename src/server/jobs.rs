@@ -116,6 +116,15 @@ pub fn events(
         state: Arc<AppState>,
         door: &'static str,
     }
+    // A stream dropped before its last event (the client went away or pressed cancel) counts
+    // as a cancelled request of its door.
+    impl Drop for St {
+        fn drop(&mut self) {
+            if !self.done {
+                self.state.metrics.record(self.door, "cancelled");
+            }
+        }
+    }
     let st = St {
         _guard: CancelOnDrop(s.cancel.clone()),
         queued: Some(event(proto::edit_event::Event::Queued(proto::Queued {

@@ -12,6 +12,7 @@ mod grpc;
 mod http;
 mod jobs;
 mod metrics;
+mod page;
 pub mod proto;
 mod serve;
 mod status;
@@ -25,7 +26,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use tokio::sync::watch;
-use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 pub use self::config::ServerConfig;
 use self::metrics::Metrics;
@@ -138,7 +139,9 @@ fn cors(origins: &[String]) -> CorsLayer {
             ::http::Method::POST,
             ::http::Method::OPTIONS,
         ])
-        .allow_headers(Any)
+        // Mirrored, not `*`: the Fetch standard leaves `Authorization` out of the wildcard
+        // (Firefox enforces it), and every client here sends a bearer token.
+        .allow_headers(AllowHeaders::mirror_request())
         .expose_headers(expose)
         .max_age(Duration::from_secs(3600))
 }
@@ -263,6 +266,7 @@ fn router(
         .layer(tonic_web::GrpcWebLayer::new());
     let token = auth::Token(config.token.clone().map(Arc::new));
     Ok(http::router(state.clone())
+        .merge(page::router())
         .merge(grpc_router)
         .layer(axum::middleware::from_fn_with_state(
             token,

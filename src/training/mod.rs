@@ -10,6 +10,7 @@ pub mod adamw;
 pub mod assemble;
 pub mod data;
 pub mod ema;
+pub mod embedding;
 pub mod encodings;
 pub mod extend;
 pub mod lora;
