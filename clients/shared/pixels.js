@@ -102,8 +102,3 @@ export function cropBox(selection, padding, canvas, maxPixels) {
   }
   return { ...grow(lo), scale: 1 };
 }
-
-/** The pixels of `inner` (inside `outer`) cut out of an `outer`-sized buffer. */
-export function crop(data, outer, inner, components) {
-  return padToBounds(data, outer, inner, components);
-}

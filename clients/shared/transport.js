@@ -9,7 +9,7 @@ import { errorFromEvent, errorFromResponse, networkError } from "./errors.js";
 
 /** The way this host can talk to the server: "stream", "xhr" or "unary". */
 export function chooseMode(env) {
-  const hasStream = typeof env.fetch === "function" && typeof env.ReadableStream === "function" && env.streamBody !== false;
+  const hasStream = typeof env.fetch === "function" && typeof env.ReadableStream === "function";
   if (hasStream) return "stream";
   if (typeof env.XMLHttpRequest === "function") return "xhr";
   return "unary";

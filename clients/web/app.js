@@ -136,7 +136,8 @@ $("edit").addEventListener("click", () => {
   const body = buildEditRequest({ rgba, width: c.width, height: c.height }, maskGray8(), p);
   state.submit(p);
   running = startEdit({ server, token: token(), body, onEvent: (n, d) => state.event(n, d) });
-  running.done.then((r) => r === null || state.current.phase === "done" || state.event("result", r), (e) => state.fail(e));
+  // Every transport reports the result through onEvent; only failures arrive here.
+  running.done.catch((e) => state.fail(e));
 });
 $("cancel").addEventListener("click", () => {
   if (state.cancel()) running?.cancel();

@@ -20,3 +20,13 @@ pub fn bar(total: u64, template: &str) -> ProgressBar {
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
 }
+
+/// A training bar of `total` steps; hidden when stderr is not a terminal (the caller then logs
+/// every tenth step instead: `bar.is_hidden()`).
+pub fn training_bar(total: u64) -> ProgressBar {
+    let bar = bar(total, TRAINING);
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}

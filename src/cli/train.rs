@@ -191,10 +191,7 @@ impl TryFrom<TrainArgs> for TrainConfig {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = TrainConfig::try_from(a)?;
-    let bar = progress::bar(cfg.steps, progress::TRAINING);
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = progress::training_bar(cfg.steps);
     let s = train(&cfg, &mut |l| {
         bar.set_position(l.step);
         bar.set_message(format!("loss {:.4}", l.loss));
@@ -313,10 +310,7 @@ impl TryFrom<TrainVaeArgs> for VaeTrainConfig {
 /// `ip2p train-vae`.
 pub fn run_vae(a: TrainVaeArgs) -> Result<()> {
     let cfg = VaeTrainConfig::try_from(a)?;
-    let bar = progress::bar(cfg.steps, progress::TRAINING);
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = progress::training_bar(cfg.steps);
     let s = train_vae(&cfg, &mut |l| {
         bar.set_position(l.step);
         bar.set_message(format!("loss {:.5}", l.loss));
@@ -416,10 +410,7 @@ pub fn run_embedding(a: TrainEmbeddingArgs) -> Result<()> {
         save_every: a.save_every,
         device: ip2p::device::open(a.device)?,
     };
-    let bar = progress::bar(cfg.steps, progress::TRAINING);
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = progress::training_bar(cfg.steps);
     let losses = train_embedding(&cfg, &mut |s| {
         bar.set_position(s.step);
         bar.set_message(format!("loss {:.5}", s.loss));
@@ -427,7 +418,7 @@ pub fn run_embedding(a: TrainEmbeddingArgs) -> Result<()> {
             tracing::info!(
                 step = s.step,
                 loss = s.loss,
-                secs = s.secs,
+                seconds = s.seconds,
                 "train-embedding"
             );
         }

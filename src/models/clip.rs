@@ -233,29 +233,31 @@ impl ClipTextModel {
         self.token_embedding.embeddings()
     }
 
+    /// The embedding table cut or zero-padded to `rows` rows, as transformers'
+    /// `resize_token_embeddings` to a tokenizer's length makes it.
+    pub fn token_table(&self, rows: usize) -> Result<Tensor> {
+        let table = self.token_embedding.embeddings();
+        let (have, hidden) = table.dims2()?;
+        let kept = table.narrow(0, 0, have.min(rows))?;
+        if rows <= have {
+            return Ok(kept);
+        }
+        let pad = Tensor::zeros((rows - have, hidden), table.dtype(), table.device())?;
+        Tensor::cat(&[kept, pad], 0)
+    }
+
     /// Gives ids `first..first + n` the rows of `vectors` `[n, hidden]` (a Textual Inversion
-    /// embedding; `first` is the tokenizer's length before the tokens were added): the table
-    /// is cut or zero-padded to `first` rows first, as transformers' `resize_token_embeddings`
-    /// to the tokenizer's length does.
+    /// embedding; `first` is the tokenizer's length before the tokens were added), after
+    /// [`Self::token_table`]`(first)`.
     pub fn add_token_embeddings(&mut self, first: usize, vectors: &Tensor) -> Result<()> {
         let (n, dim) = vectors.dims2()?;
         let hidden = self.config.hidden_size;
         if dim != hidden {
             candle_core::bail!("vectors of width {dim}; this text encoder's is {hidden}");
         }
-        let table = self.token_embedding.embeddings();
-        let rows = table.dim(0)?;
-        let kept = table.narrow(0, 0, rows.min(first))?;
-        let mut parts = vec![kept];
-        if first > rows {
-            parts.push(Tensor::zeros(
-                (first - rows, hidden),
-                table.dtype(),
-                table.device(),
-            )?);
-        }
-        parts.push(vectors.to_device(table.device())?.to_dtype(table.dtype())?);
-        let table = Tensor::cat(&parts, 0)?;
+        let kept = self.token_table(first)?;
+        let vectors = vectors.to_device(kept.device())?.to_dtype(kept.dtype())?;
+        let table = Tensor::cat(&[kept, vectors], 0)?;
         self.config.vocab_size = first + n;
         self.token_embedding = Embedding::new(table, hidden);
         Ok(())

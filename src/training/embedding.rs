@@ -176,14 +176,8 @@ impl TiModel {
             .collect();
         let ids = tokenizer.add_embedding_tokens(&names)?;
         let (text, unet, ucfg) = frozen_networks(dir, dev)?;
-        let full = text.token_embedding();
-        let hidden = full.dim(1)?;
-        let mut table = full.narrow(0, 0, full.dim(0)?.min(first))?;
-        if first > table.dim(0)? {
-            let pad = Tensor::zeros((first - table.dim(0)?, hidden), DType::F32, dev)?;
-            table = Tensor::cat(&[&table, &pad], 0)?;
-        }
-        let init_row = full.narrow(0, init_id as usize, 1)?;
+        let table = text.token_table(first)?;
+        let init_row = text.token_embedding().narrow(0, init_id as usize, 1)?;
         let rows = Var::from_tensor(&init_row.repeat((names.len(), 1))?)?;
         let scfg: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
         Ok(Self {
@@ -234,10 +228,7 @@ impl TiModel {
         if self.unet_in == 2 * latents.dim(1)? {
             x = Tensor::cat(&[&x, &x.zeros_like()?], 1)?;
         }
-        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-        let t = Tensor::new(t.as_slice(), x.device())?;
-        let pred = self.unet.forward(&x, &t, &text)?;
-        Ok((pred - noise)?.sqr()?.mean_all()?)
+        super::eps_loss(&self.unet, &x, timesteps, &text, noise)
     }
 
     pub fn num_train_timesteps(&self) -> usize {
@@ -343,12 +334,7 @@ fn draw_batch(
 ) -> Result<Batch> {
     use rand_core::RngCore;
     let templates = cfg.property.templates();
-    let mut b = Batch {
-        prompts: Vec::new(),
-        latents: Tensor::zeros(1, DType::F32, &cfg.device)?,
-        noise: Tensor::zeros(1, DType::F32, &cfg.device)?,
-        timesteps: Vec::new(),
-    };
+    let (mut prompts, mut timesteps) = (Vec::new(), Vec::new());
     let (mut lat, mut noise) = (Vec::new(), Vec::new());
     for j in 0..cfg.batch_size {
         let mut rng = rng_for(
@@ -359,16 +345,19 @@ fn draw_batch(
         let pic = &pictures[(rng.next_u64() % pictures.len() as u64) as usize];
         let (mean, std) = &pic[usize::from(pic.len() > 1 && unit(&mut rng) < 0.5)];
         let t = &templates[(rng.next_u64() % templates.len() as u64) as usize];
-        b.prompts.push(t.replace("{}", &cfg.token));
-        b.timesteps.push((rng.next_u64() % n_t as u64) as u32);
+        prompts.push(t.replace("{}", &cfg.token));
+        timesteps.push((rng.next_u64() % n_t as u64) as u32);
         let mut ns = SeededNoise::new(rng.next_u64());
         let eps = ns.randn(mean.dims(), &cfg.device)?;
         lat.push(((mean + std.mul(&eps)?)? * scale)?);
         noise.push(ns.randn(mean.dims(), &cfg.device)?);
     }
-    b.latents = Tensor::cat(&lat, 0)?;
-    b.noise = Tensor::cat(&noise, 0)?;
-    Ok(b)
+    Ok(Batch {
+        prompts,
+        latents: Tensor::cat(&lat, 0)?,
+        noise: Tensor::cat(&noise, 0)?,
+        timesteps,
+    })
 }
 
 /// A step's record.
@@ -376,7 +365,7 @@ fn draw_batch(
 pub struct EmbeddingStep {
     pub step: u64,
     pub loss: f64,
-    pub secs: f64,
+    pub seconds: f64,
 }
 
 /// Trains the embedding and writes it (and `step-<n>/` copies every `save_every` steps).
@@ -427,7 +416,7 @@ pub fn train_embedding(
         on_step(&EmbeddingStep {
             step,
             loss: l,
-            secs: started.elapsed().as_secs_f64(),
+            seconds: started.elapsed().as_secs_f64(),
         });
         if cfg.save_every > 0 && step % cfg.save_every == 0 && step < cfg.steps {
             save_embedding(

@@ -210,9 +210,21 @@ pub fn ip2p_loss(
     noise: &Tensor,
 ) -> Result<Tensor> {
     let x = Tensor::cat(&[noisy, image_latents], 1)?;
+    eps_loss(unet, &x, timesteps, text, noise)
+}
+
+/// The ε-objective of every diffusion trainer: mean squared error between the UNet's
+/// prediction on `x` (its whole input) at `timesteps` and the noise.
+pub fn eps_loss(
+    unet: &crate::models::UNet2DConditionModel,
+    x: &Tensor,
+    timesteps: &[u32],
+    text: &Tensor,
+    noise: &Tensor,
+) -> Result<Tensor> {
     let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
     let t = Tensor::new(t.as_slice(), x.device())?;
-    let pred = unet.forward(&x, &t, text)?;
+    let pred = unet.forward(x, &t, text)?;
     Ok((pred - noise)?.sqr()?.mean_all()?)
 }
 
