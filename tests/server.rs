@@ -711,6 +711,8 @@ async fn a_browser_origin_passes_preflight_and_completes_a_grpc_web_call() {
         .unwrap_or("")
         .to_owned();
     assert!(expose.contains("grpc-status"), "{expose}");
+    // A cross-origin client reads a 429's Retry-After only when it is exposed.
+    assert!(expose.contains("retry-after"), "{expose}");
     let (msgs, trailers) = grpc_web_parse(&r.bytes().await.expect("body"));
     assert!(trailers.contains("grpc-status:0"), "{trailers}");
     let resp = proto::EditResponse::decode(msgs[0].as_slice()).expect("decode");

@@ -68,6 +68,13 @@ export function toDepth8(data, bitDepth) {
   return out;
 }
 
+/** 8-bit component values → a document's depth (16: Photoshop's 0..32768; 32: 0..1 floats). */
+export function fromDepth8(data, bitDepth) {
+  if (bitDepth === 8) return data;
+  if (bitDepth === 16) return Uint16Array.from(data, (v) => Math.round((v * 32768) / 255));
+  return Float32Array.from(data, (v) => v / 255);
+}
+
 /**
  * A selection (`imaging.getSelection`: one component, feathered values, trimmed to its own
  * bounds, 8- or 16-bit) → a GRAY8 mask of `bounds`: 255 edits fully, 0 keeps.
@@ -101,4 +108,48 @@ export function cropBox(selection, padding, canvas, maxPixels) {
     else hi = mid - 1;
   }
   return { ...grow(lo), scale: 1 };
+}
+
+/**
+ * Resamples `components`-per-pixel 8-bit data from w×h to tw×th: the mean of the covered source
+ * area when shrinking (no aliasing), bilinear when growing.
+ */
+export function resize(data, w, h, components, tw, th) {
+  if (tw === w && th === h) return data;
+  const out = new Uint8Array(tw * th * components);
+  const sx = w / tw, sy = h / th;
+  for (let y = 0; y < th; y++) {
+    for (let x = 0; x < tw; x++) {
+      const o = (y * tw + x) * components;
+      for (let c = 0; c < components; c++) {
+        out[o + c] = sx >= 1 && sy >= 1
+          ? areaMean(data, w, components, c, x * sx, y * sy, sx, sy)
+          : bilinear(data, w, h, components, c, (x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5);
+      }
+    }
+  }
+  return out;
+}
+
+function areaMean(data, w, components, c, x0, y0, sx, sy) {
+  let sum = 0, weight = 0;
+  for (let y = Math.floor(y0); y < Math.ceil(y0 + sy); y++) {
+    const wy = Math.min(y + 1, y0 + sy) - Math.max(y, y0);
+    for (let x = Math.floor(x0); x < Math.ceil(x0 + sx); x++) {
+      const wgt = wy * (Math.min(x + 1, x0 + sx) - Math.max(x, x0));
+      sum += wgt * data[(y * w + x) * components + c];
+      weight += wgt;
+    }
+  }
+  return Math.round(sum / weight);
+}
+
+function bilinear(data, w, h, components, c, fx, fy) {
+  const x = Math.min(Math.max(fx, 0), w - 1), y = Math.min(Math.max(fy, 0), h - 1);
+  const x0 = Math.floor(x), y0 = Math.floor(y), x1 = Math.min(x0 + 1, w - 1), y1 = Math.min(y0 + 1, h - 1);
+  const ax = x - x0, ay = y - y0;
+  const at = (xx, yy) => data[(yy * w + xx) * components + c];
+  const top = at(x0, y0) * (1 - ax) + at(x1, y0) * ax;
+  const bottom = at(x0, y1) * (1 - ax) + at(x1, y1) * ax;
+  return Math.round(top * (1 - ay) + bottom * ay);
 }

@@ -10,8 +10,9 @@ export class EditState {
     this.toIdle();
   }
 
-  toIdle() {
-    this.set({ phase: "idle" });
+  /** Back to idle; `note` ("Cancelled.") says how the last edit ended. */
+  toIdle(note) {
+    this.set(note ? { phase: "idle", note } : { phase: "idle" });
   }
 
   set(s) {

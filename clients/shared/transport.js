@@ -9,7 +9,9 @@ import { errorFromEvent, errorFromResponse, networkError } from "./errors.js";
 
 /** The way this host can talk to the server: "stream", "xhr" or "unary". */
 export function chooseMode(env) {
-  const hasStream = typeof env.fetch === "function" && typeof env.ReadableStream === "function";
+  // UXP versions before 8 have fetch without a readable `Response.body`.
+  const hasStream = typeof env.fetch === "function" && typeof env.ReadableStream === "function" &&
+    typeof env.Response === "function" && "body" in env.Response.prototype;
   if (hasStream) return "stream";
   if (typeof env.XMLHttpRequest === "function") return "xhr";
   return "unary";

@@ -185,9 +185,26 @@ function fakeFetch(status, text, { stream = true } = {}) {
   return { fetch, calls };
 }
 
+// A `Response` whose prototype has `body` (browsers; UXP before 8 lacks it).
+class StreamingResponse {
+  get body() {
+    return null;
+  }
+}
+
+test("transport: the mode follows what the host has", () => {
+  const base = { fetch: () => {}, ReadableStream: function () {}, XMLHttpRequest: function () {} };
+  assert.equal(chooseMode({ ...base, Response: StreamingResponse }), "stream");
+  // fetch without a readable body (UXP-like): partial XHR text.
+  assert.equal(chooseMode({ ...base, Response: class {} }), "xhr");
+  assert.equal(chooseMode({ ...base, Response: StreamingResponse, ReadableStream: undefined }), "xhr");
+  // Neither: the unary call.
+  assert.equal(chooseMode({ fetch: () => {}, Response: class {} }), "unary");
+});
+
 test("transport: streaming fetch with the token, events in order", async () => {
   const { fetch, calls } = fakeFetch(200, EVENTS);
-  const env = { fetch, ReadableStream: function () {}, AbortController };
+  const env = { fetch, ReadableStream: function () {}, Response: StreamingResponse, AbortController };
   const got = [];
   const h = startEdit({ server: "http://127.0.0.1:1/", token: "t0k", body: { a: 1 }, onEvent: (n) => got.push(n), env });
   assert.equal(h.mode, "stream");
@@ -199,7 +216,7 @@ test("transport: streaming fetch with the token, events in order", async () => {
 
 test("transport: an HTTP error becomes the server's message", async () => {
   const { fetch } = fakeFetch(429, '{"error":{"message":"the edit queue is full"}}');
-  const h = startEdit({ server: "http://x", body: {}, onEvent: () => {}, env: { fetch, ReadableStream: function () {}, AbortController } });
+  const h = startEdit({ server: "http://x", body: {}, onEvent: () => {}, env: { fetch, ReadableStream: function () {}, Response: StreamingResponse, AbortController } });
   await assert.rejects(h.done, (e) => e.status === 429 && e.retryAfter === 2);
 });
 
@@ -243,7 +260,7 @@ test("transport: the unary call when nothing streams, and cancel aborts fetch", 
   assert.equal(calls[0].url, "http://x/v1/edit");
   let aborted = false;
   const hang = (url, init) => new Promise((_, rej) => init.signal.addEventListener("abort", () => { aborted = true; rej(new Error("aborted")); }));
-  const c = startEdit({ server: "http://x", body: {}, onEvent: () => {}, env: { fetch: hang, ReadableStream: function () {}, AbortController } });
+  const c = startEdit({ server: "http://x", body: {}, onEvent: () => {}, env: { fetch: hang, ReadableStream: function () {}, Response: StreamingResponse, AbortController } });
   c.cancel();
   assert.equal(await c.done, null);
   assert.equal(aborted, true);

@@ -130,6 +130,9 @@ fn cors(origins: &[String]) -> CorsLayer {
         "x-ip2p-steps",
         "x-ip2p-truncated-tokens",
         "x-ip2p-total-seconds",
+        // A full queue's 429 says when to retry; a refused token says how to authenticate.
+        "retry-after",
+        "www-authenticate",
     ]
     .map(::http::HeaderName::from_static);
     CorsLayer::new()
