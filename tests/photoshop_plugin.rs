@@ -20,7 +20,7 @@ use ip2p::pipeline::EditPipeline;
 use ip2p::server::{self, ServerConfig};
 
 /// The checks `plugin.mjs` makes; fewer passing means one was skipped.
-const CHECKS: u64 = 23;
+const CHECKS: u64 = 24;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_photoshop_plugin_edits_in_headless_chromium() {

@@ -143,9 +143,19 @@ async function browserMode(b, base) {
   check("the server counts the cancelled edit", after > before, { before, after });
   check("a cancelled edit places nothing", (await b.evaluate("window.__ps.inspect().layers.length")) === 2);
 
-  // A full queue: one running, one waiting (capacity 1), then the panel's edit.
+  // Behind a running edit the panel's edit waits, shows its place, and can be cancelled there.
   const running = blocker();
-  await sleep(300);
+  for (let i = 0; i < 200 && !running.seen.includes("progress"); i++) await sleep(50);
+  const beforeQueued = await cancelledCount();
+  await edit(b, { steps: 3, variations: 1, seed: 8, selectionOnly: true, padding: 32 });
+  const queued = await b.waitFor("/^Queued: position \\d+/.test(document.getElementById('status').textContent) && document.getElementById('status').textContent", 30000);
+  await b.evaluate("document.getElementById('cancel').click()");
+  const idleAgain = await b.waitFor("document.getElementById('panel').dataset.phase === 'idle' && !document.getElementById('edit').disabled && document.getElementById('status').textContent");
+  let afterQueued = beforeQueued;
+  for (let i = 0; i < 100 && afterQueued <= beforeQueued; i++) (await sleep(50)), (afterQueued = await cancelledCount());
+  check("the queue position is shown, and a queued edit can be cancelled", queued === "Queued: position 1." && idleAgain === "Cancelled." && afterQueued > beforeQueued, { queued, idleAgain, beforeQueued, afterQueued });
+
+  // A full queue: one running, one waiting (capacity 1), then the panel's edit.
   const waiting = blocker();
   for (let i = 0; i < 200 && !waiting.seen.includes("queued"); i++) await sleep(50);
   await edit(b, { steps: 3, variations: 1, seed: 7, selectionOnly: true, padding: 32 });
