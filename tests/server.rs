@@ -1202,3 +1202,133 @@ async fn preloaded_embeddings_are_listed_and_usable() {
     assert_eq!(r.images.len(), 1);
     h.shutdown().await;
 }
+
+/// A LoRA named by a request (`--request-lora`) gives the bytes the same file folded in at load
+/// (`--lora`) gives; the next request without it gets the model's own bytes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_loras_apply_per_edit_as_if_folded_at_load() {
+    let _g = SERIAL.lock().await;
+    let file = fixtures().join("personal/tiny-lora-kohya.safetensors");
+    let mut cfg = config();
+    cfg.request_loras = vec![ip2p::loader::lora::NamedLora {
+        name: "kohya".into(),
+        path: file.clone(),
+    }];
+    let h = start(cfg).await;
+    let dir = ModelDir::from_dir(&fixtures().join("tiny-ip2p")).expect("fixture");
+    let folded_opts = LoadOptions {
+        loras: vec![ip2p::loader::lora::LoraSpec {
+            path: file,
+            scale: 0.7,
+        }],
+        ..Default::default()
+    };
+    let folded = EditPipeline::new(loader::load(&dir, &Device::Cpu, &folded_opts).expect("load"))
+        .expect("pipeline");
+    let hf = server::start(config(), folded, "folded".into())
+        .await
+        .expect("server starts");
+    tokio::time::timeout(Duration::from_secs(60), hf.ready())
+        .await
+        .expect("ready");
+
+    let mut c = client(&h).await;
+    let info = c.get_info(proto::GetInfoRequest {}).await.expect("info");
+    assert_eq!(info.into_inner().loras, ["kohya"]);
+    let with = |scale: f32| {
+        let mut r = request(3, 42);
+        r.loras = vec![proto::LoraWeight {
+            name: "kohya".into(),
+            scale: Some(scale),
+        }];
+        r
+    };
+    let bytes = |r: proto::EditResponse| r.images[0].data.clone();
+    let plain = bytes(c.edit(request(3, 42)).await.expect("plain").into_inner());
+    let adapted = bytes(c.edit(with(0.7)).await.expect("lora").into_inner());
+    let again = bytes(c.edit(request(3, 42)).await.expect("plain").into_inner());
+    let expected = bytes(
+        client(&hf)
+            .await
+            .edit(request(3, 42))
+            .await
+            .expect("folded")
+            .into_inner(),
+    );
+    assert_ne!(adapted, plain, "the LoRA changed nothing");
+    assert_eq!(
+        adapted, expected,
+        "per-request LoRA differs from the folded model"
+    );
+    assert_eq!(again, plain, "the model changed after a LoRA request");
+
+    // The HTTP door takes the same field; unknown names and bad scales name the field.
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = |loras: serde_json::Value| {
+        serde_json::json!({
+            "image": b64.encode(png(64, 48)), "instruction": "turn it into a watercolor",
+            "steps": 3, "seed": 42, "resolution": 64, "loras": loras,
+        })
+    };
+    let url = format!("http://{}/v1/edit", h.addr);
+    let http = http_client();
+    let r = http
+        .post(&url)
+        .json(&body(serde_json::json!([{"name": "kohya", "scale": 0.7}])))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.expect("body").to_vec(), adapted);
+    for (loras, says) in [
+        (
+            serde_json::json!([{"name": "nope"}]),
+            "no LoRA named `nope`",
+        ),
+        (
+            serde_json::json!([{"name": "kohya", "scale": 50.0}]),
+            "outside -10..=10",
+        ),
+        (
+            serde_json::json!([{"name": "kohya"}, {"name": "kohya"}]),
+            "named twice",
+        ),
+    ] {
+        let r = http
+            .post(&url)
+            .json(&body(loras))
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(r.status(), 400);
+        let e: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(e["error"]["field"], "loras", "{e}");
+        let m = e["error"]["message"].as_str().unwrap_or("");
+        assert!(m.contains(says), "{m}");
+    }
+    h.shutdown().await;
+    hf.shutdown().await;
+}
+
+/// A request LoRA that adapts layers a request cannot change is refused when the server starts.
+#[tokio::test]
+async fn a_request_lora_that_does_not_fit_stops_the_start() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path().join("bad.safetensors");
+    let t = candle_core::Tensor::ones((2, 4), candle_core::DType::F32, &Device::Cpu).expect("t");
+    let m = std::collections::HashMap::from([
+        ("lora_unet_conv_in.lora_down.weight".to_owned(), t.clone()),
+        ("lora_unet_conv_in.lora_up.weight".to_owned(), t),
+    ]);
+    candle_core::safetensors::save(&m, &p).expect("save");
+    let mut cfg = config();
+    cfg.request_loras = vec![ip2p::loader::lora::NamedLora {
+        name: "bad".into(),
+        path: p,
+    }];
+    let m = match server::start(cfg, pipeline(), "tiny-ip2p".into()).await {
+        Ok(_) => panic!("a LoRA for conv_in was accepted per request"),
+        Err(e) => e.to_string(),
+    };
+    assert!(m.contains("match no layer") && m.contains("--lora"), "{m}");
+}

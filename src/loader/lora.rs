@@ -306,41 +306,141 @@ pub fn plan(
     loras: &[LoraSpec],
     names: &HashMap<Net, Vec<String>>,
 ) -> Result<HashMap<Net, HashMap<String, Tensor>>> {
+    let mut deltas: HashMap<Net, HashMap<String, Tensor>> = HashMap::new();
+    for spec in loras {
+        for (net, weight, f) in match_file(&spec.path, names, "")? {
+            add_to(&mut deltas, net, weight, f.dense(spec.scale)?)?;
+        }
+    }
+    Ok(deltas)
+}
+
+fn add_to(
+    deltas: &mut HashMap<Net, HashMap<String, Tensor>>,
+    net: Net,
+    weight: String,
+    d: Tensor,
+) -> Result<()> {
+    let slot = deltas.entry(net).or_default();
+    let d = match slot.remove(&weight) {
+        Some(prev) => (prev + d)?,
+        None => d,
+    };
+    slot.insert(weight, d);
+    Ok(())
+}
+
+/// Every adapter of a file matched to a weight of `names`: `(network, weight name, factor)`.
+/// An adapter that matches nothing is an error (`hint` is added to its message).
+fn match_file(
+    path: &Path,
+    names: &HashMap<Net, Vec<String>>,
+    hint: &str,
+) -> Result<Vec<(Net, String, Factor)>> {
     let index: HashMap<Net, HashMap<Name, &str>> = names
         .iter()
         .map(|(net, ns)| (*net, module_index(ns)))
         .collect();
-    let mut deltas: HashMap<Net, HashMap<String, Tensor>> = HashMap::new();
-    for spec in loras {
-        let (adapters, peft_scale) = read_any(&spec.path)?;
-        let total = adapters.len();
-        let mut unmatched = Vec::new();
-        for ((net, name), parts) in adapters {
-            let Some(weight) = index.get(&net).and_then(|i| i.get(&name)) else {
-                unmatched.push(name);
-                continue;
-            };
-            let d = delta(&spec.path, &name, parts, peft_scale * spec.scale)?;
-            let slot = deltas.entry(net).or_default();
-            let d = match slot.remove(*weight) {
-                Some(prev) => (prev + d)?,
-                None => d,
-            };
-            slot.insert((*weight).to_owned(), d);
-        }
-        if let Some(first) = unmatched.first() {
-            let first = match first {
-                Name::Dotted(m) | Name::Underscored(m) => m,
-            };
-            return Err(Error::IncompatibleModel(format!(
-                "LoRA {}: {} of its {total} adapters match no layer of the model (e.g. `{first}`); {} matched",
-                spec.path.display(),
-                unmatched.len(),
-                total - unmatched.len()
-            )));
+    let (adapters, peft_scale) = read_any(path)?;
+    let total = adapters.len();
+    let mut unmatched = Vec::new();
+    let mut out = Vec::new();
+    for ((net, name), parts) in adapters {
+        let Some(weight) = index.get(&net).and_then(|i| i.get(&name)) else {
+            unmatched.push(name);
+            continue;
+        };
+        let f = factor(path, &name, parts, peft_scale)?;
+        out.push((net, (*weight).to_owned(), f));
+    }
+    if let Some(first) = unmatched.first() {
+        let first = match first {
+            Name::Dotted(m) | Name::Underscored(m) => m,
+        };
+        return Err(Error::IncompatibleModel(format!(
+            "LoRA {}: {} of its {total} adapters match no layer of the model (e.g. `{first}`); {} matched{hint}",
+            path.display(),
+            unmatched.len(),
+            total - unmatched.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// `NAME=FILE`: a LoRA file a request may name (the server's `--request-lora`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedLora {
+    pub name: String,
+    pub path: std::path::PathBuf,
+}
+
+impl std::str::FromStr for NamedLora {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.split_once('=') {
+            Some((n, p)) if !n.trim().is_empty() && !p.is_empty() => Ok(Self {
+                name: n.trim().to_owned(),
+                path: p.into(),
+            }),
+            _ => Err(format!("`{s}`: expected NAME=FILE")),
         }
     }
-    Ok(deltas)
+}
+
+/// LoRA files loaded once and kept low-rank, for requests to apply by name with a scale of
+/// their own (the server's per-request LoRA). Each file is matched against the layers a
+/// request may change when it is loaded, so a request never meets a file that does not fit.
+#[derive(Debug, Clone, Default)]
+pub struct LoraLibrary {
+    files: std::collections::BTreeMap<String, Vec<(Net, String, Factor)>>,
+}
+
+impl LoraLibrary {
+    /// `names`: the weights a request may change, by network.
+    pub fn load(specs: &[NamedLora], names: &HashMap<Net, Vec<String>>) -> Result<Self> {
+        let hint = "; a request may change the UNet's transformer blocks and the text encoder only (fold other adapters at load with --lora)";
+        let mut files = std::collections::BTreeMap::new();
+        for s in specs {
+            if files.contains_key(&s.name) {
+                return Err(Error::InvalidArgument {
+                    field: "request-lora",
+                    message: format!("the name `{}` is given twice", s.name),
+                });
+            }
+            files.insert(s.name.clone(), match_file(&s.path, names, hint)?);
+        }
+        Ok(Self { files })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.files.keys().cloned().collect()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.files.contains_key(name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// The weight deltas of `set` (`(name, scale)`), as [`plan`] gives them for the same files
+    /// and scales.
+    pub fn deltas(&self, set: &[(String, f64)]) -> Result<HashMap<Net, HashMap<String, Tensor>>> {
+        let mut deltas = HashMap::new();
+        for (name, scale) in set {
+            let Some(adapters) = self.files.get(name) else {
+                return Err(Error::InvalidArgument {
+                    field: "loras",
+                    message: format!("no LoRA named `{name}` on this server"),
+                });
+            };
+            for (net, weight, f) in adapters {
+                add_to(&mut deltas, *net, weight.clone(), f.dense(*scale)?)?;
+            }
+        }
+        Ok(deltas)
+    }
 }
 
 /// Each weight tensor (`….weight`) by the names a LoRA may give its module: the dotted path and
@@ -364,8 +464,31 @@ fn module_index(names: &[String]) -> HashMap<Name, &str> {
     idx
 }
 
-/// `scale · s · up · down` shaped as the weight (`[out, in]` or `[out, in, kh, kw]`).
-fn delta(path: &Path, name: &Name, p: Parts, scale: f64) -> Result<Tensor> {
+/// One adapter kept low-rank: `scale · s · up · down` in its weight's shape, `s` the file's
+/// `alpha / rank` (kohya) or PEFT scale.
+#[derive(Debug, Clone)]
+struct Factor {
+    /// `[out, rank]`.
+    up: Tensor,
+    /// `[rank, Π inner]`.
+    down: Tensor,
+    alpha: Option<f64>,
+    peft_scale: f64,
+    /// The weight's shape: `[out, in]` or `[out, in, kh, kw]`.
+    shape: Vec<usize>,
+}
+
+impl Factor {
+    fn dense(&self, scale: f64) -> Result<Tensor> {
+        let scale = self.peft_scale * scale;
+        let rank = self.down.dim(0)?;
+        let s = self.alpha.map_or(scale, |a| scale * a / rank as f64);
+        Ok((self.up.matmul(&self.down)?.reshape(self.shape.clone())? * s)?)
+    }
+}
+
+/// Checks one adapter's halves and keeps them low-rank.
+fn factor(path: &Path, name: &Name, p: Parts, peft_scale: f64) -> Result<Factor> {
     let label = match name {
         Name::Dotted(m) | Name::Underscored(m) => m.as_str(),
     };
@@ -385,14 +508,16 @@ fn delta(path: &Path, name: &Name, p: Parts, scale: f64) -> Result<Tensor> {
             down.dims()
         )));
     }
-    let s = p.alpha.map_or(scale, |a| scale * a / rank as f64);
     let inner: Vec<usize> = down.dims()[1..].to_vec();
-    let d = up
-        .reshape((out, rank))?
-        .matmul(&down.reshape((rank, inner.iter().product::<usize>()))?)?;
     let mut shape = vec![out];
-    shape.extend(inner);
-    Ok((d.reshape(shape)? * s)?)
+    shape.extend(inner.iter().copied());
+    Ok(Factor {
+        up: up.reshape((out, rank))?,
+        down: down.reshape((rank, inner.iter().product::<usize>()))?,
+        alpha: p.alpha,
+        peft_scale,
+        shape,
+    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::nn::{self, LayerNorm, Linear};
+use super::nn::{self, LayerMut, LayerNorm, Linear};
 
 /// The activation inside CLIP's MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -195,6 +195,25 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
+    /// Every linear layer of the encoder (attention projections and MLP), with its parameter
+    /// path (`text_model.encoder.layers.N.self_attn.q_proj`, …), for per-request LoRA.
+    pub fn visit_layers(&mut self, f: &mut dyn FnMut(&str, LayerMut)) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("text_model.encoder.layers.{i}");
+            let a = &mut l.attn;
+            for (name, lin) in [
+                ("q_proj", &mut a.q),
+                ("k_proj", &mut a.k),
+                ("v_proj", &mut a.v),
+                ("out_proj", &mut a.out),
+            ] {
+                f(&format!("{p}.self_attn.{name}"), LayerMut::Linear(lin));
+            }
+            f(&format!("{p}.mlp.fc1"), LayerMut::Linear(&mut l.fc1));
+            f(&format!("{p}.mlp.fc2"), LayerMut::Linear(&mut l.fc2));
+        }
+    }
+
     /// Builds the model. `vb` may point at the file root: both the transformers-4 layout
     /// (`text_model.` prefix) and the bare layout are accepted.
     pub fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {

@@ -187,12 +187,34 @@ impl Linear {
 
     /// Folds an adapter into the weight (`W += scale · B A`): no cost at inference.
     pub fn merge_lora(&mut self, lora: &Lora) -> Result<()> {
-        let delta = (lora.b.matmul(&lora.a)? * lora.scale)?;
-        let merged = (self.weight()? + delta.to_dtype(self.weight.dtype())?)?;
+        self.add_delta(&(lora.b.matmul(&lora.a)? * lora.scale)?)
+    }
+
+    /// `W += delta` (`[out, in]`), the inference copy packed again.
+    pub fn add_delta(&mut self, delta: &Tensor) -> Result<()> {
+        let w = self.weight()?;
+        let merged = (&w + delta.to_device(w.device())?.to_dtype(w.dtype())?)?;
         let lora = self.lora.take();
         *self = Self::from_parts(merged, self.bias.take())?;
         self.lora = lora;
         Ok(())
+    }
+}
+
+/// A layer whose weight may change after loading (a LoRA named by one request), with the
+/// parameter path the visitors give it.
+pub enum LayerMut<'a> {
+    Linear(&'a mut Linear),
+    Conv(&'a mut Conv2d),
+}
+
+impl LayerMut<'_> {
+    /// `W += delta`, `delta` shaped as the weight.
+    pub fn add_delta(&mut self, delta: &Tensor) -> Result<()> {
+        match self {
+            Self::Linear(l) => l.add_delta(&delta.flatten_from(1)?),
+            Self::Conv(c) => c.add_delta(delta),
+        }
     }
 }
 
@@ -800,6 +822,43 @@ pub enum Conv2d {
 }
 
 impl Conv2d {
+    /// `W += delta` (`[out, in, k, k]`). A packed convolution keeps its weight invertibly only
+    /// for 1×1 kernels; other packed kernels refuse (fold their adapters at load instead).
+    pub fn add_delta(&mut self, delta: &Tensor) -> Result<()> {
+        match self {
+            Self::Candle { conv, .. } => {
+                let w = conv.weight();
+                let merged = (w + delta
+                    .to_device(w.device())?
+                    .to_dtype(w.dtype())?
+                    .reshape(w.shape())?)?;
+                *conv = candle_nn::Conv2d::new(merged, conv.bias().cloned(), *conv.config());
+            }
+            Self::Fast(f) => {
+                let Some(mut w) = f.weight_1x1() else {
+                    candle_core::bail!(
+                        "a packed k×k convolution cannot change after loading (only 1×1 ones)"
+                    );
+                };
+                let d = delta
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?;
+                if d.len() != w.len() {
+                    candle_core::bail!(
+                        "a delta of {} values for a 1×1 convolution of {}",
+                        d.len(),
+                        w.len()
+                    );
+                }
+                w.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+                let (o, i) = f.channels();
+                *f = std::sync::Arc::new(kernels::FastConv::new(&w[..], f.bias(), o, i, 1));
+            }
+        }
+        Ok(())
+    }
+
     pub fn new(
         vb: VarBuilder,
         in_c: usize,

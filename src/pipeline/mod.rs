@@ -3,6 +3,7 @@
 //! Pipelines compose models and schedulers; they know nothing of gRPC, HTTP or files. Progress,
 //! previews and cancellation go through [`Progress`].
 
+pub mod adapters;
 pub mod clip_score;
 pub mod edit;
 pub mod guidance;

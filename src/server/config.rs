@@ -56,6 +56,16 @@ pub struct ServerConfig {
     /// Side of the preview images sent in progress events, pixels.
     #[arg(long, env = "IP2P_PREVIEW_SIZE", default_value_t = 128)]
     pub preview_size: u32,
+    /// A LoRA file a request may apply by name with a scale of its own (`loras` of a request),
+    /// loaded once and matched against the model at start; repeatable, or comma-separated in
+    /// the variable. (`--lora` folds files into the model for every request instead.)
+    #[arg(
+        long = "request-lora",
+        env = "IP2P_REQUEST_LORAS",
+        value_delimiter = ',',
+        value_name = "NAME=FILE"
+    )]
+    pub request_loras: Vec<crate::loader::lora::NamedLora>,
     /// Skip the warm-up edit (health reports SERVING right after loading).
     #[arg(long, env = "IP2P_NO_WARMUP")]
     pub no_warmup: bool,
@@ -82,6 +92,7 @@ impl Default for ServerConfig {
             tls_key: None,
             cors_origins: vec!["*".into()],
             preview_size: 128,
+            request_loras: Vec::new(),
             no_warmup: false,
             drain_seconds: 120,
         }

@@ -66,6 +66,15 @@ pub struct EditJson {
     pub jpeg_quality: Option<u32>,
     pub request_id: Option<String>,
     pub preview_every: Option<u32>,
+    /// `[{"name": "style", "scale": 0.8}]`: preloaded LoRA files for this edit.
+    #[serde(default)]
+    pub loras: Vec<LoraJson>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LoraJson {
+    pub name: String,
+    pub scale: Option<f32>,
 }
 
 fn pixel_format(field: &str, s: &str) -> Result<i32, ServerError> {
@@ -168,6 +177,14 @@ impl EditJson {
             jpeg_quality: self.jpeg_quality,
             request_id: self.request_id.unwrap_or_default(),
             preview_every: self.preview_every.unwrap_or(0),
+            loras: self
+                .loras
+                .into_iter()
+                .map(|l| proto::LoraWeight {
+                    name: l.name,
+                    scale: l.scale,
+                })
+                .collect(),
         })
     }
 }
@@ -435,6 +452,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
         "version": i.version,
         "schedulers": i.schedulers,
         "embedding_triggers": i.embedding_triggers,
+        "loras": i.loras,
         "defaults": {
             "steps": d.steps, "text_guidance": d.text_guidance, "image_guidance": d.image_guidance,
             "scheduler": d.scheduler, "resolution": d.resolution, "resize": "paper",

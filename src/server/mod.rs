@@ -83,6 +83,7 @@ impl AppState {
             }),
             version: env!("CARGO_PKG_VERSION").into(),
             embedding_triggers: self.embedding_triggers.clone(),
+            loras: c.request_loras.iter().map(|l| l.name.clone()).collect(),
         }
     }
 }
@@ -187,11 +188,15 @@ pub async fn start_many(
         .kind()
         .unwrap_or(SchedulerKind::EulerAncestral);
     let embedding_triggers = first.components().tokenizer.embedding_triggers().to_vec();
+    let loras = Arc::new(crate::loader::lora::LoraLibrary::load(
+        &config.request_loras,
+        &crate::pipeline::adapters::adaptable_weights(first.components()),
+    )?);
     let pipelines: Vec<Arc<EditPipeline>> = pipelines.into_iter().map(Arc::new).collect();
     let workers = pipelines
         .iter()
         .enumerate()
-        .map(|(i, p)| worker::Worker::new(i, p.clone()))
+        .map(|(i, p)| worker::Worker::new(i, p.clone(), loras.clone()))
         .collect();
     let queue = worker::spawn(
         workers,

@@ -32,6 +32,54 @@ pub struct ValidJob {
     pub variations: u32,
     pub output: OutputFormat,
     pub preview_every: u32,
+    /// Preloaded LoRA files for this edit: `(name, scale)`, in the request's order.
+    pub loras: Vec<(String, f64)>,
+}
+
+/// Most LoRA files one request may name.
+const MAX_REQUEST_LORAS: usize = 8;
+
+/// The request's LoRA: preloaded names, each once, with finite scales in −10..=10.
+fn loras(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<Vec<(String, f64)>, ServerError> {
+    if req.loras.len() > MAX_REQUEST_LORAS {
+        return Err(ServerError::invalid(
+            "loras",
+            format!(
+                "{} LoRA files; at most {MAX_REQUEST_LORAS} per edit",
+                req.loras.len()
+            ),
+        ));
+    }
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for l in &req.loras {
+        if !cfg.request_loras.iter().any(|n| n.name == l.name) {
+            let known: Vec<&str> = cfg.request_loras.iter().map(|n| n.name.as_str()).collect();
+            let have = if known.is_empty() {
+                "none are loaded (start the server with --request-lora NAME=FILE)".to_owned()
+            } else {
+                format!("this server has {}", known.join(", "))
+            };
+            return Err(ServerError::invalid(
+                "loras",
+                format!("no LoRA named `{}`: {have}", l.name),
+            ));
+        }
+        let scale = f64::from(l.scale.unwrap_or(1.0));
+        if !scale.is_finite() || scale.abs() > 10.0 {
+            return Err(ServerError::invalid(
+                "loras",
+                format!("the scale of `{}` is {scale}, outside -10..=10", l.name),
+            ));
+        }
+        if out.iter().any(|(n, _)| *n == l.name) {
+            return Err(ServerError::invalid(
+                "loras",
+                format!("`{}` is named twice", l.name),
+            ));
+        }
+        out.push((l.name.clone(), scale));
+    }
+    Ok(out)
 }
 
 fn limits(cfg: &ServerConfig) -> DecodeLimits {
@@ -264,6 +312,7 @@ pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob
     texts(req, cfg)?;
     let sampled = sampling(req, cfg)?;
     let (variations, output) = outputs(req, cfg)?;
+    let loras = loras(req, cfg)?;
     let (input, mask) = images(req, cfg, &sampled)?;
     let params = EditParams {
         instruction: req.instruction.clone(),
@@ -281,5 +330,6 @@ pub fn validate(req: &proto::EditRequest, cfg: &ServerConfig) -> Result<ValidJob
         variations,
         output,
         preview_every: req.preview_every,
+        loras,
     })
 }

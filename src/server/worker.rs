@@ -17,6 +17,7 @@ use super::metrics::Metrics;
 use super::proto;
 use super::status::ServerError;
 use super::validate::ValidJob;
+use crate::loader::lora::LoraLibrary;
 use crate::pipeline::image::blend_masked;
 use crate::pipeline::{CancelToken, Control, EditOutput, EditPipeline, StepInfo};
 
@@ -131,17 +132,49 @@ impl Queue {
 #[derive(Debug, Clone)]
 pub struct Worker {
     pub pipeline: Arc<EditPipeline>,
+    /// The LoRA files requests may name.
+    loras: Arc<LoraLibrary>,
     /// `[worker index, device]`.
     labels: [String; 2],
 }
 
+/// The pipeline with the last LoRA set a request named, kept while the next ones name it too.
+#[derive(Default)]
+struct Adapted {
+    set: Vec<(String, f64)>,
+    pipeline: Option<Arc<EditPipeline>>,
+}
+
 impl Worker {
-    pub fn new(index: usize, pipeline: Arc<EditPipeline>) -> Self {
+    pub fn new(index: usize, pipeline: Arc<EditPipeline>, loras: Arc<LoraLibrary>) -> Self {
         let device = crate::device::label(&pipeline.components().device);
         Self {
             pipeline,
+            loras,
             labels: [index.to_string(), device],
         }
+    }
+
+    /// The pipeline for a job naming `set`: the model itself when empty, else a copy with
+    /// those files folded in (made once per change of set; the model is never modified).
+    fn pipeline_for(
+        &self,
+        set: &[(String, f64)],
+        cache: &mut Adapted,
+    ) -> Result<Arc<EditPipeline>, ServerError> {
+        if set.is_empty() {
+            return Ok(self.pipeline.clone());
+        }
+        if let Some(p) = cache.pipeline.as_ref().filter(|_| cache.set == set) {
+            return Ok(p.clone());
+        }
+        cache.pipeline = None;
+        let t = Instant::now();
+        let p = Arc::new(self.pipeline.with_loras(&self.loras, set)?);
+        tracing::info!(loras = ?set, seconds = t.elapsed().as_secs_f64(), "LoRA applied");
+        cache.set = set.to_vec();
+        cache.pipeline = Some(p.clone());
+        Ok(p)
     }
 
     fn labels(&self) -> [&str; 2] {
@@ -187,6 +220,7 @@ fn worker_loop(
     preview_size: u32,
     metrics: &Metrics,
 ) {
+    let mut adapted = Adapted::default();
     loop {
         let job = rx.blocking_lock().blocking_recv();
         let Some(job) = job else { break };
@@ -195,7 +229,14 @@ fn worker_loop(
         metrics.queue_depth.set(q.depth() as i64);
         metrics.in_flight.inc();
         tracing::debug!(worker = w.labels[0], device = w.labels[1], "job taken");
-        run_job(w, job, preview_size, metrics, &q.step_estimate_ms);
+        run_job(
+            w,
+            &mut adapted,
+            job,
+            preview_size,
+            metrics,
+            &q.step_estimate_ms,
+        );
         metrics.worker_edits.with_label_values(&w.labels()).inc();
         metrics.in_flight.dec();
         q.running.fetch_sub(1, Ordering::SeqCst);
@@ -206,6 +247,7 @@ fn worker_loop(
 /// One job on a worker: what each of its variations needs.
 struct Running<'a> {
     worker: &'a Worker,
+    pipeline: &'a EditPipeline,
     job: &'a ValidJob,
     events: &'a mpsc::Sender<JobEvent>,
     cancel: &'a CancelToken,
@@ -262,11 +304,7 @@ impl Running<'_> {
             });
             Control::Continue
         };
-        let out = match self
-            .worker
-            .pipeline
-            .edit(&job.input, &params, &mut progress)
-        {
+        let out = match self.pipeline.edit(&job.input, &params, &mut progress) {
             Ok(o) => o,
             Err(crate::Error::Cancelled) => return Err(stopped.unwrap_or(ServerError::Cancelled)),
             Err(e) => {
@@ -304,7 +342,14 @@ fn parameters_used(job: &ValidJob, out: &EditOutput) -> proto::EditParameters {
     }
 }
 
-fn run_job(worker: &Worker, job: Job, preview_size: u32, metrics: &Metrics, step_ms: &AtomicUsize) {
+fn run_job(
+    worker: &Worker,
+    adapted: &mut Adapted,
+    job: Job,
+    preview_size: u32,
+    metrics: &Metrics,
+    step_ms: &AtomicUsize,
+) {
     let Job {
         job,
         events,
@@ -315,8 +360,16 @@ fn run_job(worker: &Worker, job: Job, preview_size: u32, metrics: &Metrics, step
     let span =
         tracing::info_span!("edit", request_id = %job.request_id, device = %worker.labels[1]);
     let _g = span.enter();
+    let pipeline = match worker.pipeline_for(&job.loras, adapted) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = events.blocking_send(JobEvent::Done(Box::new(Err(e))));
+            return;
+        }
+    };
     let run = Running {
         worker,
+        pipeline: &pipeline,
         job: &job,
         events: &events,
         cancel: &cancel,

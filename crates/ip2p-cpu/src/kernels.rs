@@ -338,6 +338,24 @@ impl candle_core::CustomOp2 for ConvAdd<'_> {
 }
 
 impl FastConv {
+    /// A 1×1 convolution's weight `[out, in]`, row-major, as it was given (`None` for other
+    /// kernels: their packed forms are not kept invertibly).
+    pub fn weight_1x1(&self) -> Option<Vec<f32>> {
+        match (&self.weight, self.kernel, self.stride) {
+            (ConvWeights::Direct(p), 1, 1) => Some(p.to_rows()),
+            _ => None,
+        }
+    }
+
+    /// `(out, in)` channels.
+    pub fn channels(&self) -> (usize, usize) {
+        (self.out_c, self.in_c)
+    }
+
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
+    }
+
     /// The convolution of `x` (shape `shape`), plus `res` (of the output's shape) if given.
     fn compute(
         &self,
@@ -1316,6 +1334,22 @@ mod tests {
         let s = time(&mut || affine_silu(std::hint::black_box(&x[..n]), &mut out, 1.0, 0.0));
         let q = time(&mut || quick_gelu(std::hint::black_box(&x[..n]), &mut out));
         eprintln!("ns per element: geglu {g:.3}, silu {s:.3}, quick gelu {q:.3}");
+    }
+
+    #[test]
+    fn a_1x1_convolution_gives_its_weight_back_exactly() {
+        // Sizes around the panel widths and past one depth block.
+        for (o, i) in [(3, 5), (17, 300), (64, 33)] {
+            let w: Vec<f32> = (0..o * i).map(|k| (k as f32 * 0.37).sin()).collect();
+            let c = FastConv::new(&w[..], &vec![0.5; o], o, i, 1);
+            assert_eq!(c.weight_1x1().as_deref(), Some(&w[..]));
+            assert_eq!(c.channels(), (o, i));
+        }
+        let w3 = [1f32; 2 * 2 * 9];
+        assert_eq!(
+            FastConv::new(&w3[..], &[0.0; 2], 2, 2, 3).weight_1x1(),
+            None
+        );
     }
 
     #[test]

@@ -366,6 +366,22 @@ impl PackedA {
         (self.m, self.k)
     }
 
+    /// The row-major `A [m, k]` this was packed from.
+    pub(crate) fn to_rows(&self) -> Vec<f32> {
+        let mut a = vec![0f32; self.m * self.k];
+        for p0 in (0..self.k).step_by(KC) {
+            let kc = KC.min(self.k - p0);
+            for i in 0..self.m {
+                let panel = self.panel(p0, kc, i / self.mr);
+                for p in 0..kc {
+                    // SAFETY: the panel holds kc·mr values.
+                    a[i * self.k + p0 + p] = unsafe { *panel.add(p * self.mr + i % self.mr) };
+                }
+            }
+        }
+        a
+    }
+
     /// The panel of rows `ip·mr..` in the block starting at `p0`.
     fn panel(&self, p0: usize, kc: usize, ip: usize) -> *const f32 {
         let mpad = self.m.div_ceil(self.mr) * self.mr;

@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::models::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear, LogitControl};
+use crate::models::nn::{self, Conv2d, GroupNorm, LayerMut, LayerNorm, Linear, LogitControl};
 
 /// What a UNet call is conditioned on: the text context, and any control of its
 /// self-attention (Prompt-to-Prompt).
@@ -241,6 +241,32 @@ impl Transformer2D {
             proj_out,
             ops: nn::Ops::current(),
         })
+    }
+
+    /// Every layer a per-request LoRA may change (`proj_in`, both attentions' projections, the
+    /// feed-forward's two, `proj_out`), with its path under `prefix`.
+    pub fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, LayerMut)) {
+        fn proj(p: &mut Proj) -> LayerMut<'_> {
+            match p {
+                Proj::Conv(c) => LayerMut::Conv(c),
+                Proj::Linear(l) => LayerMut::Linear(l),
+            }
+        }
+        f(&format!("{prefix}.proj_in"), proj(&mut self.proj_in));
+        for (i, blk) in self.blocks.iter_mut().enumerate() {
+            let p = format!("{prefix}.transformer_blocks.{i}");
+            for (name, attn) in [("attn1", &mut blk.attn1), ("attn2", &mut blk.attn2)] {
+                attn.visit_projections(&format!("{p}.{name}"), &mut |q, l| {
+                    f(q, LayerMut::Linear(l))
+                });
+            }
+            f(
+                &format!("{p}.ff.net.0.proj"),
+                LayerMut::Linear(&mut blk.ff.proj),
+            );
+            f(&format!("{p}.ff.net.2"), LayerMut::Linear(&mut blk.ff.out));
+        }
+        f(&format!("{prefix}.proj_out"), proj(&mut self.proj_out));
     }
 
     /// Both attention layers of every transformer block, with their paths under `prefix`.

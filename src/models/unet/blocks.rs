@@ -3,7 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{Attention, Cond, Transformer2D, TransformerSpec};
+use super::attention::{Cond, Transformer2D, TransformerSpec};
 use crate::models::nn::{self, upsample_nearest, Conv2d};
 use crate::models::resnet::ResnetBlock2D;
 
@@ -24,10 +24,14 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
-    /// The attention layers of this block, with their paths under `prefix`.
-    pub fn visit_attentions(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Attention)) {
+    /// The transformers of this block, with their paths under `prefix`.
+    pub fn visit_transformers(
+        &mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(&str, &mut Transformer2D),
+    ) {
         for (j, a) in self.attentions.iter_mut().enumerate() {
-            a.visit_attentions(&format!("{prefix}.attentions.{j}"), f);
+            f(&format!("{prefix}.attentions.{j}"), a);
         }
     }
 
@@ -109,10 +113,14 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    /// The attention layers of this block, with their paths under `prefix`.
-    pub fn visit_attentions(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Attention)) {
+    /// The transformers of this block, with their paths under `prefix`.
+    pub fn visit_transformers(
+        &mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(&str, &mut Transformer2D),
+    ) {
         for (j, a) in self.attentions.iter_mut().enumerate() {
-            a.visit_attentions(&format!("{prefix}.attentions.{j}"), f);
+            f(&format!("{prefix}.attentions.{j}"), a);
         }
     }
 
@@ -152,10 +160,14 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
-    /// The attention layers of this block, with their paths under `prefix`.
-    pub fn visit_attentions(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Attention)) {
+    /// The transformers of this block, with their paths under `prefix`.
+    pub fn visit_transformers(
+        &mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(&str, &mut Transformer2D),
+    ) {
         for (j, a) in self.attentions.iter_mut().enumerate() {
-            a.visit_attentions(&format!("{prefix}.attentions.{j}"), f);
+            f(&format!("{prefix}.attentions.{j}"), a);
         }
     }
 

@@ -284,12 +284,22 @@ impl UNet2DConditionModel {
 
     /// Every attention layer (`…attn1`, `…attn2`) with its path.
     pub fn visit_attentions(&mut self, f: &mut dyn FnMut(&str, &mut attention::Attention)) {
+        self.visit_transformers(&mut |p, t| t.visit_attentions(p, f));
+    }
+
+    /// Every layer of the transformer blocks a per-request LoRA may change (see
+    /// [`attention::Transformer2D::visit_layers`]), with its parameter path.
+    pub fn visit_layers(&mut self, f: &mut dyn FnMut(&str, nn::LayerMut)) {
+        self.visit_transformers(&mut |p, t| t.visit_layers(p, f));
+    }
+
+    fn visit_transformers(&mut self, f: &mut dyn FnMut(&str, &mut attention::Transformer2D)) {
         for (i, d) in self.down.iter_mut().enumerate() {
-            d.visit_attentions(&format!("down_blocks.{i}"), f);
+            d.visit_transformers(&format!("down_blocks.{i}"), f);
         }
-        self.mid.visit_attentions("mid_block", f);
+        self.mid.visit_transformers("mid_block", f);
         for (i, u) in self.up.iter_mut().enumerate() {
-            u.visit_attentions(&format!("up_blocks.{i}"), f);
+            u.visit_transformers(&format!("up_blocks.{i}"), f);
         }
     }
 
