@@ -108,6 +108,31 @@ pub fn commit_dir(dst: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Result
     rename_durably(&tmp, dst)
 }
 
+/// Copies the folder `src` into `dst` (made if missing), leaving out the entries of `src` itself
+/// named in `skip`; hard-links files where the file system allows (`link`), copies otherwise.
+pub(crate) fn copy_tree(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    link: bool,
+    skip: &[&str],
+) -> Result<()> {
+    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+    for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+        let entry = entry.map_err(|e| Error::io(src, e))?;
+        let (from, name) = (entry.path(), entry.file_name());
+        if skip.iter().any(|s| name == *s) {
+            continue;
+        }
+        let to = dst.join(&name);
+        if from.is_dir() {
+            copy_tree(&from, &to, link, &[])?;
+        } else if !(link && std::fs::hard_link(&from, &to).is_ok()) {
+            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -191,3 +191,91 @@ async fn a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     };
     assert_eq!(steps(&la), steps(&lb), "the loss logs differ");
 }
+
+/// `train --lora --embedding`: the run trains from the model with the LoRA baked in (its edits
+/// are the bytes `--lora` at load gives, and the final model carries the text encoder's part),
+/// the trigger word reaches the encodings (another cache key), and a resume with other LoRA
+/// files is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_takes_loras_and_embeddings_as_edit_does() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let input = tmp.path().join("toy.jsonl");
+    write(
+        &input,
+        "{\"input\": \"a toy on a table\", \"edit\": \"turn it into <cat-toy>\", \"output\": \"a cat toy on a table\"}\n\
+         {\"input\": \"a chair\", \"edit\": \"put <cat-toy> on it\", \"output\": \"a cat toy on a chair\"}\n",
+    );
+    let mut rc = run_config(vec![input], &tmp.path().join("gen"));
+    rc.image.samples = 2;
+    run(rc).await.expect("dataset-gen");
+    let data = tmp.path().join("gen/data");
+    let tiny = fixtures().join("tiny-ip2p");
+    let personal = fixtures().join("personal");
+    let lora = ip2p::loader::lora::LoraSpec {
+        path: personal.join("tiny-lora-kohya.safetensors"),
+        scale: 0.7,
+    };
+    let embedding = ip2p::loader::embeddings::EmbeddingSpec {
+        path: personal.join("cat-toy.pt"),
+        token: Some("<cat-toy>".into()),
+    };
+    let encodings = tmp.path().join("encodings");
+    let run_with = |out: &str, loras: Vec<_>, embeddings: Vec<_>| {
+        let mut cfg = config(&tiny, &data, &tmp.path().join(out), 2);
+        cfg.loras = loras;
+        cfg.embeddings = embeddings;
+        cfg.cache_encodings = true;
+        cfg.encodings_dir = Some(encodings.clone());
+        tokio::task::block_in_place(|| train(&cfg, &mut |_| {}))
+    };
+    let s = run_with("run", vec![lora.clone()], vec![embedding.clone()]).expect("train");
+
+    // The baked base edits as the model with --lora at load; the final model's text encoder is
+    // the baked one.
+    let edit = |dir: &Path, loras: Vec<ip2p::loader::lora::LoraSpec>| {
+        let opts = LoadOptions {
+            loras,
+            ..Default::default()
+        };
+        let c = loader::load(&ModelDir::from_dir(dir).expect("dir"), &Device::Cpu, &opts)
+            .expect("load");
+        let input = ip2p::pipeline::image::open(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/sunflowers.png"),
+            &Default::default(),
+        )
+        .expect("image");
+        let params = EditParams {
+            instruction: "make it snowy".into(),
+            steps: 2,
+            resolution: 64,
+            seed: 1,
+            ..Default::default()
+        };
+        let p = EditPipeline::new(c).expect("pipeline");
+        p.edit(&input, &params, &mut NoProgress)
+            .expect("edit")
+            .image
+            .into_bytes()
+    };
+    let base = tmp.path().join("run/base");
+    assert_eq!(edit(&base, vec![]), edit(&tiny, vec![lora.clone()]));
+    let te = |d: &Path| std::fs::read(d.join("text_encoder/model.safetensors")).expect("te");
+    assert_eq!(te(&s.final_model), te(&base));
+    assert_ne!(te(&base), te(&tiny));
+
+    // The same data without the embedding is encoded under another key.
+    run_with("plain", vec![lora.clone()], vec![]).expect("train");
+    let keys = std::fs::read_dir(&encodings)
+        .expect("encodings")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        })
+        .count();
+    assert_eq!(keys, 2, "the embedding did not change the encodings' key");
+
+    // Resuming with other LoRA files is refused.
+    let other = ip2p::loader::lora::LoraSpec { scale: 0.2, ..lora };
+    let e = run_with("run", vec![other], vec![embedding]).expect_err("another LoRA");
+    assert!(e.to_string().contains("other LoRA files"), "{e}");
+}

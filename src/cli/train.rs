@@ -119,6 +119,20 @@ pub struct TrainArgs {
     pub device: ip2p::device::DeviceChoice,
     #[arg(long, env = "IP2P_OFFLINE")]
     pub offline: bool,
+    /// A LoRA file folded into the starting model, FILE[:SCALE] (kohya or PEFT; repeatable,
+    /// comma-separated in the variable): the run trains from `<out>/base`, the model with the
+    /// files baked into its UNet and text encoder, and every checkpoint carries them.
+    #[arg(long = "lora", env = "IP2P_TRAIN_LORA", value_delimiter = ',')]
+    pub loras: Vec<ip2p::loader::lora::LoraSpec>,
+    /// A Textual Inversion embedding, FILE[:TOKEN] (repeatable, comma-separated in the
+    /// variable): its trigger word may appear in the instructions. Edit with the trained model
+    /// and the same `--embedding`.
+    #[arg(
+        long = "embedding",
+        env = "IP2P_TRAIN_EMBEDDING",
+        value_delimiter = ','
+    )]
+    pub embeddings: Vec<ip2p::loader::embeddings::EmbeddingSpec>,
 }
 
 pub fn extend(a: ExtendArgs) -> Result<()> {
@@ -184,6 +198,8 @@ impl TryFrom<TrainArgs> for TrainConfig {
                 (Some(_), None) => anyhow::bail!("--sample-every needs --sample-image"),
                 _ => None,
             },
+            loras: a.loras,
+            embeddings: a.embeddings,
             device: ip2p::device::open(a.device)?,
         })
     }

@@ -925,6 +925,49 @@ fn lora_deltas(dir: &ModelDir, opts: &LoadOptions) -> Result<HashMap<lora::Net, 
     Ok(plan.into_iter().map(|(n, d)| (n, Arc::new(d))).collect())
 }
 
+/// A copy of the model folder `dir` in `dst` with `loras` folded into the UNet's and the text
+/// encoder's weights exactly as [`load`] folds them (each weight read in f32 plus its delta),
+/// written in f32 under the files' own tensor names; everything else is linked or copied.
+/// `ip2p train --lora` trains from such a folder, so its checkpoints carry the text encoder's
+/// part of the LoRA too.
+pub fn bake_loras(dir: &ModelDir, loras: &[lora::LoraSpec], dst: &Path) -> Result<()> {
+    let opts = LoadOptions {
+        loras: loras.to_vec(),
+        ..Default::default()
+    };
+    let deltas = lora_deltas(dir, &opts)?;
+    let root = dir.root();
+    crate::fsutil::commit_dir(dst, |tmp| {
+        crate::fsutil::copy_tree(root, tmp, true, &["unet", "text_encoder"])?;
+        for (net, component, stem) in [
+            (lora::Net::Unet, "unet", "diffusion_pytorch_model"),
+            (lora::Net::TextEncoder, "text_encoder", "model"),
+        ] {
+            let weights = dir.weights(component, stem, opts.variant)?;
+            let src = root.join(component);
+            let skip: Vec<String> = std::fs::read_dir(&src)
+                .map_err(|e| Error::io(&src, e))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(stem))
+                .collect();
+            let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
+            crate::fsutil::copy_tree(&src, &tmp.join(component), true, &skip)?;
+            let empty = Arc::new(HashMap::new());
+            let read = Widening(map(&weights)?, deltas.get(&net).cloned().unwrap_or(empty));
+            let names: Vec<String> = read.0.tensors().into_iter().map(|(n, _)| n).collect();
+            let mut out = HashMap::new();
+            for n in names {
+                let t = read.patched(&n, DType::F32, &Device::Cpu)?;
+                out.insert(n, t);
+            }
+            let file = tmp.join(component).join(format!("{stem}.safetensors"));
+            candle_core::safetensors::save(&out, &file)?;
+        }
+        Ok(())
+    })
+}
+
 /// Binds a Textual Inversion embedding: its tokens added to the tokenizer, its vectors to the
 /// text encoder's table at their ids.
 pub fn add_embedding(

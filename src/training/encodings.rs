@@ -233,6 +233,26 @@ pub struct CacheStore {
 impl CacheStore {
     /// The store in `dir` for `data` (paths as `ip2p train` takes them) encoded by the model
     /// folder `model`.
+    /// The same store keyed also by `extra` (labels and files, e.g. embeddings and their
+    /// trigger words): encodings made without them are never reused with them.
+    pub fn salted(self, extra: &[(String, PathBuf)]) -> Result<Self> {
+        if extra.is_empty() {
+            return Ok(self);
+        }
+        let mut h = Sha256::new();
+        h.update(self.key.as_bytes());
+        for (label, f) in extra {
+            h.update((label.len() as u64).to_le_bytes());
+            h.update(label.as_bytes());
+            hash_file(&mut h, f)?;
+        }
+        let key = format!("{:x}", h.finalize());
+        Ok(Self {
+            dir: self.dir,
+            key: key[..self.key.len()].to_owned(),
+        })
+    }
+
     pub fn new(dir: &Path, data: &[PathBuf], columns: &Columns, model: &Path) -> Result<Self> {
         let mut h = Sha256::new();
         h.update(FORMAT);

@@ -77,6 +77,12 @@ pub struct TrainConfig {
     pub lora: Option<LoraConfig>,
     /// Edit a fixed image every `every` steps with the weights being trained.
     pub samples: Option<SampleEdits>,
+    /// LoRA files folded into the starting model (UNet and text encoder), as `--lora` folds
+    /// them at load: the run trains from `<out>/base`, the model with them baked in.
+    pub loras: Vec<loader::lora::LoraSpec>,
+    /// Textual Inversion embeddings bound to the frozen text encoder: their trigger words may
+    /// appear in the instructions (edit with the same `--embedding` afterwards).
+    pub embeddings: Vec<loader::embeddings::EmbeddingSpec>,
     pub device: Device,
 }
 
@@ -106,6 +112,8 @@ impl Default for TrainConfig {
             resume: false,
             lora: None,
             samples: None,
+            loras: Vec::new(),
+            embeddings: Vec::new(),
             device: Device::Cpu,
         }
     }
@@ -169,10 +177,18 @@ struct Frozen {
 }
 
 impl Frozen {
-    fn load(dir: &ModelDir, dev: &Device) -> Result<Self> {
+    fn load(
+        dir: &ModelDir,
+        embeddings: &[loader::embeddings::EmbeddingSpec],
+        dev: &Device,
+    ) -> Result<Self> {
         let root = dir.root();
-        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
-        let text = loader::load_text_encoder(dir, Variant::Auto, DType::F32, dev)?;
+        let mut tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+        let mut text = loader::load_text_encoder(dir, Variant::Auto, DType::F32, dev)?;
+        for spec in embeddings {
+            let emb = loader::embeddings::read(spec)?;
+            loader::add_embedding(&mut tokenizer, &mut text, &emb)?;
+        }
         let vae = loader::load_vae(dir, Variant::Auto, DType::F32, dev)?;
         let mut f = Self {
             tokenizer,
@@ -303,6 +319,50 @@ fn save_model(
     }
 }
 
+/// The model a run trains from: `cfg.model` itself, or with `cfg.loras` folded in, made once in
+/// `<out>/base` (its `ip2p_loras.json` names the files; a resumed run with other files is
+/// refused rather than mixed).
+fn base_model(cfg: &TrainConfig, dir: ModelDir) -> Result<ModelDir> {
+    if cfg.loras.is_empty() {
+        return Ok(dir);
+    }
+    let base = cfg.out.join("base");
+    let record_path = base.join("ip2p_loras.json");
+    let record = serde_json::to_string(
+        &cfg.loras
+            .iter()
+            .map(|l| serde_json::json!({"file": l.path, "scale": l.scale}))
+            .collect::<Vec<_>>(),
+    )
+    .map_err(|e| Error::invalid("lora", e.to_string()))?;
+    match std::fs::read_to_string(&record_path) {
+        Ok(had) if had == record => {}
+        Ok(had) => {
+            return Err(Error::invalid(
+                "lora",
+                format!(
+                    "{} was made with other LoRA files ({had}); use another --out",
+                    base.display()
+                ),
+            ))
+        }
+        Err(_) => {
+            tracing::info!(base = %base.display(), "folding the LoRA files into the starting model");
+            loader::bake_loras(&dir, &cfg.loras, &base)?;
+            std::fs::write(&record_path, &record).map_err(io(&record_path))?;
+        }
+    }
+    ModelDir::from_dir(&base)
+}
+
+/// What the embeddings add to the encodings' key: each file's path, bytes and trigger word.
+fn embedding_salt(specs: &[loader::embeddings::EmbeddingSpec]) -> Vec<(String, PathBuf)> {
+    specs
+        .iter()
+        .map(|s| (s.token.clone().unwrap_or_default(), s.path.clone()))
+        .collect()
+}
+
 fn snapshot(vars: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
     vars.iter()
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
@@ -364,7 +424,8 @@ impl Run {
     fn open(cfg: &TrainConfig) -> Result<Self> {
         validate(cfg)?;
         let dev = &cfg.device;
-        let dir = ModelDir::open(&cfg.model, &cfg.hub)?;
+        std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
+        let dir = base_model(cfg, ModelDir::open(&cfg.model, &cfg.hub)?)?;
         let ucfg: UNetConfig = dir.config("unet", "config.json")?;
         if ucfg.in_channels != 8 {
             return Err(Error::IncompatibleModel(format!(
@@ -374,7 +435,7 @@ impl Run {
         }
         let scfg: SchedulerConfig = dir.config("scheduler", "scheduler_config.json")?;
         let schedule = NoiseSchedule::new(&scfg)?;
-        let frozen = Frozen::load(&dir, dev)?;
+        let frozen = Frozen::load(&dir, &cfg.embeddings, dev)?;
         let data = PairDataset::open(&cfg.data, cfg.columns.clone())?;
         std::fs::create_dir_all(&cfg.out).map_err(io(&cfg.out))?;
         let resume = if cfg.resume {
@@ -389,7 +450,8 @@ impl Run {
                 .encodings_dir
                 .clone()
                 .unwrap_or_else(|| cfg.out.join("encodings"));
-            let store = CacheStore::new(&at, &cfg.data, &cfg.columns, dir.root())?;
+            let store = CacheStore::new(&at, &cfg.data, &cfg.columns, dir.root())?
+                .salted(&embedding_salt(&cfg.embeddings))?;
             let encode = |p: &[&str]| frozen.encode(p, dev);
             Some(EncodingCache::load_or_build(
                 &store,
