@@ -107,6 +107,9 @@ struct Args {
     /// trigger word may then appear in captions and edited captions.
     #[arg(long, env = "DATASET_GEN_EMBEDDING", value_delimiter = ',')]
     embedding: Vec<ip2p::loader::embeddings::EmbeddingSpec>,
+    /// An A1111 hypernetwork for the Stable Diffusion model, FILE[:STRENGTH].
+    #[arg(long, env = "DATASET_GEN_HYPERNETWORK")]
+    hypernetwork: Option<ip2p::loader::hypernetwork::HypernetworkSpec>,
     /// CLIP folder or hub id.
     #[arg(
         long,
@@ -222,6 +225,7 @@ impl TryFrom<Args> for RunConfig {
             model: a.model,
             loras: a.lora,
             embeddings: a.embedding,
+            hypernetwork: a.hypernetwork,
             clip: a.clip,
             hub: HubOptions {
                 offline: a.offline,

@@ -47,6 +47,8 @@ pub struct RunConfig {
     /// model (a style or subject the renders should have).
     pub loras: Vec<ip2p::loader::lora::LoraSpec>,
     pub embeddings: Vec<ip2p::loader::embeddings::EmbeddingSpec>,
+    /// An A1111 hypernetwork and its strength for the Stable Diffusion model.
+    pub hypernetwork: Option<ip2p::loader::hypernetwork::HypernetworkSpec>,
     /// A CLIP folder or hub id.
     pub clip: String,
     pub hub: HubOptions,
@@ -72,7 +74,7 @@ struct Identity {
     num_shards: usize,
     items_per_part: usize,
     model: String,
-    /// The LoRAs (`file:scale`) and embeddings (`file:token`) the renders used.
+    /// The LoRAs (`file:scale`), embeddings (`file:token`) and hypernetwork the renders used.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     personal: Vec<String>,
     clip: String,
@@ -220,6 +222,7 @@ fn load_diffusion(cfg: &RunConfig) -> Result<PairGenerator> {
     let opts = LoadOptions {
         loras: cfg.loras.clone(),
         embeddings: cfg.embeddings.clone(),
+        hypernetwork: cfg.hypernetwork.clone(),
         ..Default::default()
     };
     let c = loader::load(&dir, &cfg.device, &opts)?;
@@ -273,6 +276,11 @@ fn check_identity(cfg: &RunConfig, path: &Path) -> Result<()> {
                     e.token.clone().unwrap_or_default()
                 )
             }))
+            .chain(
+                cfg.hypernetwork
+                    .iter()
+                    .map(|h| format!("hypernetwork {}:{}", h.path.display(), h.strength)),
+            )
             .collect(),
         clip: cfg.clip.clone(),
         image: cfg.image.clone(),

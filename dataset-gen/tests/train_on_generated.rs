@@ -278,4 +278,20 @@ async fn training_takes_loras_and_embeddings_as_edit_does() {
     let other = ip2p::loader::lora::LoraSpec { scale: 0.2, ..lora };
     let e = run_with("run", vec![other], vec![embedding]).expect_err("another LoRA");
     assert!(e.to_string().contains("other LoRA files"), "{e}");
+
+    // A hypernetwork is in place while the UNet trains: the same first step sees another loss.
+    let spec = ip2p::loader::hypernetwork::HypernetworkSpec {
+        path: Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/hypernetwork/tiny-style.pt"),
+        strength: 1.0,
+    };
+    let first_loss = |out: &str, h: Option<ip2p::loader::hypernetwork::HypernetworkSpec>| {
+        let mut cfg = config(&tiny, &data, &tmp.path().join(out), 1);
+        cfg.hypernetwork = h;
+        let mut l = Vec::new();
+        tokio::task::block_in_place(|| train(&cfg, &mut |s| l.push(s.loss))).expect("train");
+        l[0]
+    };
+    let (without, with) = (first_loss("h0", None), first_loss("h1", Some(spec)));
+    assert!(with.is_finite() && with != without, "{with} vs {without}");
 }

@@ -133,6 +133,10 @@ pub struct TrainArgs {
         value_delimiter = ','
     )]
     pub embeddings: Vec<ip2p::loader::embeddings::EmbeddingSpec>,
+    /// An A1111 hypernetwork, FILE[:STRENGTH], applied (frozen) to the UNet's attention while
+    /// it trains; edit the result with the same `--hypernetwork`.
+    #[arg(long, env = "IP2P_TRAIN_HYPERNETWORK")]
+    pub hypernetwork: Option<ip2p::loader::hypernetwork::HypernetworkSpec>,
 }
 
 pub fn extend(a: ExtendArgs) -> Result<()> {
@@ -200,6 +204,7 @@ impl TryFrom<TrainArgs> for TrainConfig {
             },
             loras: a.loras,
             embeddings: a.embeddings,
+            hypernetwork: a.hypernetwork,
             device: ip2p::device::open(a.device)?,
         })
     }

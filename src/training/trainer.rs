@@ -83,6 +83,9 @@ pub struct TrainConfig {
     /// Textual Inversion embeddings bound to the frozen text encoder: their trigger words may
     /// appear in the instructions (edit with the same `--embedding` afterwards).
     pub embeddings: Vec<loader::embeddings::EmbeddingSpec>,
+    /// An A1111 hypernetwork applied (frozen) to the UNet's attention while it trains: the
+    /// UNet learns with it in place (edit with the same `--hypernetwork` afterwards).
+    pub hypernetwork: Option<loader::hypernetwork::HypernetworkSpec>,
     pub device: Device,
 }
 
@@ -114,6 +117,7 @@ impl Default for TrainConfig {
             samples: None,
             loras: Vec::new(),
             embeddings: Vec::new(),
+            hypernetwork: None,
             device: Device::Cpu,
         }
     }
@@ -444,7 +448,10 @@ impl Run {
             None
         };
         let checkpoint = resume.as_ref().map(|r| r.1.as_path());
-        let (unet, vars) = trainable_unet(cfg, &dir, &ucfg, checkpoint)?;
+        let (mut unet, vars) = trainable_unet(cfg, &dir, &ucfg, checkpoint)?;
+        if let Some(spec) = &cfg.hypernetwork {
+            unet.set_hypernetwork(Some(loader::hypernetwork::read(spec)?.to_device(dev)?));
+        }
         let cache = if cfg.cache_encodings {
             let at = cfg
                 .encodings_dir

@@ -50,6 +50,7 @@ pub fn run_config(inputs: Vec<PathBuf>, out: &Path) -> RunConfig {
         model: fixtures().join("tiny-sd").display().to_string(),
         loras: Vec::new(),
         embeddings: Vec::new(),
+        hypernetwork: None,
         clip: fixtures().join("tiny-clip").display().to_string(),
         hub: HubOptions {
             offline: true,
