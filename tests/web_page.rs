@@ -63,63 +63,14 @@ async fn the_web_page_edits_in_headless_chromium() {
     });
     println!("{seen:#}");
     assert!(seen.get("failure").is_none(), "{}", seen["failure"]);
-
-    let wrong = seen["wrongToken"].as_str().unwrap_or("");
-    assert!(
-        wrong.to_lowercase().contains("token"),
-        "wrong token shown as `{wrong}`"
-    );
-    assert!(seen["model"].as_str().unwrap_or("").contains("tiny-ip2p"));
-    assert!(
-        seen["maskPixels"].as_u64().unwrap_or(0) > 100,
-        "no mask painted"
-    );
-    assert!(
-        seen["status"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("Done: 2 picture"),
-        "{}",
-        seen["status"]
-    );
-    assert!(
-        seen["log"]["previews"].as_u64().unwrap_or(0) >= 1,
-        "no preview shown"
-    );
-    let results = seen["results"].as_array().expect("results");
-    assert_eq!(results.len(), 2);
-    let (w, hgt) = (&seen["picture"]["width"], &seen["picture"]["height"]);
-    assert_eq!((w.as_u64(), hgt.as_u64()), (Some(256), Some(192)));
-    let mut seeds = Vec::new();
-    for r in results {
-        assert_eq!(
-            (&r["width"], &r["height"]),
-            (w, hgt),
-            "a result not at the input's size"
-        );
-        assert_eq!(
-            r["maxDiffOutsideMask"].as_f64(),
-            Some(0.0),
-            "pixels outside the mask changed: {r}"
-        );
-        assert!(
-            r["meanDiffInsideMask"].as_f64().unwrap_or(0.0) > 1.0,
-            "nothing changed inside the mask: {r}"
-        );
-        seeds.push(r["seed"].as_str().unwrap_or("").to_owned());
-    }
-    assert_eq!(seeds[0], "5");
-    assert_ne!(seeds[0], seeds[1], "variations share a seed");
-    assert_eq!(seen["history"].as_u64(), Some(1));
-    assert_eq!(seen["afterCancel"].as_str(), Some("Cancelled."));
+    let mut checks = Checks::default();
+    page_checks(&seen, &mut checks);
     let png = std::path::Path::new(&out_dir).join("web-page.png");
-    assert!(
-        std::fs::metadata(&png)
-            .map(|m| m.len() > 10_000)
-            .unwrap_or(false),
-        "no screenshot"
+    checks.check(
+        "a screenshot is kept",
+        std::fs::metadata(&png).is_ok_and(|m| m.len() > 10_000),
+        png.display(),
     );
-
     // The server saw the cancel (the stream closed mid-edit).
     let mut cancelled = false;
     for _ in 0..100 {
@@ -132,6 +83,107 @@ async fn the_web_page_edits_in_headless_chromium() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(cancelled, "the server did not count the cancelled edit");
+    checks.check("the server counts the cancelled edit", cancelled, "");
+    checks.finish();
     h.shutdown().await;
+}
+
+/// Named checks: each printed, then `N passed, N failed`; the test fails on any failure.
+#[derive(Default)]
+struct Checks {
+    passed: usize,
+    failed: Vec<String>,
+}
+
+impl Checks {
+    fn check(&mut self, name: &str, ok: bool, detail: impl std::fmt::Display) {
+        if ok {
+            println!("ok - {name}");
+            self.passed += 1;
+        } else {
+            println!("not ok - {name}: {detail}");
+            self.failed.push(name.to_owned());
+        }
+    }
+
+    fn finish(self) {
+        println!("{} passed, {} failed", self.passed, self.failed.len());
+        assert!(self.failed.is_empty(), "failed: {:?}", self.failed);
+    }
+}
+
+/// What the driver saw, as checks.
+fn page_checks(seen: &serde_json::Value, c: &mut Checks) {
+    let wrong = seen["wrongToken"].as_str().unwrap_or("");
+    c.check(
+        "a wrong token shows the server's 401 message",
+        wrong.to_lowercase().contains("token"),
+        wrong,
+    );
+    c.check(
+        "GetInfo names the model",
+        seen["model"].as_str().unwrap_or("").contains("tiny-ip2p"),
+        &seen["model"],
+    );
+    c.check(
+        "a mask is painted with the brush",
+        seen["maskPixels"].as_u64().unwrap_or(0) > 100,
+        &seen["maskPixels"],
+    );
+    c.check(
+        "an edit with 2 variations finishes",
+        seen["status"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("Done: 2 picture"),
+        &seen["status"],
+    );
+    c.check(
+        "a preview is shown while it runs",
+        seen["log"]["previews"].as_u64().unwrap_or(0) >= 1,
+        &seen["log"],
+    );
+    let empty = Vec::new();
+    let results = seen["results"].as_array().unwrap_or(&empty);
+    let (w, h) = (&seen["picture"]["width"], &seen["picture"]["height"]);
+    c.check(
+        "the picture is 256×192",
+        (w.as_u64(), h.as_u64()) == (Some(256), Some(192)),
+        &seen["picture"],
+    );
+    c.check(
+        "both results at the input's size",
+        results.len() == 2
+            && results
+                .iter()
+                .all(|r| (&r["width"], &r["height"]) == (w, h)),
+        &seen["results"],
+    );
+    c.check(
+        "pixels outside the mask unchanged, inside changed",
+        results.iter().all(|r| {
+            r["maxDiffOutsideMask"].as_f64() == Some(0.0)
+                && r["meanDiffInsideMask"].as_f64().unwrap_or(0.0) > 1.0
+        }),
+        &seen["results"],
+    );
+    let seeds: Vec<&str> = results
+        .iter()
+        .map(|r| r["seed"].as_str().unwrap_or(""))
+        .collect();
+    c.check(
+        "the grid is labelled with the locked seed and the next",
+        seeds.first() == Some(&"5") && seeds.get(1).is_some_and(|s| *s != "5"),
+        format!("{seeds:?}"),
+    );
+    c.check(
+        "the history holds the edit",
+        seen["history"].as_u64() == Some(1),
+        &seen["history"],
+    );
+    c.check(
+        "cancel after the first step returns the page to idle",
+        seen["afterCancel"].as_str() == Some("Cancelled."),
+        &seen["afterCancel"],
+    );
 }
