@@ -585,3 +585,41 @@ fn unreadable_images_are_clear_errors() {
     let e = img::open(Path::new("/definitely/not/here.png"), &limits).expect_err("missing");
     assert!(e.to_string().contains("/definitely/not/here.png"));
 }
+
+/// The steps study on the tiny model: a row per scheduler and count; a count equal to the
+/// reference reproduces the reference exactly (deterministic seeds), fewer steps do not.
+#[test]
+fn the_steps_study_compares_each_scheduler_with_its_own_reference() -> R {
+    use ip2p::pipeline::steps_study::{cheapest, study};
+    let pipe = EditPipeline::new(tiny("tiny-ip2p", &LoadOptions::default())?)?;
+    let input = img::InputImage::from_dynamic(image::DynamicImage::ImageRgb8(
+        image::RgbImage::from_fn(48, 32, |x, y| {
+            image::Rgb([(x * 5) as u8, (y * 7) as u8, 90])
+        }),
+    ));
+    let base = EditParams {
+        instruction: "make it snowy".into(),
+        resolution: 64,
+        ..Default::default()
+    };
+    let mut seen = 0;
+    let rows = study(&pipe, &input, &base, &[3], &[2, 4], 4, &mut |_| seen += 1)?;
+    assert_eq!((rows.len(), seen), (10, 10));
+    for r in &rows {
+        if r.steps == 4 {
+            assert_eq!(r.psnr_vs_own_reference, 99.0, "{r:?}");
+        } else {
+            assert!(
+                r.psnr_vs_own_reference.is_finite() && r.psnr_vs_own_reference < 99.0,
+                "{r:?}"
+            );
+        }
+    }
+    let euler_a_4 = rows
+        .iter()
+        .find(|r| r.scheduler == "euler_a" && r.steps == 4)
+        .expect("row");
+    assert_eq!(euler_a_4.psnr_vs_paper_default, 99.0);
+    assert_eq!(cheapest(&rows, 99.0).map(|r| r.steps), Some(4));
+    Ok(())
+}

@@ -8,6 +8,7 @@ mod edit;
 mod model;
 mod progress;
 mod serve;
+mod steps;
 mod train;
 
 use anyhow::Result;
@@ -56,6 +57,9 @@ pub enum Command {
     /// Merge checkpoints as A1111's merger: weighted sum or add difference
     /// (`ip2p merge ip2p-folder dreambooth-folder sd15-folder --mode add-difference --alpha 1 -o out`).
     Merge(assemble::MergeArgs),
+    /// How few denoising steps keep the picture, per scheduler, against each one's 100-step
+    /// result (`ip2p steps photo.jpg "make it winter"`).
+    Steps(steps::StepsArgs),
 }
 
 impl Cli {
@@ -85,5 +89,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Package(a) => assemble::package(a),
         Command::Convert(a) => assemble::convert(a),
         Command::Merge(a) => assemble::merge(a),
+        Command::Steps(a) => steps::run(a),
     }
 }

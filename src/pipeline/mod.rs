@@ -9,6 +9,7 @@ pub mod edit;
 pub mod guidance;
 pub mod image;
 pub mod pil;
+pub mod steps_study;
 pub mod txt2img;
 
 use std::sync::atomic::{AtomicBool, Ordering};
