@@ -391,46 +391,50 @@ fn run_job(
         h = job.input.height(),
         "started"
     );
-    let mut timings = proto::Timings {
-        queue_seconds: (Instant::now() - enqueued).as_secs_f64(),
-        ..Default::default()
+    let done = match run.respond(enqueued) {
+        Err(e @ (ServerError::Cancelled | ServerError::DeadlineExceeded)) => {
+            tracing::info!(reason = e.outcome(), "stopped");
+            let _ = events.try_send(JobEvent::Done(Box::new(Err(e))));
+            return;
+        }
+        other => other,
     };
-    let mut images = Vec::with_capacity(job.variations as usize);
-    let mut params_used = None;
-    for v in 0..job.variations {
-        let (image, out) = match run.variation(v) {
-            Ok(r) => r,
-            Err(e @ (ServerError::Cancelled | ServerError::DeadlineExceeded)) => {
-                tracing::info!(reason = e.outcome(), "stopped");
-                let _ = events.try_send(JobEvent::Done(Box::new(Err(e))));
-                return;
-            }
-            Err(e) => {
-                let _ = events.blocking_send(JobEvent::Done(Box::new(Err(e))));
-                return;
-            }
+    let _ = events.blocking_send(JobEvent::Done(Box::new(done)));
+}
+
+impl Running<'_> {
+    /// Every variation in turn, then the response with its parameters and timings.
+    fn respond(&self, enqueued: Instant) -> Result<proto::EditResponse, ServerError> {
+        let job = self.job;
+        let mut timings = proto::Timings {
+            queue_seconds: (Instant::now() - enqueued).as_secs_f64(),
+            ..Default::default()
         };
-        images.push(image);
-        timings.encode_seconds += out.timings.encode.as_secs_f64();
-        timings.denoise_seconds += out.timings.denoise.as_secs_f64();
-        timings.decode_seconds += out.timings.decode.as_secs_f64();
-        params_used.get_or_insert_with(|| parameters_used(&job, &out));
+        let mut images = Vec::with_capacity(job.variations as usize);
+        let mut params_used = None;
+        for v in 0..job.variations {
+            let (image, out) = self.variation(v)?;
+            images.push(image);
+            timings.encode_seconds += out.timings.encode.as_secs_f64();
+            timings.denoise_seconds += out.timings.denoise.as_secs_f64();
+            timings.decode_seconds += out.timings.decode.as_secs_f64();
+            params_used.get_or_insert_with(|| parameters_used(job, &out));
+        }
+        timings.total_seconds = enqueued.elapsed().as_secs_f64();
+        self.metrics
+            .edit_seconds
+            .with_label_values(&self.worker.labels())
+            .observe(timings.total_seconds);
+        tracing::info!(
+            total_s = timings.total_seconds,
+            queue_s = timings.queue_seconds,
+            "finished"
+        );
+        Ok(proto::EditResponse {
+            request_id: job.request_id.clone(),
+            images,
+            parameters: params_used,
+            timings: Some(timings),
+        })
     }
-    timings.total_seconds = enqueued.elapsed().as_secs_f64();
-    metrics
-        .edit_seconds
-        .with_label_values(&worker.labels())
-        .observe(timings.total_seconds);
-    tracing::info!(
-        total_s = timings.total_seconds,
-        queue_s = timings.queue_seconds,
-        "finished"
-    );
-    let resp = proto::EditResponse {
-        request_id: job.request_id.clone(),
-        images,
-        parameters: params_used,
-        timings: Some(timings),
-    };
-    let _ = events.blocking_send(JobEvent::Done(Box::new(Ok(resp))));
 }
