@@ -277,14 +277,14 @@
   }
   function onPanelShow(mount) {
     let mounted = false;
-    const show = () => {
+    const show2 = () => {
       if (!mounted) {
         mounted = true;
         mount();
       }
     };
-    if (uxp.entrypoints?.setup) uxp.entrypoints.setup({ panels: { ip2pPanel: { show } } });
-    else show();
+    if (uxp.entrypoints?.setup) uxp.entrypoints.setup({ panels: { ip2pPanel: { show: show2 } } });
+    else show2();
   }
 
   // shared/base64.js
@@ -750,7 +750,7 @@
       const sent = forServer(region);
       const body = buildEditRequest(sent.image, sent.mask, p);
       ui.running = startEdit({ server: server(ui), token: token(ui), body, onEvent: (n, d) => state.event(n, d), env: ui.env });
-      ui.$("panel").dataset.mode = ui.running.mode;
+      ui.$("panel").setAttribute("data-mode", ui.running.mode);
       const response = await ui.running.done;
       if (!response) return;
       const results = response.images.map((img) => ({
@@ -786,15 +786,18 @@
   };
   function render(ui, s) {
     const { $, state } = ui;
-    $("panel").dataset.phase = s.phase;
+    $("panel").setAttribute("data-phase", s.phase);
     $("edit").disabled = state.busy;
     $("cancel").disabled = !state.busy;
-    $("bar").hidden = s.phase !== "running";
+    show($("bar"), s.phase === "running");
     if (s.phase === "running" && s.total) $("bar-fill").style.width = `${Math.round(100 * s.step / s.total)}%`;
-    $("preview").hidden = !(state.busy && s.preview);
+    show($("preview"), state.busy && !!s.preview);
     if (s.preview && state.busy) $("preview").src = `data:image/png;base64,${s.preview}`;
     say(ui, STATUS[s.phase](s), s.phase === "error");
     if (s.phase === "done") renderHistory(ui);
+  }
+  function show(el, on) {
+    el.style.display = on ? "" : "none";
   }
   function renderHistory(ui) {
     const list = ui.$("history");

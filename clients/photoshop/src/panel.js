@@ -114,7 +114,7 @@ async function edit(ui) {
     const sent = forServer(region);
     const body = buildEditRequest(sent.image, sent.mask, p);
     ui.running = startEdit({ server: server(ui), token: token(ui), body, onEvent: (n, d) => state.event(n, d), env: ui.env });
-    ui.$("panel").dataset.mode = ui.running.mode;
+    ui.$("panel").setAttribute("data-mode", ui.running.mode);
     const response = await ui.running.done;
     if (!response) return;
     const results = response.images.map((img) => ({
@@ -154,15 +154,20 @@ const STATUS = {
 
 function render(ui, s) {
   const { $, state } = ui;
-  $("panel").dataset.phase = s.phase;
+  $("panel").setAttribute("data-phase", s.phase);
   $("edit").disabled = state.busy;
   $("cancel").disabled = !state.busy;
-  $("bar").hidden = s.phase !== "running";
+  show($("bar"), s.phase === "running");
   if (s.phase === "running" && s.total) $("bar-fill").style.width = `${Math.round((100 * s.step) / s.total)}%`;
-  $("preview").hidden = !(state.busy && s.preview);
+  show($("preview"), state.busy && !!s.preview);
   if (s.preview && state.busy) $("preview").src = `data:image/png;base64,${s.preview}`;
   say(ui, STATUS[s.phase](s), s.phase === "error");
   if (s.phase === "done") renderHistory(ui);
+}
+
+// Shown or not by style (UXP does not style the `hidden` attribute in every version).
+function show(el, on) {
+  el.style.display = on ? "" : "none";
 }
 
 function renderHistory(ui) {
