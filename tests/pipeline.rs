@@ -623,3 +623,37 @@ fn the_steps_study_compares_each_scheduler_with_its_own_reference() -> R {
     assert_eq!(cheapest(&rows, 99.0).map(|r| r.steps), Some(4));
     Ok(())
 }
+
+/// The VAE encodes each picture of a batch as it encodes it alone (the training caches encode
+/// 16 pictures at once; the pipeline one): GroupNorm's statistics are per sample.
+#[test]
+fn a_batched_vae_encode_equals_each_picture_alone() -> R {
+    let flowers = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/flowers-ip2p");
+    for dir in [fixtures().join("tiny-ip2p"), flowers] {
+        let opts = LoadOptions {
+            dtype: Some(DType::F32),
+            ..Default::default()
+        };
+        let c = loader::load(&ModelDir::from_dir(&dir)?, &Device::Cpu, &opts)?;
+        let model = dir.display();
+        let pics: Vec<Tensor> = (0..3)
+            .map(|k| {
+                let img = image::RgbImage::from_fn(64, 48, |x, y| {
+                    image::Rgb([
+                        (x * 3 + k * 70) as u8,
+                        (y * 5 + k * 40) as u8,
+                        (k * 90) as u8,
+                    ])
+                });
+                img::to_tensor(&img, &Device::Cpu)
+            })
+            .collect::<Result<_, _>>()?;
+        let batch = c.vae.encode(&Tensor::cat(&pics, 0)?)?.mean;
+        for (k, p) in pics.iter().enumerate() {
+            let alone = c.vae.encode(p)?.mean;
+            let d = max_abs_diff(&batch.narrow(0, k, 1)?, &alone)?;
+            assert!(d < 1e-4, "{model}: picture {k} differs by {d} in a batch");
+        }
+    }
+    Ok(())
+}

@@ -296,3 +296,42 @@ fn lora_adapters_train_alone_and_fold_into_the_weights() -> R {
     assert!(lora::merge_file(&mut m2.unet, &bad_file).is_err());
     Ok(())
 }
+
+/// The UNet as `ip2p train` builds it (weights as variables, candle's differentiable ops)
+/// computes what the inference UNet (packed weights, fused kernels) computes on the same
+/// weights: a model trained in one graph must behave the same in the other. On tiny-ip2p and
+/// on the shipped flower-world model (its own configuration).
+#[test]
+fn the_training_graph_computes_the_inference_graph() -> R {
+    let dev = Device::Cpu;
+    let flowers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/flowers-ip2p");
+    for root in [fixtures().join("tiny-ip2p"), flowers] {
+        let dir = ModelDir::from_dir(&root)?;
+        let cfg: UNetConfig = dir.config("unet", "config.json")?;
+        let files = dir.weights("unet", "diffusion_pytorch_model", Variant::Auto)?;
+        let vars = training::load_vars(&files, &dev)?;
+        let train = UNet2DConditionModel::new(training::var_builder(&vars, &dev), &cfg)?;
+        let opts = loader::LoadOptions {
+            dtype: Some(DType::F32),
+            ..Default::default()
+        };
+        let infer = loader::load(&dir, &dev, &opts)?.unet;
+        let ctx = loader::load(&dir, &dev, &opts)?
+            .text_encoder
+            .config()
+            .hidden_size;
+        let x = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, 16, 24), &dev)?;
+        let text = Tensor::randn(0f32, 1.0, (2, 77, ctx), &dev)?;
+        let t = Tensor::new(&[17f32, 803.0], &dev)?;
+        let a = train.forward(&x, &t, &text)?;
+        let b = infer.forward(&x, &t, &text)?;
+        let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            d <= 1e-4 * scale.max(1.0),
+            "{}: the graphs differ by {d} (outputs up to {scale})",
+            root.display()
+        );
+    }
+    Ok(())
+}
