@@ -335,3 +335,26 @@ fn the_training_graph_computes_the_inference_graph() -> R {
     }
     Ok(())
 }
+
+/// Min-SNR-γ: weight 1 at high noise, γ/SNR at low noise; with a huge γ the weighted loss is
+/// the plain one.
+#[test]
+fn min_snr_weights_and_the_weighted_loss() -> R {
+    let dir = ModelDir::from_dir(&fixtures().join("tiny-ip2p"))?;
+    let sched = training::NoiseSchedule::new(&dir.config("scheduler", "scheduler_config.json")?)?;
+    let w = sched
+        .min_snr_weights(&[5, 999], 5.0, &Device::Cpu)?
+        .to_vec1::<f32>()?;
+    assert!(w[0] < 0.1 && w[0] > 0.0, "{w:?}");
+    assert_eq!(w[1], 1.0);
+    let m = tiny_unet(DType::F32)?;
+    let (noisy, image, text, ts) = inputs(DType::F32)?;
+    let noise = Tensor::randn(0f32, 1.0, noisy.dims(), &Device::Cpu)?;
+    let plain = training::ip2p_loss(&m.unet, &noisy, &image, &ts, &text, &noise)?;
+    let ones = sched.min_snr_weights(&ts, 1e12, &Device::Cpu)?;
+    let weighted =
+        training::ip2p_loss_weighted(&m.unet, &noisy, &image, &ts, &text, &noise, &ones)?;
+    let (a, b) = (plain.to_scalar::<f32>()?, weighted.to_scalar::<f32>()?);
+    assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
+    Ok(())
+}

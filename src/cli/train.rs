@@ -137,6 +137,10 @@ pub struct TrainArgs {
     /// it trains; edit the result with the same `--hypernetwork`.
     #[arg(long, env = "IP2P_TRAIN_HYPERNETWORK")]
     pub hypernetwork: Option<ip2p::loader::hypernetwork::HypernetworkSpec>,
+    /// Min-SNR-γ loss weighting (5 is the usual choice): the high-noise steps, where colours and
+    /// layout are set, carry more of the loss. Unset: the plain ε-MSE.
+    #[arg(long, env = "IP2P_TRAIN_SNR_GAMMA")]
+    pub snr_gamma: Option<f64>,
 }
 
 pub fn extend(a: ExtendArgs) -> Result<()> {
@@ -205,6 +209,7 @@ impl TryFrom<TrainArgs> for TrainConfig {
             loras: a.loras,
             embeddings: a.embeddings,
             hypernetwork: a.hypernetwork,
+            snr_gamma: a.snr_gamma,
             device: ip2p::device::open(a.device)?,
         })
     }

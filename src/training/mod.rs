@@ -146,6 +146,22 @@ impl NoiseSchedule {
         })
     }
 
+    /// Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023; diffusers' `--snr_gamma`):
+    /// `min(SNR(t), γ) / SNR(t)` per sample, `SNR = ᾱ / (1 − ᾱ)`. They lower the weight of the
+    /// low-noise steps, so the high-noise ones, where a picture's colours and layout are set,
+    /// carry more of the loss. `[B]`.
+    pub fn min_snr_weights(&self, timesteps: &[u32], gamma: f64, dev: &Device) -> Result<Tensor> {
+        let mut w = Vec::with_capacity(timesteps.len());
+        for &t in timesteps {
+            let ac = f64::from(*self.alphas_cumprod.get(t as usize).ok_or_else(|| {
+                Error::invalid("timesteps", format!("timestep {t} is out of range"))
+            })?);
+            let snr = ac / (1.0 - ac);
+            w.push((snr.min(gamma) / snr) as f32);
+        }
+        Ok(Tensor::new(w.as_slice(), dev)?)
+    }
+
     pub fn num_train_timesteps(&self) -> usize {
         self.alphas_cumprod.len()
     }
@@ -203,6 +219,24 @@ pub fn eps_loss(
     let t = Tensor::new(t.as_slice(), x.device())?;
     let pred = unet.forward(x, &t, text)?;
     Ok((pred - noise)?.sqr()?.mean_all()?)
+}
+
+/// [`ip2p_loss`] with a weight per sample (`[B]`): the mean over samples of `w · MSE`.
+pub fn ip2p_loss_weighted(
+    unet: &crate::models::UNet2DConditionModel,
+    noisy: &Tensor,
+    image_latents: &Tensor,
+    timesteps: &[u32],
+    text: &Tensor,
+    noise: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    let x = Tensor::cat(&[noisy, image_latents], 1)?;
+    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+    let t = Tensor::new(t.as_slice(), x.device())?;
+    let pred = unet.forward(&x, &t, text)?;
+    let per_sample = (pred - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
+    Ok((per_sample * weights)?.mean_all()?)
 }
 
 /// Scales the gradients so their global norm is at most `max` (0: off) and returns the norm

@@ -86,6 +86,8 @@ pub struct TrainConfig {
     /// An A1111 hypernetwork applied (frozen) to the UNet's attention while it trains: the
     /// UNet learns with it in place (edit with the same `--hypernetwork` afterwards).
     pub hypernetwork: Option<loader::hypernetwork::HypernetworkSpec>,
+    /// Min-SNR-γ loss weighting (`None`: the plain ε-MSE, as the InstructPix2Pix script).
+    pub snr_gamma: Option<f64>,
     pub device: Device,
 }
 
@@ -118,6 +120,7 @@ impl Default for TrainConfig {
             loras: Vec::new(),
             embeddings: Vec::new(),
             hypernetwork: None,
+            snr_gamma: None,
             device: Device::Cpu,
         }
     }
@@ -399,6 +402,9 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
             return bad("ema", "decay must lie in [0, 1)");
         }
     }
+    if cfg.snr_gamma.is_some_and(|g| !(g.is_finite() && g > 0.0)) {
+        return bad("snr_gamma", "must be a positive number");
+    }
     if !(0.0..=1.0 / 3.0).contains(&cfg.conditioning_dropout) {
         return bad("conditioning_dropout", "must lie in [0, 1/3]");
     }
@@ -545,14 +551,21 @@ impl Run {
         let image_lat = image_lat.broadcast_mul(&d.image_mask)?;
         let text = self.conditioning_text(&prompts, &d.drop_text, dev)?;
         let noisy = self.schedule.add_noise(&target, &d.noise, &d.timesteps)?;
-        let loss = ip2p_loss(
-            &self.unet,
-            &noisy,
-            &image_lat,
-            &d.timesteps,
-            &text,
-            &d.noise,
-        )?;
+        let loss = match cfg.snr_gamma {
+            None => ip2p_loss(
+                &self.unet,
+                &noisy,
+                &image_lat,
+                &d.timesteps,
+                &text,
+                &d.noise,
+            )?,
+            Some(g) => {
+                let w = self.schedule.min_snr_weights(&d.timesteps, g, dev)?;
+                let x = (&noisy, &image_lat, &text);
+                super::ip2p_loss_weighted(&self.unet, x.0, x.1, &d.timesteps, x.2, &d.noise, &w)?
+            }
+        };
         let grads = loss.backward()?;
         for (name, var) in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
