@@ -29,7 +29,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
     let sched = NoiseSchedule::new(&c.scheduler)?;
-    let acs = ip2p::schedulers::alphas_cumprod(&c.scheduler, "linear", 0.0001, 0.02)?;
     let data = PairDataset::open(&[args[2].clone().into()], Columns::default())?;
     let sf = c.vae.config().scaling_factor;
     let n = 16.min(data.len());
@@ -61,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let pred = c.unet.forward(&x, &tt, &tx)?;
         let mse = (&pred - &noise)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
         // x0 error: what the predicted picture latent is off by.
-        let ac = acs[t as usize] as f64;
+        let ac = f64::from(sched.alpha_cumprod(t).ok_or("timestep out of range")?);
         let x0err = ((&pred - &noise)? * ((1.0 - ac) / ac).sqrt() as f64)?
             .sqr()?
             .mean_all()?

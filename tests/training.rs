@@ -353,7 +353,7 @@ fn min_snr_weights_and_the_weighted_loss() -> R {
     let plain = training::ip2p_loss(&m.unet, &noisy, &image, &ts, &text, &noise)?;
     let ones = sched.min_snr_weights(&ts, 1e12, &Device::Cpu)?;
     let weighted =
-        training::ip2p_loss_weighted(&m.unet, &noisy, &image, &ts, &text, &noise, &ones)?;
+        training::ip2p_loss_weighted(&m.unet, &noisy, &image, &ts, &text, &noise, Some(&ones))?;
     let (a, b) = (plain.to_scalar::<f32>()?, weighted.to_scalar::<f32>()?);
     assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
     Ok(())

@@ -162,6 +162,11 @@ impl NoiseSchedule {
         Ok(Tensor::new(w.as_slice(), dev)?)
     }
 
+    /// ᾱ at training timestep `t`, if it is in range.
+    pub fn alpha_cumprod(&self, t: u32) -> Option<f32> {
+        self.alphas_cumprod.get(t as usize).copied()
+    }
+
     pub fn num_train_timesteps(&self) -> usize {
         self.alphas_cumprod.len()
     }
@@ -202,8 +207,24 @@ pub fn ip2p_loss(
     text: &Tensor,
     noise: &Tensor,
 ) -> Result<Tensor> {
+    ip2p_loss_weighted(unet, noisy, image_latents, timesteps, text, noise, None)
+}
+
+/// [`ip2p_loss`] with an optional weight per sample (`[B]`, e.g.
+/// [`NoiseSchedule::min_snr_weights`]): the mean over samples of `w · MSE`. `None` is the
+/// plain mean, computed exactly as [`ip2p_loss`].
+pub fn ip2p_loss_weighted(
+    unet: &crate::models::UNet2DConditionModel,
+    noisy: &Tensor,
+    image_latents: &Tensor,
+    timesteps: &[u32],
+    text: &Tensor,
+    noise: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
     let x = Tensor::cat(&[noisy, image_latents], 1)?;
-    eps_loss(unet, &x, timesteps, text, noise)
+    let pred = predict_eps(unet, &x, timesteps, text)?;
+    weighted_mse(&pred, noise, weights)
 }
 
 /// The ε-objective of every diffusion trainer: mean squared error between the UNet's
@@ -215,28 +236,29 @@ pub fn eps_loss(
     text: &Tensor,
     noise: &Tensor,
 ) -> Result<Tensor> {
-    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-    let t = Tensor::new(t.as_slice(), x.device())?;
-    let pred = unet.forward(x, &t, text)?;
-    Ok((pred - noise)?.sqr()?.mean_all()?)
+    weighted_mse(&predict_eps(unet, x, timesteps, text)?, noise, None)
 }
 
-/// [`ip2p_loss`] with a weight per sample (`[B]`): the mean over samples of `w · MSE`.
-pub fn ip2p_loss_weighted(
+/// The UNet's ε-prediction on `x` at one integer timestep per sample.
+fn predict_eps(
     unet: &crate::models::UNet2DConditionModel,
-    noisy: &Tensor,
-    image_latents: &Tensor,
+    x: &Tensor,
     timesteps: &[u32],
     text: &Tensor,
-    noise: &Tensor,
-    weights: &Tensor,
 ) -> Result<Tensor> {
-    let x = Tensor::cat(&[noisy, image_latents], 1)?;
     let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
     let t = Tensor::new(t.as_slice(), x.device())?;
-    let pred = unet.forward(&x, &t, text)?;
-    let per_sample = (pred - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
-    Ok((per_sample * weights)?.mean_all()?)
+    Ok(unet.forward(x, &t, text)?)
+}
+
+/// Mean squared error of `pred` against `target`: over every element, or, with `[B]` weights,
+/// the mean over samples of `w · (each sample's MSE)`.
+fn weighted_mse(pred: &Tensor, target: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+    let sq = (pred - target)?.sqr()?;
+    match weights {
+        None => Ok(sq.mean_all()?),
+        Some(w) => Ok((sq.flatten_from(1)?.mean(1)? * w)?.mean_all()?),
+    }
 }
 
 /// Scales the gradients so their global norm is at most `max` (0: off) and returns the norm

@@ -27,8 +27,8 @@ use super::ema::Ema;
 use super::encodings::{CacheStore, CachedBatch, EncodingCache};
 use super::lora::{self, LoraConfig, LORA_FILE};
 use super::{
-    clip_grad_norm, ip2p_loss, latest_checkpoint, load_vars, named_vars, open_log, var_builder,
-    NoiseSchedule,
+    clip_grad_norm, ip2p_loss_weighted, latest_checkpoint, load_vars, named_vars, open_log,
+    var_builder, NoiseSchedule,
 };
 use crate::loader::{self, HubOptions, ModelDir, Variant};
 use crate::models::{
@@ -551,21 +551,20 @@ impl Run {
         let image_lat = image_lat.broadcast_mul(&d.image_mask)?;
         let text = self.conditioning_text(&prompts, &d.drop_text, dev)?;
         let noisy = self.schedule.add_noise(&target, &d.noise, &d.timesteps)?;
-        let loss = match cfg.snr_gamma {
-            None => ip2p_loss(
-                &self.unet,
-                &noisy,
-                &image_lat,
-                &d.timesteps,
-                &text,
-                &d.noise,
-            )?,
-            Some(g) => {
-                let w = self.schedule.min_snr_weights(&d.timesteps, g, dev)?;
-                let x = (&noisy, &image_lat, &text);
-                super::ip2p_loss_weighted(&self.unet, x.0, x.1, &d.timesteps, x.2, &d.noise, &w)?
-            }
+        let weights = match cfg.snr_gamma {
+            Some(g) => Some(self.schedule.min_snr_weights(&d.timesteps, g, dev)?),
+            None => None,
         };
+        let (unet, ts) = (&self.unet, &d.timesteps);
+        let loss = ip2p_loss_weighted(
+            unet,
+            &noisy,
+            &image_lat,
+            ts,
+            &text,
+            &d.noise,
+            weights.as_ref(),
+        )?;
         let grads = loss.backward()?;
         for (name, var) in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
